@@ -1,0 +1,325 @@
+"""TaperNorm layers (arXiv 2602.10408) and the functions that manage them on any nn.Module.
+
+Row-vector convention, token h in R^d, r(h) = sqrt(||h||^2 / d + eps):
+
+    TaperNorm(h; g) = g * (h / r(h)) * gamma + (1 - g) * c * h * gamma_t
+    TaperLN(h; g)   = g * ((h - mu) / sigma * gamma + beta) + (1 - g) * (c * (h - mu) * gamma_t + beta_t)
+
+At g == 1 the layer is exactly the norm; at g == 0 it is the fixed map x * s (LN: (x - mu) * s + beta_t)
+with s = c * gamma_t, and no per-token statistic is computed at all.
+
+State that drives Python control flow (the gate and whether c is frozen) lives in plain Python
+attributes, so torch.export sees a branch-free graph; it is mirrored into buffers (`gate_value`,
+`calibrated_flag`) so that a state dict / safetensors file carries it, and a load hook restores it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "TaperNorm", "TaperLayerNorm", "TAPER_TYPES", "taperize", "calibrate", "set_gate", "get_gate",
+    "taper_layers", "find_final_norm", "begin_calibration", "finish_calibration", "TaperError",
+]
+
+
+class TaperError(ValueError):
+    """A TaperNorm was asked to do something its state does not allow."""
+
+
+class _TaperBase(nn.Module):
+    """Shared state: gate, calibration EMAs, frozen scalar c."""
+
+    def __init__(self, dim: int, eps: float, beta_ema: float = 0.1):
+        super().__init__()
+        self.dim, self.eps, self.beta_ema = int(dim), float(eps), float(beta_ema)
+        self.register_buffer("c", torch.ones(()))
+        self.register_buffer("calib_num", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("calib_den", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("calib_count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("gate_value", torch.ones((), dtype=torch.float64))
+        self.register_buffer("calibrated_flag", torch.zeros((), dtype=torch.bool))
+        self.gate: float = 1.0
+        self.calibrated: bool = False
+        self.collecting: bool = False
+        self.register_load_state_dict_post_hook(_sync_python_state)
+
+    # -- gate -----------------------------------------------------------------------------------
+    def set_gate(self, g: float) -> None:
+        """Set this layer's gate; 0 < g < 1 and g == 0 need a calibrated c."""
+        g = float(g)
+        if not (0.0 <= g <= 1.0) or math.isnan(g):
+            raise TaperError(f"gate {g!r} is outside [0, 1]; pass a value in [0, 1]")
+        if g < 1.0 and not self.calibrated:
+            raise TaperError(f"gate {g} < 1 needs a calibrated c; call calibrate() (or train through warmup) first")
+        self.gate = g
+        self.gate_value.fill_(g)
+
+    # -- calibration ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _observe(self, num: torch.Tensor, den: torch.Tensor) -> None:
+        """EMA update with new-sample weight beta_ema: m <- (1 - b) m + b x."""
+        b = self.beta_ema
+        self.calib_num.mul_(1 - b).add_(b * num.double())
+        self.calib_den.mul_(1 - b).add_(b * den.double())
+        self.calib_count.add_(1)
+
+    def calibrated_c(self) -> float:
+        """Bias-corrected c* = m_hat_num / m_hat_den (the correction factors cancel in the ratio)."""
+        n = int(self.calib_count)
+        if n == 0:
+            raise TaperError("no calibration batches were observed; run forward passes between "
+                             "begin_calibration() and finish_calibration()")
+        corr = 1.0 - (1.0 - self.beta_ema) ** n
+        num, den = float(self.calib_num) / corr, float(self.calib_den) / corr
+        if not den > 0 or not math.isfinite(num / den):
+            raise TaperError(f"calibration statistics are degenerate (num={num}, den={den}); feed non-zero inputs")
+        return num / den
+
+    @torch.no_grad()
+    def freeze_c(self) -> float:
+        """Set c from the EMAs, copy gamma -> gamma_t (beta -> beta_t), freeze c. Only once."""
+        if self.calibrated:
+            raise TaperError("c is already calibrated and frozen; calibrating twice would change a trained map")
+        c = self.calibrated_c()
+        self.c.fill_(c)
+        self.weight_t.copy_(self.weight)
+        if hasattr(self, "bias_t"):
+            self.bias_t.copy_(self.bias)
+        self.calibrated = True
+        self.calibrated_flag.fill_(True)
+        self.collecting = False
+        return c
+
+    def taper_scale(self) -> torch.Tensor:
+        """s = c * gamma_t, the per-feature scale of the gate-zero map."""
+        return self.c * self.weight_t
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, gate={self.gate}, calibrated={self.calibrated}"
+
+
+def _sync_python_state(module: _TaperBase, incompatible_keys) -> None:
+    module.gate = float(module.gate_value)
+    module.calibrated = bool(module.calibrated_flag)
+
+
+class TaperNorm(_TaperBase):
+    """RMSNorm that tapers to x * (c * gamma_t). `weight` is gamma, `weight_t` is gamma tilde."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, beta_ema: float = 0.1):
+        super().__init__(dim, eps, beta_ema)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight_t = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d)
+        g = self.gate
+        if g == 0.0:  # no per-token statistic at all
+            return x * self.taper_scale().to(x.dtype)
+        xf = x.float()
+        r_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1) = 1 / r(h)
+        if self.collecting and self.training:
+            with torch.no_grad():
+                hg2 = (xf * self.weight.float()).pow(2).sum(-1)  # ||h*gamma||^2 per token
+                self._observe((hg2 * r_inv.squeeze(-1)).mean(), hg2.mean())
+        normed = (xf * r_inv).type_as(x) * self.weight
+        if g == 1.0:
+            return normed
+        return g * normed + (1.0 - g) * (x * self.taper_scale().to(x.dtype))
+
+
+class TaperLayerNorm(_TaperBase):
+    """LayerNorm (with bias) that tapers to the affine map (x - mean) * (c * gamma_t) + beta_t."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, beta_ema: float = 0.1):
+        super().__init__(dim, eps, beta_ema)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.weight_t = nn.Parameter(torch.ones(dim))
+        self.bias_t = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d)
+        g = self.gate
+        centered = x - x.mean(-1, keepdim=True)  # linear: kept at g == 0
+        if g == 0.0:
+            return centered * self.taper_scale().to(x.dtype) + self.bias_t
+        if self.collecting and self.training:
+            with torch.no_grad():
+                cf = centered.float()
+                sigma = torch.sqrt(cf.pow(2).mean(-1) + self.eps)
+                hg2 = (cf * self.weight.float()).pow(2).sum(-1)
+                self._observe((hg2 / sigma).mean(), hg2.mean())
+        normed = F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        if g == 1.0:
+            return normed
+        return g * normed + (1.0 - g) * (centered * self.taper_scale().to(x.dtype) + self.bias_t)
+
+
+TAPER_TYPES = (TaperNorm, TaperLayerNorm)
+
+# --------------------------------------------------------------------------------------------------
+# Whole-model helpers
+# --------------------------------------------------------------------------------------------------
+
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm", "norm_f")
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    if isinstance(m, TAPER_TYPES):
+        return False
+    if isinstance(m, nn.RMSNorm):
+        return True
+    name = type(m).__name__
+    return "RMSNorm" in name and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _is_layer_norm(m: nn.Module) -> bool:
+    return type(m) is nn.LayerNorm
+
+
+def find_final_norm(model: nn.Module) -> str | None:
+    """Qualified name of the norm feeding the output head: a known final-norm name, else the last norm."""
+    norms = [n for n, m in model.named_modules() if n and (_is_rms_norm(m) or _is_layer_norm(m) or isinstance(m, TAPER_TYPES))]
+    for n in norms:
+        if n.split(".")[-1] in _FINAL_NORM_NAMES and n.count(".") <= 1:
+            return n
+    return norms[-1] if norms else None
+
+
+def _rms_eps(m: nn.Module) -> float:
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(m, attr, None)
+        if v is not None:
+            return float(v)
+    return 1e-6
+
+
+def _check_rms_representable(name: str, m: nn.Module) -> None:
+    w = getattr(m, "weight", None)
+    if w is None or w.dim() != 1:
+        raise TaperError(f"{name}: {type(m).__name__} has no 1-D gain `weight`; TaperNorm cannot represent it")
+    if getattr(m, "bias", None) is not None:
+        raise TaperError(f"{name}: {type(m).__name__} has a bias; TaperNorm (RMS) cannot represent it")
+    offset = getattr(m, "offset", None) or getattr(getattr(m, "config", None), "rms_norm_offset", None)
+    if type(m).__name__.startswith("Gemma") or offset:
+        raise TaperError(f"{name}: {type(m).__name__} scales by (1 + weight); TaperNorm supports plain gain RMSNorm only")
+
+
+def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = None) -> list[str]:
+    """Replace every RMSNorm / nn.LayerNorm in `model` with a TaperNorm copying weights and eps.
+
+    mode="internal" leaves the final norm (the one feeding the output head) alone; "all" tapers it too.
+    Returns the qualified names replaced. Refuses (TaperError) norm types it cannot represent.
+    """
+    if mode not in ("internal", "all"):
+        raise TaperError(f"mode {mode!r} is not one of 'internal', 'all'")
+    final = final_norm if final_norm is not None else find_final_norm(model)
+    replaced = []
+    for name, m in list(model.named_modules()):
+        if not name or isinstance(m, TAPER_TYPES):
+            continue
+        if mode == "internal" and name == final:
+            continue
+        if _is_rms_norm(m):
+            _check_rms_representable(name, m)
+            w = m.weight
+            new = TaperNorm(w.numel(), eps=_rms_eps(m))
+        elif _is_layer_norm(m):
+            if m.weight is None or m.bias is None or len(m.normalized_shape) != 1:
+                raise TaperError(f"{name}: LayerNorm without affine weight+bias over one dim; TaperLayerNorm cannot represent it")
+            w = m.weight
+            new = TaperLayerNorm(w.numel(), eps=m.eps)
+        elif isinstance(m, (nn.GroupNorm, nn.LocalResponseNorm)) or (type(m).__name__.endswith("LayerNorm") and hasattr(m, "weight")):
+            raise TaperError(f"{name}: {type(m).__name__} is not an RMSNorm or nn.LayerNorm; tapernorm cannot taper it")
+        else:
+            continue
+        new = new.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            new.weight_t.copy_(w)
+            if isinstance(new, TaperLayerNorm):
+                new.bias.copy_(m.bias)
+                new.bias_t.copy_(m.bias)
+        new.train(m.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.append(name)
+    return replaced
+
+
+def taper_layers(model: nn.Module) -> list[tuple[str, _TaperBase]]:
+    """(qualified name, layer) for every TaperNorm / TaperLayerNorm in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TAPER_TYPES)]
+
+
+def set_gate(model: nn.Module, g: float) -> int:
+    """Set the one global gate on every TaperNorm layer; returns how many layers were set."""
+    layers = taper_layers(model)
+    g = float(g)
+    if not (0.0 <= g <= 1.0) or math.isnan(g):
+        raise TaperError(f"gate {g!r} is outside [0, 1]; pass a value in [0, 1]")
+    missing = [n for n, m in layers if g < 1.0 and not m.calibrated]
+    if missing:
+        raise TaperError(f"gate {g} < 1 needs calibrated layers; not calibrated: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}; call calibrate() first")
+    for _, m in layers:
+        m.set_gate(g)
+    return len(layers)
+
+
+def get_gate(model: nn.Module) -> float | None:
+    """The global gate (None if the model has no TaperNorm); raises if layers disagree."""
+    gates = {m.gate for _, m in taper_layers(model)}
+    if not gates:
+        return None
+    if len(gates) > 1:
+        raise TaperError(f"TaperNorm layers disagree on the gate: {sorted(gates)}; call set_gate()")
+    return gates.pop()
+
+
+def begin_calibration(model: nn.Module) -> None:
+    """Start collecting c statistics on every uncalibrated layer (needs model.train())."""
+    layers = taper_layers(model)
+    already = [n for n, m in layers if m.calibrated]
+    if already:
+        raise TaperError(f"already calibrated: {', '.join(already[:4])}; c is frozen once set")
+    for _, m in layers:
+        m.collecting = True
+
+
+def finish_calibration(model: nn.Module) -> dict[str, float]:
+    """Freeze c on every collecting layer; returns {layer name: c}."""
+    return {n: m.freeze_c() for n, m in taper_layers(model) if m.collecting}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, forward=None) -> dict[str, float]:
+    """Run the taper-start calibration outside a trainer: EMA over `batches`, bias-corrected c,
+    copy gamma -> gamma_t (beta -> beta_t), freeze c. `forward(model, batch)` defaults to model(batch).
+
+    The gate is held at 1 while collecting. Returns {layer name: c}.
+    """
+    if not taper_layers(model):
+        raise TaperError("model has no TaperNorm layers; call taperize() first")
+    begin_calibration(model)
+    was_training = model.training
+    model.train()
+    try:
+        n = 0
+        for batch in batches:
+            forward(model, batch) if forward is not None else model(batch)
+            n += 1
+        if n == 0:
+            raise TaperError("calibrate() got no batches; pass at least one batch")
+        return finish_calibration(model)
+    finally:
+        for _, m in taper_layers(model):
+            m.collecting = False
+        model.train(was_training)
