@@ -1,0 +1,341 @@
+"""Prefill + decode over the KV cache with onnxruntime, sampling, stop tokens, streaming, and the
+`tapernorm generate` command.
+
+The per-step Python is kept small: one IOBinding per generation; the presents stay as OrtValues on
+the session's device and are bound back as the next step's past (no host copies of the cache); the
+token / position / mask inputs are preallocated host buffers updated in place; only the logits of
+the last position come back to the host, because sampling needs them.
+
+Decoders share one shape: `start(input_ids (B, T), attention_mask) -> logits (B, V)` and
+`step(tokens (B,)) -> logits (B, V)`; `iter_tokens` / `generate_ids` drive any of them
+(`OrtDecoder` here, `TorchRefDecoder` in torch_ref) so both sample and stop identically.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+from .session import DecoderSession
+
+__all__ = ["OrtDecoder", "GenerationResult", "pad_prompts", "iter_tokens", "stream_ids", "generate_ids", "TextStreamer",
+           "load_tokenizer", "Generator", "add_cli"]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into (input_ids (B, T), attention_mask (B, T)) int64."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token; pass a non-empty prompt")
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    return ids, mask
+
+
+class OrtDecoder:
+    """Stateful KV-cached decoder over a DecoderSession (IOBinding; presents stay on the device)."""
+
+    def __init__(self, session: DecoderSession, max_len: int | None = None):
+        self.session = session
+        self.max_len = max_len or session.config.max_seq_len  # None: no context limit known
+        self._past_names = session.past_names
+        self._n_past = len(self._past_names)
+        self.length = 0
+
+    def _bind_past(self, values) -> None:
+        io, names = self._io, self._past_names
+        for name, ov in zip(names, values):
+            io.bind_ortvalue_input(name, ov)
+        self._past = values  # keep the OrtValues alive while they are bound
+
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Prefill a (left-padded) prompt (B, T); returns last-position logits (B, V)."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        B, T = ids.shape
+        if self.max_len is not None and T >= self.max_len:
+            raise ValueError(f"prompt of {T} tokens does not fit the model's {self.max_len}-token context; "
+                             f"shorten the prompt to at most {self.max_len - 1} tokens")
+        mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
+        cap = self.max_len if self.max_len is not None else T + 256
+        self._mask = np.ones((B, cap), dtype=np.int64)  # grows one column per step
+        self._mask[:, :T] = mask
+        pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)  # (B, T)
+        self._io = io = self.session.io_binding()
+        self.session.bind_outputs(io)  # prefill logits (B, T, V): allocated by ORT
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", pos)
+        self._bind_past(self.session.empty_past(B))
+        self._tok = np.zeros((B, 1), dtype=np.int64)
+        self._logits = None  # (B, 1, V) host buffer the decode steps write into
+        self._pos = np.ascontiguousarray(pos[:, -1:] + 1)  # (B, 1)
+        self._mask_view = (lambda L: self._mask[:, :L]) if B == 1 else (lambda L: np.ascontiguousarray(self._mask[:, :L]))
+        self.length = T
+        return self._run()
+
+    def _run(self) -> np.ndarray:
+        self.session.session.run_with_iobinding(self._io)
+        outs = self._io.get_outputs()  # bound order: presents..., logits
+        self._bind_past(outs[:self._n_past])
+        if self._logits is None:  # prefill: copy the last position out, then bind the decode buffer
+            last = outs[self._n_past].numpy()[:, -1]  # (B, V)
+            self._logits = np.empty((last.shape[0], 1, last.shape[1]), dtype=last.dtype)
+        else:
+            last = self._logits[:, 0]  # (B, V) view, overwritten by the next step
+        self.session.bind_outputs(self._io, self._logits)
+        return last
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row (B,); returns logits (B, V)."""
+        if self.max_len is not None and self.length >= self.max_len:
+            raise ValueError(f"the {self.max_len}-token context is full; stop generating")
+        if self.length >= self._mask.shape[1]:
+            self._mask = np.concatenate([self._mask, np.ones_like(self._mask)], axis=1)
+        self._tok[:, 0] = tokens
+        self.length += 1
+        io = self._io
+        io.bind_cpu_input("input_ids", self._tok)
+        io.bind_cpu_input("position_ids", self._pos)
+        io.bind_cpu_input("attention_mask", self._mask_view(self.length))
+        logits = self._run()
+        self._pos += 1
+        return logits
+
+
+@dataclass
+class GenerationResult:
+    """Generated tokens per row (stop tokens excluded), why each row stopped, and timings."""
+    tokens: list[list[int]]
+    stop_reasons: list[str]
+    prompt_tokens: int
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second over the decode steps (all rows)."""
+        return self.decode_steps * len(self.tokens) / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def iter_tokens(decoder, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
+                max_new_tokens: int = 64, sampler: Callable | None = None, stop_ids: Sequence[int] = (),
+                stats: dict | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (tokens (B,), live (B,) bool) per generated position until every row stops or the limit."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
+    sampler = sampler or Sampler()
+    stats = stats if stats is not None else {}
+    stop = np.asarray(sorted(set(int(s) for s in stop_ids)), dtype=np.int64)
+    t0 = time.perf_counter()
+    logits = decoder.start(input_ids, attention_mask)
+    t1 = time.perf_counter()
+    stats.update(prefill_s=t1 - t0, decode_s=0.0, decode_steps=0, reason="length")
+    live = np.ones(logits.shape[0], dtype=bool)
+    max_len = getattr(decoder, "max_len", None)
+    for i in range(max_new_tokens):
+        tok = sampler(logits)
+        if stop.size:
+            live &= ~np.isin(tok, stop)
+        if not live.any():
+            stats["reason"] = "stop"
+            return
+        yield tok, live.copy()
+        if i == max_new_tokens - 1:
+            break
+        if max_len is not None and decoder.length >= max_len:
+            stats["reason"] = "context"
+            return
+        ts = time.perf_counter()
+        logits = decoder.step(tok)
+        stats["decode_s"] += time.perf_counter() - ts
+        stats["decode_steps"] += 1
+
+
+def stream_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+               sampling: SamplingParams | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
+               result: dict | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Like iter_tokens for token-id prompts; at the end `result["result"]` holds the GenerationResult."""
+    ids, mask = pad_prompts(prompts, pad_id)
+    stats: dict = {}
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = np.zeros(len(prompts), dtype=bool)
+    for tok, live in iter_tokens(decoder, ids, mask, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
+                                 stop_ids=stop_ids, stats=stats):
+        stopped |= ~live
+        for b in np.flatnonzero(live):
+            out[b].append(int(tok[b]))
+        yield tok, live
+    final = stats.get("reason", "length")
+    reasons = ["stop" if (s or final == "stop") else final for s in stopped]
+    if result is not None:
+        sess = getattr(decoder, "session", None)
+        result["result"] = GenerationResult(out, reasons, ids.shape[1], stats.get("prefill_s", 0.0),
+                                            stats.get("decode_s", 0.0), stats.get("decode_steps", 0),
+                                            list(getattr(sess, "providers", []) or []))
+
+
+def generate_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 sampling: SamplingParams | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                 on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> GenerationResult:
+    """Generate for a batch of token-id prompts; `on_tokens(tokens (B,), live (B,))` is called per step."""
+    holder: dict = {}
+    for tok, live in stream_ids(decoder, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                stop_ids=stop_ids, pad_id=pad_id, result=holder):
+        if on_tokens is not None:
+            on_tokens(tok, live)
+    return holder["result"]
+
+
+# -- text ----------------------------------------------------------------------------------------------
+
+class _SPTokenizer:
+    """Minimal SentencePiece wrapper with the tapernorm.compiler.data.Tokenizer interface."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.eos_id, self.bos_id, self.vocab_size = self.sp.eos_id(), self.sp.bos_id(), self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+def load_tokenizer(path: str | Path):
+    """tapernorm.compiler.data.Tokenizer.load(path) if available, else a SentencePiece wrapper."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} is missing; re-run `tapernorm compile` (it copies tokenizer.model)")
+    try:
+        from tapernorm.compiler.data import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    try:
+        return Tokenizer.load(str(path)) if Tokenizer is not None else _SPTokenizer(str(path))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{path} is not a SentencePiece model ({e}); re-run `tapernorm compile`") from None
+
+
+class TextStreamer:
+    """Incremental detokenization: feed generated ids, get the new text (holds back partial characters)."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int]):
+        self.tok, self.ids = tokenizer, list(prompt_ids)
+        self.base = tokenizer.decode(self.ids)
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        """Append one token; return the text it completes (may be '')."""
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        if not text.startswith(self.base) or text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.base) + self.emitted:]
+        self.emitted += len(new)
+        return new
+
+
+class Generator:
+    """Text in, text out over a compiled model directory (onnxruntime)."""
+
+    def __init__(self, model_dir: str | Path, *, variant: str = "model.onnx", provider: str = "auto",
+                 threads: int | None = None, **session_kw):
+        self.session = DecoderSession(model_dir, variant=variant, provider=provider, intra_op_threads=threads,
+                                      **session_kw)
+        self.tokenizer = load_tokenizer(self.session.model_dir / "tokenizer.model")
+        self.decoder = OrtDecoder(self.session)
+        tv, mv = int(self.tokenizer.vocab_size), int(self.session.config.vocab_size)
+        if tv != mv:
+            raise ValueError(f"{self.session.model_dir / 'tokenizer.model'} has {tv} pieces but the model's vocab is "
+                             f"{mv}; the directory mixes files from different compiles, re-run `tapernorm compile`")
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        bos = self.session.config.bos_id if self.session.config.bos_id is not None else self.tokenizer.bos_id
+        if bos is not None and bos >= 0:
+            ids = [bos] + ids
+        ml = self.decoder.max_len
+        if ml is not None and len(ids) >= ml:
+            raise ValueError(f"prompt is {len(ids)} tokens but the model's context is {ml}; "
+                             f"shorten it to at most {ml - 1} tokens")
+        return ids
+
+    def stop_ids(self, extra: Sequence[int] = ()) -> list[int]:
+        """The eos id (runtime.json, else the tokenizer's) plus `extra`."""
+        eos = self.session.config.eos_id if self.session.config.eos_id is not None else self.tokenizer.eos_id
+        return ([eos] if eos is not None and eos >= 0 else []) + [int(x) for x in extra]
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+               stop_ids: Sequence[int] | None = None, result: dict | None = None) -> Iterator[str]:
+        """Yield pieces of generated text as they are decoded; `result` receives the GenerationResult."""
+        ids = self._prompt_ids(prompt)
+        streamer = TextStreamer(self.tokenizer, ids)
+        stops = self.stop_ids() if stop_ids is None else list(stop_ids)
+        for tok, live in stream_ids(self.decoder, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                                    stop_ids=stops, result=result):
+            if live[0]:
+                piece = streamer.push(int(tok[0]))
+                if piece:
+                    yield piece
+
+    def generate(self, prompt: str, on_text: Callable[[str], None] | None = None, **kw) -> str:
+        """Generated text (without the prompt); `on_text(piece)` streams it."""
+        out = []
+        for piece in self.stream(prompt, **kw):
+            out.append(piece)
+            if on_text:
+                on_text(piece)
+        return "".join(out)
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+
+def _cmd_generate(args) -> int:
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    gen = Generator(args.model_dir, variant="model_unfused.onnx" if args.unfused else "model.onnx",
+                    provider=args.provider, threads=args.threads)
+    holder: dict = {}
+    if not args.quiet_prompt:
+        sys.stdout.write(args.prompt)
+    for piece in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                            stop_ids=gen.stop_ids(args.stop_token), result=holder):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = holder["result"]
+    print(f"[{len(r.tokens[0])} tokens | prompt {r.prompt_tokens} | prefill {r.prefill_s * 1e3:.1f} ms | "
+          f"decode {r.decode_tok_s:.1f} tok/s | stop: {r.stop_reasons[0]} | providers {gen.session.providers} | "
+          f"threads {gen.session.intra_op_threads}]", file=sys.stderr)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `tapernorm generate DIR --prompt ...`."""
+    p = subparsers.add_parser("generate", help="generate text from a compiled model with onnxruntime")
+    p.add_argument("model_dir", metavar="DIR", help="directory written by `tapernorm compile`")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution provider; cuda falls back to cpu with a warning when it cannot load")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeatable)")
+    p.add_argument("--unfused", action="store_true", help="run model_unfused.onnx instead of the folded model.onnx")
+    p.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.set_defaults(func=_cmd_generate)

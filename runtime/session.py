@@ -1,0 +1,266 @@
+"""An onnxruntime session over a compiled tapernorm model directory.
+
+A compiled dir holds `model.onnx` (folded), `model_unfused.onnx`, `tokenizer.model`, `config.json`,
+`compile_report.json` and `runtime.json` ({"n_layers", "n_heads", "head_dim", "vocab_size",
+"max_seq_len", "dtype", "eos_id", "bos_id"}). The graph has the HF / onnxruntime-genai interface:
+
+    inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
+             past_key_values.{i}.key|value (B, H, P, D)
+    outputs  logits (B, T, V), present.{i}.key|value (B, H, P+T, D)
+
+Providers: "cuda" is used only when the CUDA execution provider actually loads (checked with
+`session.get_providers()` after creation, since onnxruntime-gpu silently falls back to CPU on a
+machine without a GPU); what was used is in `DecoderSession.providers`.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["DecoderSession", "RuntimeConfig", "ModelDirError", "resolve_model_path", "cuda_loadable",
+           "ORT_DTYPES", "GRAPH_OPT_LEVELS"]
+
+MODEL_FILES = ("model.onnx", "model_unfused.onnx")
+GRAPH_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_IR_RE = re.compile(r"Unsupported model IR version:\s*(\d+),\s*max supported IR version:\s*(\d+)")
+
+
+class ModelDirError(ValueError):
+    """A path is not a loadable compiled tapernorm model."""
+
+
+@dataclass
+class RuntimeConfig:
+    """What the decode loop needs to know about a compiled model (runtime.json, checked against the graph)."""
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    vocab_size: int
+    max_seq_len: int | None = None
+    dtype: str = "float32"
+    eos_id: int | None = None
+    bos_id: int | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def resolve_model_path(path: str | os.PathLike, variant: str = "model.onnx") -> tuple[Path, Path]:
+    """(model dir, onnx file) for a compiled dir or a direct .onnx path; one-line errors otherwise."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".onnx":
+        return p.parent, p
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist; pass a directory written by `tapernorm compile CHECKPOINT --out DIR`")
+    if not p.is_dir():
+        raise ModelDirError(f"{p} is neither a compiled model directory nor an .onnx file; "
+                            "pass a directory written by `tapernorm compile`")
+    onnx_path = p / variant
+    if not onnx_path.is_file():
+        present = [f for f in MODEL_FILES if (p / f).is_file()]
+        if not present:
+            raise ModelDirError(f"{p} is not a compiled tapernorm model (no {' or '.join(MODEL_FILES)}); "
+                                f"run `tapernorm compile CHECKPOINT --out {p}` first")
+        raise FileNotFoundError(f"{onnx_path} is missing (the directory has {present}); re-run `tapernorm compile` "
+                                f"or pick another variant")
+    if onnx_path.stat().st_size == 0:
+        raise ModelDirError(f"{onnx_path} is empty (truncated); re-run `tapernorm compile` to rewrite it")
+    return p, onnx_path
+
+
+def cuda_loadable() -> bool:
+    """True when onnxruntime lists the CUDA provider and a CUDA driver library can be opened."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(lib)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _providers_for(provider: str, device_id: int) -> list:
+    """The provider list to request for 'auto' | 'cpu' | 'cuda'."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda" or (provider == "auto" and cuda_loadable()):
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    if provider == "auto":
+        return ["CPUExecutionProvider"]
+    raise ValueError(f"provider {provider!r} is not one of 'auto', 'cpu', 'cuda'")
+
+
+def _load_error(onnx_path: Path, err: Exception) -> Exception:
+    """Turn an onnxruntime load failure into one line naming the file and the fix."""
+    msg = str(err)
+    m = _IR_RE.search(msg)
+    if m:
+        return ModelDirError(
+            f"{onnx_path} has ONNX IR version {m.group(1)} but onnxruntime {ort.__version__} accepts at most "
+            f"{m.group(2)}; re-export with model.ir_version = {m.group(2)} or upgrade onnxruntime")
+    first = " ".join(msg.strip().split())[:300]
+    if "rotobuf" in msg or "No graph" in msg or "model_proto" in msg or "ModelProto" in msg:
+        return ModelDirError(f"{onnx_path} is truncated or not an ONNX model ({first}); "
+                             f"re-run `tapernorm compile` to rewrite it")
+    return ModelDirError(f"onnxruntime could not load {onnx_path} ({first}); the file may be truncated or corrupt, "
+                         f"re-run `tapernorm compile`")
+
+
+class DecoderSession:
+    """An ORT InferenceSession over one exported decoder graph, with explicit threads and providers."""
+
+    def __init__(self, path: str | os.PathLike, *, variant: str = "model.onnx", provider: str = "auto",
+                 intra_op_threads: int | None = None, inter_op_threads: int = 1,
+                 graph_optimization: str = "all", spinning: bool | None = None, profile: bool = False,
+                 profile_prefix: str | None = None, optimized_model_path: str | None = None,
+                 device_id: int = 0, log_severity: int = 3):
+        self.model_dir, self.model_path = resolve_model_path(path, variant)
+        if graph_optimization not in GRAPH_OPT_LEVELS:
+            raise ValueError(f"graph_optimization {graph_optimization!r} is not one of {sorted(GRAPH_OPT_LEVELS)}")
+        so = ort.SessionOptions()
+        # threads are always explicit: on a shared machine ORT's default (all cores, spinning) is noisy
+        self.intra_op_threads = int(intra_op_threads or max(1, os.cpu_count() or 1))
+        self.inter_op_threads = int(inter_op_threads)
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = GRAPH_OPT_LEVELS[graph_optimization]
+        so.log_severity_level = int(log_severity)
+        if spinning is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if optimized_model_path:
+            so.optimized_model_filepath = str(optimized_model_path)
+        if profile:
+            so.enable_profiling = True
+            if profile_prefix:
+                so.profile_file_prefix = str(profile_prefix)
+        self.requested_provider = provider
+        requested = _providers_for(provider, device_id)
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=requested)
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
+            raise _load_error(self.model_path, e) from None
+        self.providers: list[str] = self.session.get_providers()
+        self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.device_id = device_id if self.device == "cuda" else 0
+        if provider == "cuda" and self.device != "cuda":
+            warnings.warn(f"provider 'cuda' was requested but the CUDA execution provider did not load; "
+                          f"running on {self.providers}", RuntimeWarning, stacklevel=2)
+        self._check_interface()
+        self.config = self._load_config()
+
+    # -- interface ------------------------------------------------------------------------------
+    def _check_interface(self) -> None:
+        ins = {i.name: i for i in self.session.get_inputs()}
+        outs = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in ins]
+        if "logits" not in outs:
+            missing.append("logits (output)")
+        n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        missing += [n for n in self.past_names if n not in ins] + [n for n in self.present_names if n not in outs]
+        if n_layers == 0:
+            missing.append("past_key_values.{i}.key|value")
+        if missing:
+            raise ModelDirError(f"{self.model_path} does not have the tapernorm decoder interface (missing {missing}); "
+                                f"export it with `tapernorm compile`")
+        self.output_names = outs
+        self.n_layers = n_layers
+        first = ins[self.past_names[0]]
+        self.np_dtype = ORT_DTYPES.get(first.type)
+        if self.np_dtype is None:
+            raise ModelDirError(f"{self.model_path}: KV cache type {first.type} is not supported (float32/float16)")
+        self._past_shape = first.shape  # [B, H, P, D], H and D static
+        logits_shape = self.session.get_outputs()[outs.index("logits")].shape
+        self._vocab = logits_shape[-1] if isinstance(logits_shape[-1], int) else None
+
+    def _load_config(self) -> RuntimeConfig:
+        """runtime.json if present, cross-checked against the graph; else inferred from graph + config.json."""
+        H, D = self._past_shape[1], self._past_shape[3]
+        inferred = dict(n_layers=self.n_layers, n_heads=H if isinstance(H, int) else None,
+                        head_dim=D if isinstance(D, int) else None, vocab_size=self._vocab,
+                        dtype=np.dtype(self.np_dtype).name)
+        rt_path = self.model_dir / "runtime.json"
+        data: dict = {}
+        if rt_path.is_file():
+            try:
+                data = json.loads(rt_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelDirError(f"{rt_path} is not valid JSON ({e}); re-run `tapernorm compile`") from None
+            if not isinstance(data, dict):
+                raise ModelDirError(f"{rt_path} must hold a JSON object; re-run `tapernorm compile`")
+            for k, v in inferred.items():
+                if v is not None and k in data and data[k] is not None and data[k] != v:
+                    raise ModelDirError(f"{rt_path}: {k}={data[k]!r} but {self.model_path.name} has {v!r}; "
+                                        f"the directory mixes files from different compiles, re-run `tapernorm compile`")
+        cfg_path = self.model_dir / "config.json"
+        if "max_seq_len" not in data and cfg_path.is_file():
+            try:
+                data.setdefault("max_seq_len", json.loads(cfg_path.read_text()).get("tapernorm", {}).get("max_seq_len"))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                pass
+        merged = {**{k: v for k, v in inferred.items() if v is not None}, **{k: v for k, v in data.items()
+                                                                             if k in RuntimeConfig.__dataclass_fields__}}
+        missing = [k for k in ("n_layers", "n_heads", "head_dim", "vocab_size") if merged.get(k) is None]
+        if missing:
+            raise ModelDirError(f"cannot tell {missing} for {self.model_path}; add them to {rt_path} "
+                                f"(re-run `tapernorm compile`)")
+        return RuntimeConfig(**merged)
+
+    # -- helpers used by the decode loop ----------------------------------------------------------
+    def empty_past(self, batch: int) -> list[ort.OrtValue]:
+        """Zero-length past OrtValues (B, H, 0, D) on the session's device, one per past input."""
+        shape = [batch, self.config.n_heads, 0, self.config.head_dim]
+        if self.device == "cuda":
+            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.np_dtype, "cuda", self.device_id)
+                    for _ in self.past_names]
+        z = np.zeros(shape, dtype=self.np_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
+
+    def io_binding(self) -> ort.IOBinding:
+        """A fresh IOBinding (bind the outputs with `bind_outputs` before each run)."""
+        return self.session.io_binding()
+
+    def bind_outputs(self, io: ort.IOBinding, logits: np.ndarray | None = None) -> None:
+        """(Re)bind the outputs: presents allocated by ORT on the session's device (they are fed back as the
+        next past, so they must be fresh each run: their shape grows), logits into the host array `logits`
+        (B, T, V) when given (written in place, no extra copy), else allocated on the host."""
+        io.clear_binding_outputs()
+        for name in self.present_names:
+            io.bind_output(name, self.device, self.device_id)
+        if logits is None:
+            io.bind_output("logits", "cpu")
+        else:
+            io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+
+    def run(self, feeds: dict) -> list:
+        """Plain `session.run` (numpy in, numpy out), for parity checks."""
+        return self.session.run(None, feeds)
+
+    def end_profiling(self) -> str:
+        """Stop ORT's profiler; returns the JSON trace path."""
+        return self.session.end_profiling()
+
+    def describe(self) -> dict:
+        """Providers, threads and model facts, for logs and benchmark reports."""
+        return {"model": str(self.model_path), "providers": self.providers, "device": self.device,
+                "requested_provider": self.requested_provider, "intra_op_threads": self.intra_op_threads,
+                "inter_op_threads": self.inter_op_threads, "onnxruntime": ort.__version__, **self.config.to_dict()}
