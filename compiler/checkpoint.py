@@ -1,0 +1,220 @@
+"""Checkpoints in the Hugging Face layout, written atomically and validated on load.
+
+    DIR/config.json          {"model_type", "architectures", "tapernorm": ModelConfig dict,
+                              "taper": {"mode", "gate"}, "torch_dtype", ...extra}
+    DIR/model.safetensors    state dict; tied weights (lm_head = embed_tokens) stored once
+    DIR/tokenizer.model      SentencePiece model (optional)
+    DIR/trainer_state.json   step, optimizer hyperparameters, EMA state, config (optional, for resume)
+    DIR/trainer_state.safetensors   optimizer moments and RNG states (optional, for resume)
+
+Everything is written into a temporary sibling directory which then replaces DIR, so a crash never
+leaves a half-written checkpoint. Nothing is unpickled: tensors are safetensors, the rest is JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .model import ConfigError, DecoderLM, ModelConfig
+from .tapernorm import get_gate
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "read_config"]
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+_RESERVED = {"model_type", "architectures", "tapernorm", "taper", "torch_dtype"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match its config."""
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias key: canonical key} for state-dict entries sharing storage with an earlier entry."""
+    seen, alias = {}, {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            alias[k] = seen[key]
+        else:
+            seen[key] = k
+    return alias
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap the finished tmp directory into place: out -> backup, tmp -> out, remove backup."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+    os.replace(tmp, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _publish_modes(tmp: Path) -> None:
+    """mkdtemp makes 0700 dirs; give the checkpoint ordinary umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                    extra: dict | None = None, trainer_state: dict | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer.model, + trainer state) into out_dir atomically.
+
+    `extra` keys are merged into config.json. `trainer_state` = {"json": dict, "tensors": {name: Tensor}}.
+    """
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    cfg: ModelConfig = model.config
+    if extra and _RESERVED & set(extra):
+        raise ValueError(f"extra config keys {sorted(_RESERVED & set(extra))} are reserved; rename them")
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer file {tokenizer_path} does not exist; pass the run's tokenizer.model")
+    alias = _tied_aliases(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in alias}
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    config = {
+        "model_type": f"tapernorm_{cfg.arch}",
+        "architectures": ["DecoderLM"],
+        "tapernorm": cfg.to_dict(),
+        "taper": {"mode": cfg.taper_mode, "gate": get_gate(model)},
+        "torch_dtype": dtype,
+        "tie_word_embeddings": bool(alias),
+        **(extra or {}),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_json(tmp / CONFIG, config)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": json.dumps(alias)})
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        if trainer_state is not None:
+            _write_json(tmp / STATE_JSON, trainer_state.get("json", {}))
+            tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state.get("tensors", {}).items()}
+            save_file(tensors, str(tmp / STATE_TENSORS))
+        _publish_modes(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> dict:
+    """Parse and minimally validate DIR/config.json."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist; pass a directory written by `tapernorm train`")
+    p = d / CONFIG
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing; a checkpoint needs config.json + model.safetensors")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}); the file is corrupt, re-save the checkpoint") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("tapernorm"), dict):
+        raise CheckpointError(f"{p}: no 'tapernorm' model-config section; not a tapernorm checkpoint")
+    return cfg
+
+
+def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a checkpoint needs config.json + model.safetensors")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e}); re-save the checkpoint") from None
+
+
+def _validate(path: Path, tensors: dict, expected: dict, cfg_path: Path) -> None:
+    """Precise key / shape / dtype / finiteness checks of file tensors against the model built from config."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key{'s' if len(missing) > 1 else ''} {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected key{'s' if len(unexpected) > 1 else ''} {unexpected[:3]}"
+                         f"{' ...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"{path}: {' and '.join(parts)} for the model described by {cfg_path}; "
+                              "the config does not match the weights")
+    for k, want in expected.items():
+        got = tensors[k]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: key {k!r} has shape {tuple(got.shape)} but {cfg_path} implies "
+                                  f"{tuple(want.shape)}; the config does not match the weights")
+        if got.dtype != want.dtype:
+            raise CheckpointError(f"{path}: key {k!r} has dtype {got.dtype} but the model expects {want.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise CheckpointError(f"{path}: key {k!r} contains NaN or inf; the checkpoint is unusable")
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DecoderLM, dict]:
+    """Load a checkpoint dir -> (DecoderLM in eval mode, info). Raises CheckpointError naming file and key."""
+    d = Path(ckpt_dir)
+    raw = read_config(d)
+    cfg_path = d / CONFIG
+    try:
+        cfg = ModelConfig.from_dict(raw["tapernorm"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from None
+    taper = raw.get("taper", {})
+    if taper.get("mode", cfg.taper_mode) != cfg.taper_mode:
+        raise CheckpointError(f"{cfg_path}: taper.mode {taper.get('mode')!r} disagrees with tapernorm.taper_mode "
+                              f"{cfg.taper_mode!r}")
+    model = DecoderLM(cfg)
+    dtype = getattr(torch, str(raw.get("torch_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{cfg_path}: torch_dtype {raw.get('torch_dtype')!r} is not a floating dtype")
+    if dtype != torch.float32:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    alias = _tied_aliases(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in alias}
+    wpath = d / WEIGHTS
+    tensors = _open_safetensors(wpath)
+    _validate(wpath, tensors, expected, cfg_path)
+    for k, canon in alias.items():
+        tensors[k] = tensors[canon]
+    model.load_state_dict(tensors, strict=True)  # post-hook restores gate / calibrated flags
+    gate = get_gate(model)
+    want_gate = taper.get("gate")
+    if want_gate is not None and gate is not None and not math.isclose(float(want_gate), gate, abs_tol=1e-12):
+        raise CheckpointError(f"{cfg_path}: taper.gate {want_gate} disagrees with the weights' gate buffers ({gate})")
+    model.to(map_location).eval()
+    tok = d / TOKENIZER
+    info = {"dir": str(d), "config": cfg, "config_json": raw, "gate": gate,
+            "tokenizer_path": str(tok) if tok.is_file() else None}
+    return model, info
+
+
+def load_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
+    """{"json": dict, "tensors": {name: Tensor}} saved by save_checkpoint(trainer_state=...)."""
+    d = Path(ckpt_dir)
+    jp, tp = d / STATE_JSON, d / STATE_TENSORS
+    if not jp.is_file() or not tp.is_file():
+        raise CheckpointError(f"{d}: no trainer state ({STATE_JSON} + {STATE_TENSORS}); it cannot be resumed")
+    try:
+        js = json.loads(jp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{jp}: not valid JSON ({e}); the trainer state is corrupt") from None
+    return {"json": js, "tensors": _open_safetensors(tp)}

@@ -1,0 +1,397 @@
+"""The trainer: tapering schedule, calibration at the taper start, fixed-target scale loss, AdamW,
+JSONL logs, atomic checkpoints with exact resume, torchrun + DDP. CLI: `tapernorm train|eval|plot`.
+
+Run layout (RUN = --out):
+    RUN/tokenizer.model     SentencePiece model trained on the corpus (or copied from --tokenizer)
+    RUN/log.jsonl           one record per step (kind "train") and per evaluation (kind "eval")
+    RUN/checkpoint/         latest checkpoint + trainer state, written every --ckpt-every steps (resume)
+    RUN/model/              the final model (HF layout: config.json, model.safetensors, tokenizer.model)
+    RUN/summary.json        final validation loss, steps, time
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from .data import Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
+from .model import DecoderLM, preset
+from .scale_loss import ScaleTarget, scale_loss, scale_stat
+from .schedule import resolve_schedule
+from .tapernorm import begin_calibration, finish_calibration, set_gate, taper_layers
+from .trainstate import (JsonlLog, grad_groups, grad_norms, pack_optimizer, pack_rng, unpack_optimizer,
+                         unpack_rng)
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_checkpoint", "add_cli"]
+
+_MODES = {"baseline": "baseline", "internal": "internal", "internal-taper": "internal", "all": "all",
+          "all-taper": "all"}
+# fields that do not change the trajectory: may differ between a run and its resume
+_RESUME_FREE = {"out_dir", "resume", "overwrite", "progress", "eval_every", "eval_batches", "ckpt_every",
+                "stop_after", "device"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are a ~1-minute CPU run of the tiny preset on the builtin corpus."""
+    out_dir: str = "runs/tiny"
+    preset: str = "tiny"
+    mode: str = "internal"                # baseline | internal(-taper) | all(-taper)
+    scale_loss: bool | None = None        # fixed-target scale loss; default: on when tapering, off for baseline
+    scale_lambda: float = 0.1
+    dim: int | None = None                # model overrides of the preset
+    n_layers: int | None = None
+    n_heads: int | None = None
+    corpus: str = "builtin"               # builtin | a.txt,b.txt | hf:NAME[:SPLIT]
+    max_docs: int | None = None
+    max_chars: int | None = None
+    vocab_size: int = 256                 # tokenizer (and model) vocabulary
+    tokenizer: str | None = None          # reuse this tokenizer.model instead of training one
+    val_frac: float = 0.1
+    seq_len: int = 64
+    batch_size: int = 16                  # global batch (split across DDP ranks)
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    warmup_steps: int | None = None
+    taper_start: int | None = None        # default: end of warmup
+    taper_end: int | None = None          # default: the last step (gate exactly 0 from there)
+    beta_ema: float = 0.1                 # calibration / scale-target EMA new-sample weight
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    stop_after: int | None = None         # stop (with a checkpoint) after this many steps; continue with resume
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def normalized(self) -> "TrainConfig":
+        """Validated copy with mode aliases resolved; raises ValueError with the field to fix."""
+        if self.mode not in _MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {sorted(_MODES)}")
+        mode = _MODES[self.mode]
+        aux = (mode != "baseline") if self.scale_loss is None else bool(self.scale_loss)
+        c = dataclasses.replace(self, mode=mode, betas=tuple(self.betas), scale_loss=aux)
+        for k in ("steps", "batch_size", "seq_len", "vocab_size"):
+            if int(getattr(c, k)) <= 0:
+                raise ValueError(f"{k} must be positive, got {getattr(c, k)}")
+        if not (c.lr > 0 and c.grad_clip > 0 and c.scale_lambda >= 0 and c.weight_decay >= 0):
+            raise ValueError("lr and grad_clip must be > 0, scale_lambda and weight_decay >= 0")
+        if c.stop_after is not None and not 0 < c.stop_after <= c.steps:
+            raise ValueError(f"stop_after {c.stop_after} must be in [1, steps={c.steps}]")
+        return c
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; unpacks as (model_dir, val_loss)."""
+    run_dir: str
+    model_dir: str
+    val_loss: float
+    initial_val_loss: float | None
+    steps: int
+    final_gate: float | None
+    seconds: float
+    log_path: str = field(default="")
+
+    def __iter__(self):
+        return iter((self.model_dir, self.val_loss))
+
+
+class _WithHidden(nn.Module):
+    """forward(ids) -> (logits, pre-logit h), so DDP wraps one call that yields both."""
+
+    def __init__(self, model: DecoderLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        h, _ = self.model.hidden(input_ids)  # (B, T, d)
+        return self.model.head(h), h
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    return torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{local_rank}")
+
+
+def _allreduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: DecoderLM, stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = 8,
+             bf16: bool = False) -> float:
+    """Token-weighted mean cross-entropy over fixed validation windows, with the model's current gate."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    tot, n = 0.0, 0
+    for x, y in val_batches(stream, batch_size, seq_len, max_batches):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x.to(dev))
+        tot += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(dev).flatten(), reduction="sum"))
+        n += y.numel()
+    model.train(was)
+    return tot / max(n, 1)
+
+
+def _check_resume(cfg: TrainConfig, saved: dict) -> None:
+    now, before = cfg.to_dict(), saved
+    diff = [k for k in now if k not in _RESUME_FREE and k in before and now[k] != before[k]]
+    if diff:
+        raise ValueError(f"--resume with settings that change the run: {', '.join(f'{k}={now[k]!r} (was {before[k]!r})' for k in diff)}; "
+                         "use the original settings or start a new --out")
+
+
+def _prepare_run_dir(cfg: TrainConfig, run: Path, rank: int) -> None:
+    if cfg.resume:
+        if not (run / "checkpoint" / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume: {run}/checkpoint has no trainer state to resume; train without --resume first")
+    elif run.exists() and any(run.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"run directory {run} already exists; pass --resume to continue it, --overwrite to "
+                              "start over, or a new --out")
+
+
+def _clear_run_dir(run: Path, overwrite: bool) -> None:
+    """Create RUN; with overwrite, remove the files a previous run left there (only ours)."""
+    run.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        import shutil
+        for name in ("log.jsonl", "summary.json", "curves.png", "tokenizer.model"):
+            (run / name).unlink(missing_ok=True)
+        for name in ("checkpoint", "model"):
+            shutil.rmtree(run / name, ignore_errors=True)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train one run (single process, or one rank under torchrun); returns paths and the final val loss."""
+    t_start = time.time()
+    cfg = cfg.normalized()
+    rank, world, local_rank = _dist_env()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} processes; use a multiple of {world}")
+    run = Path(cfg.out_dir)
+    sched = resolve_schedule(cfg.steps, cfg.warmup_frac, cfg.warmup_steps, cfg.taper_start, cfg.taper_end)
+    if sched.taper_start >= cfg.steps and cfg.mode != "baseline":
+        raise ValueError(f"taper start {sched.taper_start} must be before the last step {cfg.steps - 1}")
+    # Every bad-input check happens before anything is written.
+    docs = load_corpus(cfg.corpus, cfg.max_docs, cfg.max_chars)
+    tok_src = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    _prepare_run_dir(cfg, run, rank)
+    state = load_trainer_state(run / "checkpoint") if cfg.resume else None
+    if state is not None:
+        _check_resume(cfg, state["json"]["train_config"])
+
+    # The tokenizer and token streams are built before the run directory is created, so a corpus that
+    # cannot be tokenized leaves no files behind. Under DDP rank 0 trains the tokenizer, the others load it.
+    tok_path = run / "tokenizer.model"
+    tok = data = None
+    if cfg.resume:
+        tok = Tokenizer.load(tok_path)
+    elif rank == 0:
+        tok = tok_src or train_tokenizer(docs, cfg.vocab_size)
+    if tok is not None:
+        data = tokenize_corpus(docs, tok, cfg.seq_len, cfg.val_frac)
+    device = _device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if rank == 0 and not cfg.resume:
+        _clear_run_dir(run, cfg.overwrite)
+        tok.save(tok_path)
+    if world > 1:
+        dist.barrier()
+    if tok is None:
+        tok = Tokenizer.load(tok_path)
+        data = tokenize_corpus(docs, tok, cfg.seq_len, cfg.val_frac)
+
+    if state is not None:
+        model, _ = load_checkpoint(run / "checkpoint")
+        model.train()
+    else:
+        over = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads") if getattr(cfg, k) is not None}
+        mcfg = preset(cfg.preset, vocab_size=tok.vocab_size, taper_mode=cfg.mode, **over)
+        mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len)
+        torch.manual_seed(cfg.seed)
+        model = DecoderLM(mcfg)
+    model.to(device).train()
+    tapering = bool(taper_layers(model))
+    for _, m in taper_layers(model):
+        m.beta_ema = cfg.beta_ema
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, foreach=False)
+    target = ScaleTarget(cfg.beta_ema)
+    start = 0
+    if state is not None:
+        js = state["json"]
+        unpack_optimizer(opt, js["optimizer"], state["tensors"])
+        unpack_rng(state["tensors"])
+        target.load_state_dict(js["scale_target"])
+        start = int(js["step"])
+    wrapped = _WithHidden(model)
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=tapering, broadcast_buffers=False)
+    if tapering and start <= sched.taper_start:
+        begin_calibration(model)
+    groups = grad_groups(model)
+    centered = model.config.arch == "gpt2"
+    log = JsonlLog(run / "log.jsonl", truncate_after_step=start) if rank == 0 else None
+    extra = {"training": {k: getattr(cfg, k) for k in ("corpus", "max_docs", "max_chars", "val_frac", "seq_len",
+                                                       "steps", "mode", "scale_loss", "scale_lambda", "seed")}}
+
+    def save(step_done: int, out: Path, with_state: bool) -> None:
+        if rank != 0:
+            return
+        ts = None
+        if with_state:
+            ojs, otens = pack_optimizer(opt)
+            ts = {"json": {"step": step_done, "train_config": cfg.to_dict(), "optimizer": ojs,
+                           "scale_target": target.state_dict(), "world_size": world},
+                  "tensors": {**otens, **pack_rng()}}
+        save_checkpoint(model, out, tokenizer_path=tok_path, extra=extra, trainer_state=ts)
+
+    def run_eval(step_done: int) -> float:
+        v = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, cfg.bf16)
+        if log:
+            log.write({"kind": "eval", "step": step_done, "val_loss": v, "gate": _gate(model)})
+        return v
+
+    initial_val = run_eval(0) if (rank == 0 and start == 0 and cfg.eval_every > 0) else None
+    end = cfg.stop_after or cfg.steps
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and rank == 0), desc="train", unit="step")
+    for step in range(start, end):
+        if tapering and step == sched.taper_start:
+            _finish_calibration(model, world)
+        if step == sched.taper_start and target.frozen is None:
+            target.freeze()
+        if tapering:
+            set_gate(model, sched.gate(step))
+        lr = sched.lr(step, cfg.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = batch_at(data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, h = wrapped(x)  # (B, T, V), (B, T, d)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        s = scale_stat(h, centered)  # (B, T)
+        aux = torch.zeros((), device=device)
+        if cfg.scale_loss and target.frozen is not None:
+            aux = scale_loss(h, target.frozen, cfg.scale_lambda, centered)
+        loss = ce + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorms = grad_norms(groups)
+        total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        stats = torch.stack([ce.detach(), aux.detach(), logits.detach().float().norm(dim=-1).mean(),
+                             s.detach().mean()]).double()
+        stats = _allreduce_mean(stats, world).tolist()
+        if target.frozen is None:
+            target.update(stats[3])
+        if log:
+            log.write({"kind": "train", "step": step, "ce": stats[0], "scale_loss": stats[1], "loss": stats[0] + stats[1],
+                       "gate": _gate(model), "lr": lr, "logit_norm": stats[2], "prelogit_rms": stats[3],
+                       "s_tgt": target.frozen, "grad_norm": total, **{f"grad_norm_{k}": v for k, v in gnorms.items()}})
+        bar.update(1)
+        bar.set_postfix(ce=f"{stats[0]:.3f}", gate=f"{_gate(model) or 0:.3f}", refresh=False)
+        done = step + 1
+        if cfg.eval_every > 0 and done % cfg.eval_every == 0 and done < cfg.steps and rank == 0:
+            run_eval(done)
+        if (cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0) or done == end:
+            save(done, run / "checkpoint", True)
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if end < cfg.steps:  # stopped early on purpose; resume later
+        if log:
+            log.close()
+        return TrainResult(str(run), str(run / "checkpoint"), float("nan"), initial_val, end, _gate(model),
+                           time.time() - t_start, str(run / "log.jsonl"))
+    if tapering:
+        if not all(m.calibrated for _, m in taper_layers(model)):
+            _finish_calibration(model, world)
+        set_gate(model, sched.final_gate())
+    val = run_eval(cfg.steps) if rank == 0 else float("nan")
+    save(cfg.steps, run / "model", False)
+    if rank == 0:
+        summary = {"val_loss": val, "initial_val_loss": initial_val, "steps": cfg.steps, "final_gate": _gate(model),
+                   "mode": cfg.mode, "scale_loss": cfg.scale_loss, "seconds": time.time() - t_start, "world_size": world}
+        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.close()
+    if world > 1:
+        dist.barrier()
+    return TrainResult(str(run), str(run / "model"), val, initial_val, cfg.steps, _gate(model),
+                       time.time() - t_start, str(run / "log.jsonl"))
+
+
+def _gate(model: nn.Module) -> float | None:
+    layers = taper_layers(model)
+    return layers[0][1].gate if layers else None
+
+
+def _finish_calibration(model: DecoderLM, world: int) -> dict:
+    """Average the calibration EMAs over ranks (the EMA is linear, so this is the EMA of the means), then freeze c."""
+    if world > 1:
+        for _, m in taper_layers(model):
+            for buf in (m.calib_num, m.calib_den):
+                _allreduce_mean(buf, world)
+    return finish_calibration(model)
+
+
+def evaluate_checkpoint(ckpt_dir: str, corpus: str | None = None, batches: int | None = 8,
+                        batch_size: int = 16) -> dict:
+    """Validation loss of a saved model (gate as trained) on the held-out split of its training corpus."""
+    d = Path(ckpt_dir)
+    if (d / "model" / "config.json").is_file():
+        d = d / "model"
+    model, info = load_checkpoint(d)
+    if info["tokenizer_path"] is None:
+        raise CheckpointError(f"{d}: no tokenizer.model; evaluation needs the run's tokenizer")
+    tr = info["config_json"].get("training", {})
+    docs = load_corpus(corpus or tr.get("corpus", "builtin"), tr.get("max_docs"), tr.get("max_chars"))
+    seq_len = int(tr.get("seq_len", min(64, info["config"].max_seq_len)))
+    data = tokenize_corpus(docs, Tokenizer.load(info["tokenizer_path"]), seq_len, tr.get("val_frac", 0.1))
+    val = evaluate(model, data.val, batch_size, seq_len, batches)
+    return {"dir": str(d), "val_loss": val, "gate": info["gate"], "mode": info["config"].taper_mode,
+            "tokens": min(len(data.val) - 1, (batches or 10**9) * batch_size * seq_len)}
+
+
+from .train_cli import add_cli  # noqa: E402  (CLI lives beside the trainer, in its own module)
