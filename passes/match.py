@@ -1,0 +1,259 @@
+"""Find TaperNorm call sites in an exported GraphModule and the linears that consume them.
+
+A call site is the set of `call_function` nodes whose `nn_module_stack` holds one TaperNorm /
+TaperLayerNorm entry (one entry key per call). Its input is the one activation it reads from
+outside the scope; its output is the one node used outside the scope. The gate, calibration and
+eval state are read from the source module (Python attributes, not the graph).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tapernorm.compiler.tapernorm import TAPER_TYPES, TaperLayerNorm
+
+aten = torch.ops.aten
+
+__all__ = ["TaperSite", "Consumer", "find_sites", "site_refusal", "find_consumers", "get_attr_tensor",
+           "storage_uses"]
+
+
+
+def _ops(*names: str) -> set:
+    """The aten overloads named "op.overload" that exist in this torch build."""
+    out = set()
+    for n in names:
+        op, _, overload = n.partition(".")
+        packet = getattr(aten, op, None)
+        if packet is not None and hasattr(packet, overload):
+            out.add(getattr(packet, overload))
+    return out
+
+
+# per-token statistics a gate-0 RMS map must not compute (LN keeps exactly one mean: its centering)
+_STAT_OPS = _ops("mean.dim", "mean.default", "rsqrt.default", "sqrt.default", "pow.Tensor_Scalar", "var.correction",
+                 "var_mean.correction", "native_layer_norm.default", "layer_norm.default", "rms_norm.default",
+                 "_fused_rms_norm.default", "sum.dim_IntList", "norm.ScalarOpt_dim")
+# ops that only move / drop whole tokens (rows); a per-feature affine map commutes with them
+_ROW_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_ROW_IDENTITY = _ops("alias.default", "clone.default", "detach.default", "lift_fresh_copy.default")
+_ROW_DIM_OPS = {aten.slice.Tensor, aten.select.int, aten.index_select.default}
+
+
+@dataclass
+class TaperSite:
+    """One call of a TaperNorm layer in the graph."""
+    name: str  # module path (plus "@k" for the k-th extra call of the same module)
+    path: str
+    module: nn.Module
+    nodes: list  # call_function nodes of the scope, graph order
+    input: fx.Node | None = None
+    output: fx.Node | None = None
+    problem: str | None = None  # structural reason the site cannot be rewritten
+
+    @property
+    def kind(self) -> str:
+        return "ln" if type(self.module) is TaperLayerNorm else "rms"
+
+
+@dataclass
+class Consumer:
+    """A linear-like node that reads the norm output: y = x W^T + b (linear) or b + x W (addmm)."""
+    node: fx.Node
+    layout: str  # "out_in" (aten.linear) or "in_out" (aten.addmm, HF Conv1D)
+    weight: fx.Node  # get_attr
+    bias: fx.Node | None  # get_attr or None
+    module_path: str = ""
+    via: list = field(default_factory=list)  # row-only ops between the norm output and this node
+
+
+def _type_name(t) -> str:
+    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+
+def _resolve(root: nn.Module, path: str) -> tuple[nn.Module | None, str]:
+    """The submodule at an nn_module_stack path (ModuleList slices like `layers.slice(None, 2, None).0` dropped)."""
+    for p in (path, re.sub(r"(^|\.)slice\([^)]*\)(?=\.|$)", "", path).strip(".")):
+        try:
+            return root.get_submodule(p), p
+        except AttributeError:
+            continue
+    return None, path
+
+
+def find_sites(gm: fx.GraphModule, original: nn.Module) -> tuple[list[TaperSite], list[tuple[str, nn.Module]]]:
+    """All TaperNorm call sites in `gm` (resolved against `original`), and the layers never called."""
+    taper_names = {_type_name(t) for t in TAPER_TYPES}
+    by_key: dict[str, list] = {}
+    key_path: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        for key, (path, typ) in reversed(list(stack.items())):
+            if _type_name(typ) in taper_names:
+                by_key.setdefault(key, []).append(node)
+                key_path[key] = path
+                break
+    sites, seen = [], {}
+    for key, nodes in by_key.items():
+        module, path = _resolve(original, key_path[key])
+        k = seen.get(path, 0)
+        seen[path] = k + 1
+        name = path if k == 0 else f"{path}@{k}"
+        site = TaperSite(name=name, path=path, module=module, nodes=nodes)
+        if module is None or type(module) not in TAPER_TYPES:
+            site.problem = f"module path {path!r} does not resolve to a TaperNorm in the source module"
+        else:
+            _bind_io(site)
+        sites.append(site)
+    called = {id(s.module) for s in sites}
+    uncalled = [(n, m) for n, m in original.named_modules() if type(m) in TAPER_TYPES and id(m) not in called]
+    return sites, uncalled
+
+
+def _bind_io(site: TaperSite) -> None:
+    inside = set(site.nodes)
+    inputs, outputs = [], []
+    for n in site.nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr" and a not in inputs:
+                inputs.append(a)
+        if any(u not in inside for u in n.users):
+            outputs.append(n)
+    if len(inputs) != 1 or len(outputs) != 1:
+        site.problem = (f"traced call has {len(inputs)} activation inputs and {len(outputs)} outputs; "
+                        "expected one of each")
+        return
+    site.input, site.output = inputs[0], outputs[0]
+
+
+def site_refusal(site: TaperSite) -> str | None:
+    """Why this site cannot be rewritten (gate, calibration, mode, structure), or None if it can."""
+    m = site.module
+    if site.problem:
+        return f"{site.name}: {site.problem}"
+    if not m.calibrated:
+        return f"{site.name}: not calibrated (c is not frozen); run calibrate() before folding"
+    if m.gate != 0.0:
+        return f"{site.name}: gate {m.gate:g}, fold needs gate 0"
+    if m.training:
+        return f"{site.name}: in training mode; call model.eval() before folding"
+    stats = [n for n in site.nodes if n.target in _STAT_OPS]
+    want = 1 if site.kind == "ln" else 0  # LN keeps its (linear) centering mean
+    if len(stats) != want:
+        return f"{site.name}: traced call computes {len(stats)} per-token statistics, the gate-0 map has {want}"
+    xv, ov = site.input.meta.get("val"), site.output.meta.get("val")
+    d = m.weight_t.numel()
+    if not (isinstance(xv, torch.Tensor) and isinstance(ov, torch.Tensor)) or xv.shape[-1] != d or ov.shape != xv.shape \
+            or ov.dtype != xv.dtype:
+        return f"{site.name}: input/output shapes do not match a per-feature map over {d} features"
+    return None
+
+
+def get_attr_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    """The tensor a get_attr target names."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _last_dim(node: fx.Node) -> int | None:
+    v = node.meta.get("val")
+    return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+
+
+def _is_row_op(node: fx.Node, d: int) -> bool:
+    """True if `node` (reading its first arg) only moves / drops whole rows of width d."""
+    t, src = node.target, node.args[0] if node.args else None
+    if not isinstance(src, fx.Node):
+        return False
+    sv = src.meta.get("val")
+    if not isinstance(sv, torch.Tensor) or any(a is src for a in node.args[1:]):
+        return False
+    if t in _ROW_IDENTITY:
+        return True
+    if t == aten.dropout.default:
+        return len(node.args) >= 3 and node.args[2] is False
+    if t in _ROW_VIEWS:
+        return _last_dim(node) == d and sv.shape[-1] == d
+    if t in _ROW_DIM_OPS:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % sv.dim() != sv.dim() - 1 and _last_dim(node) == d
+    return False
+
+
+def _as_linear(user: fx.Node, src: fx.Node) -> Consumer | str:
+    """Match `user` as a linear reading `src` as its input, or say why not."""
+    desc = f"{user.name} ({user.target})"
+    if user.target == aten.linear.default:
+        if user.args[0] is not src or any(a is src for a in user.args[1:]) or user.kwargs:
+            return f"{desc} reads it as a weight, not as the input"
+        w, b = user.args[1], (user.args[2] if len(user.args) > 2 else None)
+        layout = "out_in"
+    elif user.target == aten.addmm.default:
+        if len(user.args) != 3 or user.kwargs or user.args[1] is not src or user.args[2] is src or user.args[0] is src:
+            return f"{desc} is not a plain addmm(bias, x, W) on it"
+        b, w = user.args[0], user.args[2]
+        layout = "in_out"
+    else:
+        return None  # not a linear at all
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return f"{desc}: weight is computed in the graph, not a stored parameter"
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return f"{desc}: bias is computed in the graph, not a stored parameter"
+    stack = user.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return Consumer(node=user, layout=layout, weight=w, bias=b, module_path=path)
+
+
+def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Node], str | None]:
+    """Linear consumers reached from the site output through row-only ops, the row ops, or a refusal."""
+    consumers, via, stack = [], [], [(site.output, [])]
+    while stack:
+        src, path = stack.pop()
+        for user in list(src.users):
+            if user.op == "output":
+                return [], [], f"{site.name}: its output is a graph output; keeping the explicit map"
+            match = _as_linear(user, src) if user.op == "call_function" else None
+            if isinstance(match, Consumer):
+                match.via = path
+                consumers.append(match)
+            elif isinstance(match, str):
+                return [], [], f"{site.name}: consumer {match}; keeping the explicit map"
+            elif user.op == "call_function" and _is_row_op(user, d):
+                via.append(user)
+                stack.append((user, path + [user]))
+            else:
+                return [], [], (f"{site.name}: consumer {user.name} ({user.target}) is not a linear "
+                                "(fold needs every consumer to be one); keeping the explicit map")
+    if not consumers:
+        return [], [], f"{site.name}: no linear consumer found; keeping the explicit map"
+    return consumers, via, None
+
+
+def storage_uses(gm: fx.GraphModule) -> dict[int, list[tuple[fx.Node, fx.Node]]]:
+    """Storage pointer -> [(get_attr node, user node)] over every used get_attr tensor."""
+    uses: dict[int, list] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or not n.users:
+            continue
+        t = get_attr_tensor(gm, n.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = t.untyped_storage().data_ptr()
+        for u in n.users:
+            uses.setdefault(key, []).append((n, u))
+    return uses
+
+
+def is_embedding_use(get_attr: fx.Node, user: fx.Node) -> bool:
+    """True if `user` reads `get_attr` as an embedding table (a gather: the table is left bit-identical)."""
+    return user.target == aten.embedding.default and user.args[0] is get_attr and \
+        all(a is not get_attr for a in user.args[1:])
+

@@ -1,0 +1,200 @@
+"""The pass pipeline: capture -> detect -> materialize -> [fold] -> cleanup -> verify, one JSON report.
+
+Runs on torch.fx's pass-manager infrastructure (torch.fx.passes.infra.pass_manager.PassManager)
+with graph checks (lint + every get_attr resolves) before and after each pass.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from tapernorm.compiler.capture import capture
+from tapernorm.compiler.tapernorm import TAPER_TYPES
+
+from .fold import apply_fold, plan_fold
+from .graph_utils import cleanup, drop_unused_attrs, graph_check
+from .match import find_sites, site_refusal
+from .materialize import materialize_site
+from .verify import compare_outputs, run_outputs
+
+__all__ = ["fold", "materialize", "FoldState"]
+
+
+class FoldState:
+    """What the passes share: the source module, the call sites, per-layer report rows."""
+
+    def __init__(self, original: nn.Module, untie_embeddings: bool = True):
+        self.original, self.untie_embeddings = original, untie_embeddings
+        self.sites, self.accepted, self.layers, self.released, self.passes = [], [], {}, set(), []
+
+    def row(self, name: str, **kw) -> dict:
+        r = self.layers.setdefault(name, {"status": "skipped", "reason": None, "consumers": [], "untied": []})
+        r.update(kw)
+        return r
+
+
+class _Pass:
+    """A pass on a GraphModule returning PassResult; records its name, count, time and node count."""
+    name = "pass"
+
+    def __init__(self, state: FoldState):
+        self.state = state
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        t0 = time.perf_counter()
+        count = self.run(gm)
+        gm.graph.lint()
+        gm.recompile()
+        self.state.passes.append({"name": self.name, "count": count, "nodes": len(gm.graph.nodes),
+                                  "seconds": round(time.perf_counter() - t0, 4)})
+        return PassResult(gm, count > 0)
+
+    def run(self, gm: fx.GraphModule) -> int:
+        raise NotImplementedError
+
+
+class DetectPass(_Pass):
+    """Find TaperNorm call sites; accept gate-0, calibrated, eval ones; report every other with its reason."""
+    name = "detect"
+
+    def run(self, gm):
+        st = self.state
+        st.sites, uncalled = find_sites(gm, st.original)
+        for site in st.sites:
+            m = site.module
+            reason = site_refusal(site)
+            st.row(site.name, kind=site.kind, gate=float(getattr(m, "gate", float("nan"))), reason=reason)
+            if reason is None:
+                st.accepted.append(site)
+        for name, m in uncalled:
+            st.row(name, kind="ln" if type(m).__name__ == "TaperLayerNorm" else "rms", gate=float(m.gate),
+                   reason=f"{name}: not called in the captured graph")
+        return len(st.accepted)
+
+
+class MaterializePass(_Pass):
+    """Replace each accepted site by its explicit gate-0 map (no statistic)."""
+    name = "materialize"
+
+    def run(self, gm):
+        for site in self.state.accepted:
+            self.state.released |= materialize_site(gm, site)
+            self.state.released |= {f"{site.path}.{n}" for n, _ in site.module.named_parameters()}
+            self.state.released |= {f"{site.path}.{n}" for n, _ in site.module.named_buffers()}
+            self.state.row(site.name, status="materialized")
+        return len(self.state.accepted)
+
+
+class FoldPass(_Pass):
+    """Fold each materialized map into all its consumer linears, or keep it and say why."""
+    name = "fold"
+
+    def run(self, gm):
+        st, n = self.state, 0
+        for site in st.accepted:
+            consumers, untied, reason = plan_fold(gm, site, st.untie_embeddings)
+            paths = [c.module_path or c.node.name for c in consumers]
+            if reason:
+                st.row(site.name, reason=reason)
+                continue
+            released, created = apply_fold(gm, site, consumers)
+            st.released |= released
+            st.row(site.name, status="folded", consumers=paths,
+                   untied=[f"{t} (storage shared with an embedding; the head now reads "
+                           f"{next((c for c in created if c.startswith(t)), t)})" for t in untied])
+            n += 1
+        return n
+
+
+class CleanupPass(_Pass):
+    """Drop the map's dead nodes and the attributes nothing reads anymore; DCE, lint, recompile."""
+    name = "cleanup"
+
+    def run(self, gm):
+        dropped = drop_unused_attrs(gm, self.state.released)
+        cleanup(gm)
+        return len(dropped)
+
+
+def _taper_nodes(gm: fx.GraphModule) -> int:
+    names = {f"{t.__module__}.{t.__qualname__}" for t in TAPER_TYPES}
+    return sum(1 for n in gm.graph.nodes
+               if any((v[1] if isinstance(v[1], str) else f"{v[1].__module__}.{v[1].__qualname__}") in names
+                      for v in (n.meta.get("nn_module_stack") or {}).values()))
+
+
+def _keep_varargs_signature(gm: fx.GraphModule, module: nn.Module) -> None:
+    """Give gm.forward the source's signature when it takes *args, so the same dynamic_shapes re-export it.
+
+    The exported module flattens `forward(self, a, *rest)` to one named parameter per tensor; torch.export
+    binds dynamic_shapes through inspect.signature, so without this the caller's spec would not match.
+    (A later gm.recompile() drops this; the flattened form still runs.)
+    """
+    sig = inspect.signature(module.forward)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        type(gm).forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+
+
+def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, original, untie_embeddings, verify):
+    if isinstance(example_args, torch.Tensor):
+        example_args = (example_args,)
+    example_args, example_kwargs = tuple(example_args or ()), dict(example_kwargs or {})
+    if isinstance(module, fx.GraphModule):
+        if original is None:
+            raise ValueError(f"{mode}: got a GraphModule without original=; pass the nn.Module it was captured from "
+                             "(its TaperNorm layers hold the gates)")
+        gm = fx.GraphModule(module, copy.deepcopy(module.graph))  # new attribute tree, same tensors
+        gm.meta.update(module.meta)
+    elif isinstance(module, nn.Module):
+        gm, original = None, original if original is not None else module
+    else:
+        raise TypeError(f"{mode}: expected an nn.Module or fx.GraphModule, got {type(module).__name__}")
+    if original.training:
+        raise ValueError(f"{mode}: {type(original).__name__} is in training mode; call model.eval() first "
+                         "(passes only rewrite eval-mode graphs)")
+    ref = run_outputs(module, example_args, example_kwargs) if verify else None
+    if gm is None:
+        gm = capture(module, example_args, example_kwargs, dynamic_shapes)
+    nodes_before, taper_before = len(gm.graph.nodes), _taper_nodes(gm)
+    state = FoldState(original, untie_embeddings)
+    passes = [DetectPass(state), MaterializePass(state)]
+    if mode == "fold":
+        passes.append(FoldPass(state))
+    passes.append(CleanupPass(state))
+    pm = PassManager(passes, run_checks_after_each_pass=True)
+    pm.add_checks(graph_check)
+    gm = pm(gm).graph_module
+    counts = {s: sum(1 for r in state.layers.values() if r["status"] == s) for s in ("folded", "materialized", "skipped")}
+    report = {
+        "pass": mode, **counts,
+        "layers": state.layers,
+        "graph": {"nodes_before": nodes_before, "nodes_after": len(gm.graph.nodes),
+                  "taper_nodes_before": taper_before, "taper_nodes_after": _taper_nodes(gm)},
+        "passes": state.passes,
+        "verify": None,
+    }
+    if isinstance(module, nn.Module) and not isinstance(module, fx.GraphModule):
+        _keep_varargs_signature(gm, module)
+    if verify:
+        report["verify"] = compare_outputs(ref, run_outputs(gm, example_args, example_kwargs))
+    return gm, report
+
+
+def fold(module: nn.Module, example_args=(), example_kwargs: dict | None = None, dynamic_shapes=None,
+         original: nn.Module | None = None, *, untie_embeddings: bool = True, verify: bool = True):
+    """Fold every gate-zero TaperNorm into its consumer linears; returns (GraphModule, JSON-ready report)."""
+    return _run("fold", module, example_args, example_kwargs, dynamic_shapes, original, untie_embeddings, verify)
+
+
+def materialize(module: nn.Module, example_args=(), example_kwargs: dict | None = None, dynamic_shapes=None,
+                original: nn.Module | None = None, *, verify: bool = True):
+    """Replace every gate-zero TaperNorm with its explicit map (the unfused graph); returns (GraphModule, report)."""
+    return _run("materialize", module, example_args, example_kwargs, dynamic_shapes, original, True, verify)
