@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .model import ConfigError, DecoderLM, ModelConfig
-from .tapernorm import get_gate
+from .tapernorm import get_gate, taper_layers
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "read_config"]
 
@@ -196,9 +196,15 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, map_location: str | torch.devic
     for k, canon in alias.items():
         tensors[k] = tensors[canon]
     model.load_state_dict(tensors, strict=True)  # post-hook restores gate / calibrated flags
+    for name, m in taper_layers(model):
+        if not 0.0 <= m.gate <= 1.0:
+            raise CheckpointError(f"{wpath}: key {name + '.gate_value'!r} holds gate {m.gate}, outside [0, 1]")
+        if m.gate < 1.0 and not m.calibrated:
+            raise CheckpointError(f"{wpath}: key {name + '.gate_value'!r} holds gate {m.gate} < 1 but "
+                                  f"{name + '.calibrated_flag'!r} says c was never calibrated")
     gate = get_gate(model)
     want_gate = taper.get("gate")
-    if want_gate is not None and gate is not None and not math.isclose(float(want_gate), gate, abs_tol=1e-12):
+    if want_gate is not None and gate is not None and not math.isclose(float(want_gate), gate, abs_tol=1e-6):
         raise CheckpointError(f"{cfg_path}: taper.gate {want_gate} disagrees with the weights' gate buffers ({gate})")
     model.to(map_location).eval()
     tok = d / TOKENIZER

@@ -19,7 +19,7 @@ _EPS = 1e-12  # keeps d s / d h finite at h == 0; far below any real activation 
 
 def scale_stat(h: torch.Tensor, centered: bool = False) -> torch.Tensor:
     """s(h) per token: (..., d) -> (...); RMS, or the standard deviation if centered (LN models)."""
-    hf = h.float()
+    hf = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h  # at least fp32
     if centered:
         hf = hf - hf.mean(-1, keepdim=True)
     return torch.sqrt(hf.pow(2).mean(-1) + _EPS)

@@ -264,9 +264,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         start = int(js["step"])
     wrapped = _WithHidden(model)
     if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=tapering, broadcast_buffers=False)
+        import inspect
+        DDP = nn.parallel.DistributedDataParallel
+        # calibration EMAs are rank-local until _finish_calibration averages them: never sync buffers in forward
+        nosync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=tapering, **nosync)
     if tapering and start <= sched.taper_start:
         begin_calibration(model)
     groups = grad_groups(model)

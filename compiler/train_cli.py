@@ -62,7 +62,10 @@ def config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args) -> int:
     from .train import train
+    import os
     res = train(config_from_args(args))
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     if res.steps and res.val_loss == res.val_loss:  # not stopped early
         init = f" (from {res.initial_val_loss:.4f})" if res.initial_val_loss is not None else ""
         print(f"val_loss {res.val_loss:.4f}{init} gate {res.final_gate} steps {res.steps} "
