@@ -174,6 +174,13 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
         model.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v, sort_keys=True))
 
 
+def _umask_mode(path) -> None:
+    """mkstemp makes 0600 files; give them the usual 0666 & ~umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = False) -> None:
     """Write atomically: inline (tmp + os.replace) or, for big models, `<name>.data` beside it first."""
     path = Path(path)
@@ -192,6 +199,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = Fa
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        _umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -246,8 +254,12 @@ def _weight_bytes(module: nn.Module) -> int:
 
 
 def export_onnx(module: nn.Module, cfg, path: str | Path, dtype: str = "float32", metadata: dict | None = None,
-                inline_limit: int = INLINE_LIMIT) -> dict:
-    """Export a KVCacheLM (or a GraphModule captured from one) to `path`; returns facts about the file."""
+                inline_limit: int = INLINE_LIMIT, annotate=None) -> dict:
+    """Export a KVCacheLM (or a GraphModule captured from one) to `path`; returns facts about the file.
+
+    `annotate(model_proto) -> dict` (optional) runs on the final graph before it is written; its
+    result is stored in metadata_props (e.g. the statistics check).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +279,10 @@ def export_onnx(module: nn.Module, cfg, path: str | Path, dtype: str = "float32"
     _normalize_dims(model)
     model.ir_version = min(model.ir_version, max_ir_version())
     dims = check_io(model, cfg, dtype)
-    set_metadata(model, {"tapernorm.dtype": dtype, **(metadata or {})})
+    props = {"tapernorm.dtype": dtype, **(metadata or {})}
+    if annotate is not None:
+        props.update(annotate(model))
+    set_metadata(model, props)
     if not external:
         onnx.checker.check_model(model)
     save_onnx(model, path, external_data=external)
@@ -291,6 +306,7 @@ def write_runtime_json(out_dir: str | Path, cfg, dtype: str = "float32", eos_id:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runtime.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(runtime_config(cfg, dtype, eos_id, bos_id), f, indent=2)
+    _umask_mode(tmp)
     os.replace(tmp, path)
     return path
 

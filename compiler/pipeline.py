@@ -1,0 +1,352 @@
+"""compile = checkpoint -> capture -> fold / materialize -> ONNX (folded + unfused) -> parity -> report.
+
+Everything is built in a temporary directory beside the output and renamed into place only when the
+parity checks pass, so a failed compile leaves no final files. Also `tapernorm demo`: train a tiny
+model through the taper to gate 0, compile it, and generate with onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .export_onnx import (
+    DTYPES, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, io_names, load_onnx, write_runtime_json,
+)
+from .tapernorm import TAPER_TYPES, taper_layers
+
+__all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy", "make_session",
+           "add_cli", "DEFAULT_PROMPT", "PARITY_TOL"]
+
+DEFAULT_PROMPT = "Once upon a time"
+PARITY_TOL = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |logit diff| / max(1, max |logit|)
+_OUT_FILES = ("model.onnx", "model_unfused.onnx", "runtime.json", "config.json", "compile_report.json")
+
+
+class CompileError(ValueError):
+    """The checkpoint cannot be compiled as asked (gates not 0, bad output dir, ...)."""
+
+
+class ParityError(RuntimeError):
+    """ONNX and PyTorch disagree; the message carries the figures."""
+
+
+# -- ORT / torch greedy loops (parity) ------------------------------------------------------------------
+def make_session(path: str | Path, provider: str = "cpu", threads: int = 1):
+    """An ORT session on `provider` ("cpu" | "cuda"); one-line error if the graph does not run there."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+    so.log_severity_level = 3
+    providers = (["CUDAExecutionProvider"] if provider == "cuda" else []) + ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        first = str(e).strip().splitlines()[0][:300]
+        raise RuntimeError(f"{path}: onnxruntime ({'+'.join(providers)}) cannot run this graph: {first}; "
+                           "bfloat16 has no CPU kernels - compile with --dtype float32/float16, or on a GPU "
+                           "with --provider cuda") from None
+
+
+def _np_dtype(sess) -> type:
+    t = sess.get_inputs()[3].type if len(sess.get_inputs()) > 3 else "tensor(float)"
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(t, np.float32)
+
+
+def ort_greedy(sess, cfg, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decode with the KV cache over an ORT session: empty past at step 0; returns (tokens, step logits)."""
+    names_in, names_out = io_names(cfg.n_layers)
+    dt = _np_dtype(sess)
+    past = {n: np.zeros((1, cfg.n_heads, 0, cfg.head_dim), dt) for n in names_in[3:]}  # (B, H, 0, D)
+    ids = np.asarray([prompt], dtype=np.int64)  # (1, T)
+    pos, tokens, logits_seen = 0, [], []
+    for _ in range(n_new):
+        T = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, pos + T), np.int64),
+                 "position_ids": np.arange(pos, pos + T, dtype=np.int64)[None], **past}
+        outs = sess.run(names_out, feeds)
+        last = outs[0][0, -1].astype(np.float32)  # (V,)
+        logits_seen.append(last)
+        past = dict(zip(names_in[3:], outs[1:]))
+        pos += T
+        tok = int(last.argmax())
+        tokens.append(tok)
+        ids = np.asarray([[tok]], dtype=np.int64)
+    return tokens, logits_seen
+
+
+@torch.no_grad()
+def torch_greedy(model, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray]]:
+    """The same greedy loop on the PyTorch model (its own KV cache)."""
+    ids, past, pos, tokens, logits_seen = torch.tensor([prompt]), None, 0, [], []
+    for _ in range(n_new):
+        T = ids.shape[1]
+        logits, past = model(ids, torch.ones(1, pos + T, dtype=torch.long), torch.arange(pos, pos + T)[None],
+                             past, use_cache=True)
+        last = logits[0, -1].float().numpy()
+        logits_seen.append(last)
+        pos += T
+        tokens.append(int(last.argmax()))
+        ids = torch.tensor([[tokens[-1]]])
+    return tokens, logits_seen
+
+
+def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: str) -> dict:
+    """Prompt logits max |diff| vs PyTorch and greedy tokens for every session; raises ParityError."""
+    ref_tokens, ref_logits = torch_greedy(model, prompt, n_new)
+    with torch.no_grad():  # full-prompt logits (every position), no cache
+        ref_full = model(torch.tensor([prompt])).float().numpy()[0]  # (T, V)
+    scale = max(1.0, float(np.abs(ref_full).max()))
+    out = {"prompt_tokens": len(prompt), "new_tokens": n_new, "torch_tokens": ref_tokens, "logit_scale": scale,
+           "tolerance": PARITY_TOL[dtype] * scale, "graphs": {}}
+    failures = []
+    for name, sess in sessions.items():
+        names_in, _ = io_names(cfg.n_layers)
+        dt = _np_dtype(sess)
+        feeds = {"input_ids": np.asarray([prompt], np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64),
+                 "position_ids": np.arange(len(prompt), dtype=np.int64)[None],
+                 **{n: np.zeros((1, cfg.n_heads, 0, cfg.head_dim), dt) for n in names_in[3:]}}
+        full = sess.run(["logits"], feeds)[0][0].astype(np.float32)
+        prompt_diff = float(np.abs(full - ref_full).max())
+        tokens, logits = ort_greedy(sess, cfg, prompt, n_new)
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+        steps = min(len(logits), agree if agree is not None else len(logits))
+        step_diff = max((float(np.abs(a - b).max()) for a, b in zip(logits[:steps], ref_logits[:steps])), default=0.0)
+        row = {"prompt_logits_max_abs_diff": prompt_diff, "decode_logits_max_abs_diff": step_diff,
+               "tokens": tokens, "tokens_identical": agree is None, "first_mismatch": agree,
+               "providers": sess.get_providers()}
+        out["graphs"][name] = row
+        if not math.isfinite(prompt_diff) or prompt_diff > out["tolerance"] or step_diff > out["tolerance"]:
+            failures.append(f"{name}: max |logit diff| prompt {prompt_diff:.3g}, decode {step_diff:.3g} "
+                            f"> tol {out['tolerance']:.3g}")
+        if agree is not None:
+            failures.append(f"{name}: greedy token {agree} is {tokens[agree]} vs PyTorch {ref_tokens[agree]}")
+    out["ok"] = not failures
+    if failures:
+        raise ParityError("parity failed (nothing written): " + "; ".join(failures))
+    return out
+
+
+# -- compile ---------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import onnxruntime as ort
+    import onnxscript
+    import onnx_graphsurgeon as gs
+    from importlib.metadata import version
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__, "onnxscript": onnxscript.__version__, "onnx_graphsurgeon": gs.__version__,
+            "tapernorm": version("tapernorm"), "numpy": np.__version__}
+
+
+def _check_gates(model, ckpt: Path, allow_unfolded: bool) -> list[str]:
+    """Names of tapered layers whose gate is not exactly 0 (raises unless allow_unfolded)."""
+    bad = [(n, m.gate) for n, m in taper_layers(model) if m.gate != 0.0]
+    if bad and not allow_unfolded:
+        shown = ", ".join(f"{n} (gate {g:g})" for n, g in bad[:6]) + (" ..." if len(bad) > 6 else "")
+        raise CompileError(f"{ckpt}: TaperNorm gates are not 0 in {len(bad)} layer(s): {shown}; the fold is exact "
+                           "only at gate 0 - finish the taper schedule, or pass --allow-unfolded to compile with "
+                           "those norms kept (computed per token)")
+    return [n for n, _ in bad]
+
+
+def _prepare_out(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
+                                                       and not (out_dir / "compile_report.json").is_file())):
+        raise CompileError(f"{out_dir} exists and is not a compiled model directory; pass --out with a new or empty "
+                           "directory (a previous compile output is replaced)")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished build into place (an old compile output is replaced)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
+    tok_path = info.get("tokenizer_path")
+    if tok_path:
+        from .data import Tokenizer
+        tok = Tokenizer.load(tok_path)
+        ids = ([tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []) + tok.encode(prompt)
+    else:  # no tokenizer: a fixed, deterministic prompt of ids
+        ids = [(7 * i + 3) % cfg.vocab_size for i in range(8)]
+    return [i for i in ids if 0 <= i < cfg.vocab_size][: max(1, cfg.max_seq_len // 2)]
+
+
+def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                       allow_unfolded: bool = False, parity_tokens: int = 8, prompt: str = DEFAULT_PROMPT,
+                       provider: str = "cpu", log=None) -> dict:
+    """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report."""
+    from tapernorm.passes import fold, materialize
+    from tapernorm.passes.onnx_fold import check_statistics
+    from .capture import capture
+    from .checkpoint import load_checkpoint
+
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    ckpt, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise CompileError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if parity_tokens < 1:
+        raise CompileError(f"parity_tokens must be >= 1, got {parity_tokens}")
+    _prepare_out(out_dir)
+    model, info = load_checkpoint(ckpt)
+    cfg = model.config
+    unfolded = _check_gates(model, ckpt, allow_unfolded)
+    model = model.to(DTYPES[dtype]).eval()
+    wrapper = KVCacheLM(model)
+    args, ds = example_inputs(cfg, dtype=dtype), dynamic_shapes(cfg.n_layers)
+    log(f"capture {type(model).__name__} ({cfg.arch}, {cfg.taper_mode}, {dtype})")
+    gm = capture(wrapper, args, dynamic_shapes=ds)
+    gm_fold, rep_fold = fold(gm, args, dynamic_shapes=ds, original=wrapper)
+    gm_unf, rep_unf = materialize(gm, args, dynamic_shapes=ds, original=wrapper)
+    t_pass = time.perf_counter()
+
+    folded = sorted(n for n, r in rep_fold["layers"].items() if r["status"] == "folded")
+    n_norms = len(taper_layers(model)) + sum(1 for m in model.modules()
+                                             if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))
+                                             and not isinstance(m, TAPER_TYPES))
+    stats_holder: dict = {}
+
+    def annotate_folded(m: onnx.ModelProto) -> dict:
+        stats = check_statistics(m, folded, expect_total=0 if len(folded) == n_norms else None)
+        stats_holder["stats"] = stats
+        return {"tapernorm.statistics_check": stats, "tapernorm.folded_layers": folded}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    try:
+        meta = {"tapernorm.source": str(ckpt), "tapernorm.taper_mode": cfg.taper_mode}
+        log("export model.onnx (folded)")
+        exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype,
+                            metadata={**meta, "tapernorm.graph": "folded"}, annotate=annotate_folded)
+        stats = stats_holder["stats"]
+        if not stats["ok"]:
+            raise ParityError(f"statistics check failed (nothing written): {stats['reason']}")
+        log("export model_unfused.onnx")
+        exp_u = export_onnx(gm_unf, cfg, tmp / "model_unfused.onnx", dtype,
+                            metadata={**meta, "tapernorm.graph": "unfused"})
+        t_export = time.perf_counter()
+        for f in ("model.onnx", "model_unfused.onnx"):
+            load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
+        log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
+        sessions = {"model.onnx": make_session(tmp / "model.onnx", provider),
+                    "model_unfused.onnx": make_session(tmp / "model_unfused.onnx", provider)}
+        prompt_ids = _prompt_ids(info, cfg, prompt)
+        parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
+        del sessions
+        tok_ids = {"eos_id": None, "bos_id": None}
+        if info.get("tokenizer_path"):
+            from .data import Tokenizer
+            tok = Tokenizer.load(info["tokenizer_path"])
+            tok_ids = {"eos_id": tok.eos_id, "bos_id": tok.bos_id}
+            shutil.copyfile(info["tokenizer_path"], tmp / "tokenizer.model")
+        shutil.copyfile(ckpt / "config.json", tmp / "config.json")
+        write_runtime_json(tmp, cfg, dtype, **tok_ids)
+        report = {
+            "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch,
+            "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded,
+            "unfolded_layers": unfolded, "folded_layers": folded,
+            "passes": {"fold": rep_fold, "materialize": rep_unf}, "statistics_check": stats,
+            "export": {"model.onnx": exp_f, "model_unfused.onnx": exp_u},
+            "opset": exp_f["opset"], "ir_version": exp_f["ir_version"],
+            "providers": parity["graphs"]["model.onnx"]["providers"], "parity": parity,
+            "versions": _versions(), "seconds": {"passes": round(t_pass - t0, 2), "export": round(t_export - t_pass, 2),
+                                                 "total": round(time.perf_counter() - t0, 2)},
+        }
+        (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
+        os.chmod(tmp, 0o755)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+def _summary(rep: dict) -> str:
+    p = rep["parity"]
+    g = p["graphs"]
+    return (f"compiled {rep['checkpoint']} -> {rep['out_dir']} ({rep['dtype']}, opset {rep['opset'].get('ai.onnx')}, "
+            f"IR {rep['ir_version']}, providers {rep['providers']})\n"
+            f"  folded {len(rep['folded_layers'])} norm(s); statistics check: "
+            f"{'ok' if rep['statistics_check']['ok'] else rep['statistics_check']['reason']} "
+            f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"
+            f"  parity: prompt logits max|diff| folded {g['model.onnx']['prompt_logits_max_abs_diff']:.2e}, "
+            f"unfused {g['model_unfused.onnx']['prompt_logits_max_abs_diff']:.2e}; "
+            f"{p['new_tokens']} greedy tokens identical in PyTorch / folded / unfused")
+
+
+def _cmd_compile(args) -> int:
+    rep = compile_checkpoint(args.checkpoint, args.out, dtype=args.dtype, allow_unfolded=args.allow_unfolded,
+                             parity_tokens=args.parity_tokens, prompt=args.prompt, provider=args.provider,
+                             log=lambda m: print(f"[compile] {m}", file=sys.stderr))
+    print(_summary(rep))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .train import TrainConfig, train
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    print(f"[demo] training preset {args.preset} ({args.mode}-taper, {args.steps} steps, gate -> 0) in {out / 'run'}",
+          file=sys.stderr)
+    res = train(TrainConfig(out_dir=str(out / "run"), preset=args.preset, mode=args.mode, steps=args.steps,
+                            overwrite=True, progress=not args.quiet, seed=args.seed))
+    print(f"[demo] trained: val loss {res.val_loss:.3f}, final gate {res.final_gate}, {res.seconds:.0f} s",
+          file=sys.stderr)
+    rep = compile_checkpoint(res.model_dir, out / "compiled", parity_tokens=args.parity_tokens,
+                             log=lambda m: print(f"[demo] {m}", file=sys.stderr))
+    print(_summary(rep))
+    from tapernorm.runtime.generate import Generator
+    gen = Generator(out / "compiled", provider="cpu", threads=1)
+    text = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    print(f"[demo] ORT ({gen.session.providers[0]}) greedy: {args.prompt!r} -> {text!r}")
+    print(f"[demo] done in {time.perf_counter() - t0:.0f} s; try: tapernorm generate {out / 'compiled'} "
+          f"--prompt {args.prompt!r}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `tapernorm compile` and `tapernorm demo`."""
+    p = subparsers.add_parser("compile", help="fold a gate-0 checkpoint and export ONNX (folded + unfused) with parity")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced if it is a previous compile)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="export dtype (bfloat16 does not run on ORT CPU; needs --provider cuda)")
+    p.add_argument("--allow-unfolded", action="store_true",
+                   help="compile even if some gates are not 0 (those norms stay, computed per token)")
+    p.add_argument("--parity-tokens", type=int, default=8, help="greedy tokens that must match PyTorch (default 8)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="parity prompt text")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="onnxruntime provider for parity")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.set_defaults(func=_cmd_compile)
+    d = subparsers.add_parser("demo", help="train a tiny model to gate 0, compile it, generate with onnxruntime")
+    d.add_argument("--out", default="runs/demo", metavar="DIR", help="working directory (default runs/demo)")
+    d.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    d.add_argument("--mode", choices=("internal", "all"), default="internal", help="taper mode (default internal)")
+    d.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--parity-tokens", type=int, default=8)
+    d.add_argument("--prompt", default=DEFAULT_PROMPT)
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--quiet", action="store_true", help="no training progress bar")
+    d.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    d.set_defaults(func=_cmd_demo)
