@@ -279,10 +279,15 @@ class Generator:
 
     def stream(self, prompt: str, *, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
                stop_ids: Sequence[int] | None = None, result: dict | None = None) -> Iterator[str]:
-        """Yield pieces of generated text as they are decoded; `result` receives the GenerationResult."""
+        """Yield pieces of generated text as they are decoded; `result` receives the GenerationResult.
+
+        The prompt is checked here (eagerly), so a too-long prompt fails before anything is printed."""
         ids = self._prompt_ids(prompt)
-        streamer = TextStreamer(self.tokenizer, ids)
         stops = self.stop_ids() if stop_ids is None else list(stop_ids)
+        return self._stream(ids, max_new_tokens, sampling, stops, result)
+
+    def _stream(self, ids, max_new_tokens, sampling, stops, result) -> Iterator[str]:
+        streamer = TextStreamer(self.tokenizer, ids)
         for tok, live in stream_ids(self.decoder, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
                                     stop_ids=stops, result=result):
             if live[0]:
@@ -307,10 +312,11 @@ def _cmd_generate(args) -> int:
     gen = Generator(args.model_dir, variant="model_unfused.onnx" if args.unfused else "model.onnx",
                     provider=args.provider, threads=args.threads)
     holder: dict = {}
+    pieces = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        stop_ids=gen.stop_ids(args.stop_token), result=holder)
     if not args.quiet_prompt:
         sys.stdout.write(args.prompt)
-    for piece in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                            stop_ids=gen.stop_ids(args.stop_token), result=holder):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
