@@ -135,7 +135,7 @@ def _bind_io(site: TaperSite) -> None:
 def site_refusal(site: TaperSite) -> str | None:
     """Why this site cannot be rewritten (gate, calibration, mode, structure), or None if it can."""
     m = site.module
-    if site.problem:
+    if m is None or type(m) not in TAPER_TYPES:
         return f"{site.name}: {site.problem}"
     if not m.calibrated:
         return f"{site.name}: not calibrated (c is not frozen); run calibrate() before folding"
@@ -143,6 +143,8 @@ def site_refusal(site: TaperSite) -> str | None:
         return f"{site.name}: gate {m.gate:g}, fold needs gate 0"
     if m.training:
         return f"{site.name}: in training mode; call model.eval() before folding"
+    if site.problem:
+        return f"{site.name}: {site.problem}"
     stats = [n for n in site.nodes if n.target in _STAT_OPS]
     want = 1 if site.kind == "ln" else 0  # LN keeps its (linear) centering mean
     if len(stats) != want:
