@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,18 +25,13 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
 
 
 def compile_tiny(model, out_dir: Path, tokenizer: Path) -> Path:
-    """A compiled dir for `model` through the real exporter (tapernorm.compiler.export_onnx).
-
-    model.onnx is the same unfused export until the compile pipeline (fold + export) is used here.
-    """
-    from tapernorm.compiler.export_onnx import KVCacheLM, export_onnx, write_runtime_json
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    export_onnx(KVCacheLM(model).eval(), cfg, out_dir / "model_unfused.onnx")
-    shutil.copy(out_dir / "model_unfused.onnx", out_dir / "model.onnx")
-    shutil.copy(tokenizer, out_dir / "tokenizer.model")
-    (out_dir / "config.json").write_text(json.dumps({"tapernorm": cfg.to_dict()}))
-    write_runtime_json(out_dir, cfg, eos_id=2, bos_id=1)
+    """A compiled dir for `model` through the real product: save_checkpoint -> compile_checkpoint
+    (capture, fold + materialize, ONNX export of both, parity, report)."""
+    from tapernorm.compiler.checkpoint import save_checkpoint
+    from tapernorm.compiler.pipeline import compile_checkpoint
+    ckpt = out_dir.parent / (out_dir.name + "-ckpt")
+    save_checkpoint(model, ckpt, tokenizer_path=tokenizer)
+    compile_checkpoint(ckpt, out_dir, parity_tokens=4)
     return out_dir
 
 

@@ -94,3 +94,13 @@ def test_pad_prompts_rejects_empty():
         pad_prompts([[1, 2], []])
     ids, mask = pad_prompts([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_folded_and_unfused_graphs_decode_identically(compiled_dir, tiny_model):
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 40, 41]]
+    folded = DecoderSession(compiled_dir, provider="cpu", intra_op_threads=1)
+    unfused = DecoderSession(compiled_dir, variant="model_unfused.onnx", provider="cpu", intra_op_threads=1)
+    a = generate_ids(OrtDecoder(folded), prompts, max_new_tokens=16).tokens
+    b = generate_ids(OrtDecoder(unfused), prompts, max_new_tokens=16).tokens
+    c = generate_ids(TorchRefDecoder(tiny_model, batch=2), prompts, max_new_tokens=16).tokens
+    assert a == b == c
