@@ -1,0 +1,130 @@
+"""The trainer end to end on tiny runs: loss falls in every mode, exact resume, 2-process DDP with real
+torchrun, eval / plot commands, and bad input that fails cleanly without leaving files."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_helpers import fast_cfg, make_tokenizer
+from tapernorm.compiler.checkpoint import load_checkpoint
+from tapernorm.compiler.cli import main
+from tapernorm.compiler.trainstate import read_log
+from tapernorm.compiler.train import TrainConfig, evaluate_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """One tiny-vocabulary SentencePiece model shared by every training test."""
+    return make_tokenizer(tmp_path_factory.mktemp("spm") / "tokenizer.model").path
+
+
+def _train_log(run):
+    return [r for r in read_log(Path(run) / "log.jsonl") if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("mode, preset, aux", [
+    ("baseline", "tiny", False), ("internal", "tiny", True), ("all", "tiny", True), ("internal", "tiny-gpt2", True),
+])
+def test_val_loss_falls_in_each_mode(tmp_path, tokenizer, mode, preset, aux):
+    res = train(fast_cfg(tmp_path / "run", tokenizer, mode=mode, preset=preset, scale_loss=aux, eval_every=100))
+    assert res.val_loss < res.initial_val_loss - 0.3, (res.initial_val_loss, res.val_loss)
+    log = _train_log(res.run_dir)
+    assert [r["step"] for r in log] == list(range(24))
+    keys = {"ce", "scale_loss", "gate", "lr", "logit_norm", "prelogit_rms", "grad_norm_norm", "grad_norm_attn",
+            "grad_norm_mlp", "grad_norm_embed"}
+    assert keys <= set(log[0])
+    model, info = load_checkpoint(res.model_dir)
+    if mode == "baseline":
+        assert info["gate"] is None and all(r["gate"] is None for r in log)
+        return
+    gates = [r["gate"] for r in log]
+    assert gates[:2] == [1.0, 1.0] and gates[-1] == 0.0 and info["gate"] == 0.0 and res.final_gate == 0.0
+    assert all(a >= b for a, b in zip(gates, gates[1:]))
+    cs = [float(m.c) for n, m in model.named_modules() if hasattr(m, "calibrated_flag")]
+    assert cs and all(c > 0 and c != 1.0 for c in cs)  # calibrated at the warmup boundary
+    if aux:
+        assert log[0]["scale_loss"] == 0.0 and log[-1]["s_tgt"] > 0 and log[-1]["scale_loss"] > 0
+    # `tapernorm eval` sees the gate as trained and reproduces the trainer's final validation loss
+    ev = evaluate_checkpoint(res.run_dir, batches=4, batch_size=8)
+    assert ev["gate"] == 0.0 and ev["val_loss"] == pytest.approx(res.val_loss, rel=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer):
+    full = train(fast_cfg(tmp_path / "full", tokenizer, steps=16))
+    part = train(fast_cfg(tmp_path / "part", tokenizer, steps=16, stop_after=5))
+    assert part.steps == 5 and (tmp_path / "part" / "checkpoint" / "trainer_state.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"lr=0.1 \(was 0.003\)"):
+        train(fast_cfg(tmp_path / "part", tokenizer, steps=16, lr=0.1, resume=True))
+    resumed = train(fast_cfg(tmp_path / "part", tokenizer, steps=16, resume=True))
+    a, b = _train_log(full.run_dir), _train_log(resumed.run_dir)
+    assert [r["step"] for r in b] == list(range(16))
+    assert b[5]["ce"] == a[5]["ce"]  # the next loss after resuming is bit-identical
+    assert [r["ce"] for r in b] == [r["ce"] for r in a]
+    assert resumed.val_loss == full.val_loss
+
+
+def test_two_process_ddp_matches_single_process(tmp_path, tokenizer):
+    single = train(fast_cfg(tmp_path / "one", tokenizer, steps=12))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           "-m", "tapernorm.compiler.cli", "train", "--out", str(tmp_path / "two"), "--tokenizer", tokenizer,
+           "--max-chars", "60000", "--steps", "12", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0",
+           "--ckpt-every", "0", "--eval-batches", "4", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    one, two = _train_log(single.run_dir), _train_log(tmp_path / "two")
+    assert len(two) == 12 and max(abs(x["ce"] - y["ce"]) for x, y in zip(one, two)) < 1e-4
+    assert summary["val_loss"] == pytest.approx(single.val_loss, abs=1e-4)
+    m1, _ = load_checkpoint(single.model_dir)
+    m2, _ = load_checkpoint(tmp_path / "two" / "model")
+    assert float(m1.layers[0].input_layernorm.c) == pytest.approx(float(m2.layers[0].input_layernorm.c), rel=1e-5)
+
+
+def test_missing_corpus_gives_one_clear_error_and_no_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="corpus file .*missing.txt does not exist"):
+        train(TrainConfig(out_dir=str(out), corpus=str(tmp_path / "missing.txt"), progress=False))
+    rc = main(["train", "--out", str(out), "--corpus", str(tmp_path / "missing.txt"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "missing.txt does not exist" in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bad_settings_and_existing_run(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="mode 'sideways'"):
+        train(fast_cfg(tmp_path / "r", tokenizer, mode="sideways"))
+    with pytest.raises(ValueError, match="taper start 20 <= taper end 10"):
+        train(fast_cfg(tmp_path / "r", tokenizer, taper_start=20, taper_end=10))
+    with pytest.raises(FileNotFoundError, match="no trainer state"):
+        train(fast_cfg(tmp_path / "r", tokenizer, resume=True))
+    assert not (tmp_path / "r").exists()
+    train(fast_cfg(tmp_path / "r", tokenizer, steps=4))
+    with pytest.raises(FileExistsError, match="--resume to continue it, --overwrite"):
+        train(fast_cfg(tmp_path / "r", tokenizer, steps=4))
+
+
+def test_cli_train_eval_plot(tmp_path, tokenizer, capsys):
+    run = tmp_path / "cli"
+    rc = main(["train", "--out", str(run), "--tokenizer", tokenizer, "--max-chars", "60000", "--steps", "8",
+               "--batch-size", "4", "--seq-len", "16", "--mode", "all-taper", "--eval-every", "4", "--no-progress"])
+    assert rc == 0 and "val_loss" in capsys.readouterr().out
+    assert main(["eval", str(run), "--json", "--batches", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["gate"] == 0.0 and r["mode"] == "all" and r["val_loss"] > 0
+    assert main(["plot", str(run)]) == 0
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
