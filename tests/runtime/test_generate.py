@@ -104,3 +104,19 @@ def test_folded_and_unfused_graphs_decode_identically(compiled_dir, tiny_model):
     b = generate_ids(OrtDecoder(unfused), prompts, max_new_tokens=16).tokens
     c = generate_ids(TorchRefDecoder(tiny_model, batch=2), prompts, max_new_tokens=16).tokens
     assert a == b == c
+
+
+def test_iobinding_path_equals_plain_path(session):
+    """The IOBinding path (the one CUDA uses) decodes exactly like the CPU feed-dict path."""
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 40, 41]]
+    plain = OrtDecoder(session, io_binding=False)
+    bound = OrtDecoder(session, io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    a = generate_ids(plain, prompts, max_new_tokens=12).tokens
+    b = generate_ids(bound, prompts, max_new_tokens=12).tokens
+    assert a == b
+    ids, mask = pad_prompts(prompts)
+    la, lb = plain.start(ids, mask), bound.start(ids, mask)
+    np.testing.assert_array_equal(la, lb)
+    for t in (3, 4):
+        np.testing.assert_array_equal(plain.step(np.array([t, t])), bound.step(np.array([t, t])))
