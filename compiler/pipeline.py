@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +295,7 @@ def _summary(rep: dict) -> str:
 
 
 def _cmd_compile(args) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise during capture
     rep = compile_checkpoint(args.checkpoint, args.out, dtype=args.dtype, allow_unfolded=args.allow_unfolded,
                              parity_tokens=args.parity_tokens, prompt=args.prompt, provider=args.provider,
                              log=lambda m: print(f"[compile] {m}", file=sys.stderr))
@@ -304,6 +306,7 @@ def _cmd_compile(args) -> int:
 def _cmd_demo(args) -> int:
     from .train import TrainConfig, train
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     out = Path(args.out)
     t0 = time.perf_counter()
     print(f"[demo] training preset {args.preset} ({args.mode}-taper, {args.steps} steps, gate -> 0) in {out / 'run'}",
@@ -342,7 +345,7 @@ def add_cli(subparsers) -> None:
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="working directory (default runs/demo)")
     d.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     d.add_argument("--mode", choices=("internal", "all"), default="internal", help="taper mode (default internal)")
-    d.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    d.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--parity-tokens", type=int, default=8)
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
