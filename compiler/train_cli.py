@@ -53,11 +53,22 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """TrainConfig from parsed flags (unset flags keep the dataclass defaults)."""
+    """TrainConfig from parsed flags; unset flags keep the defaults, or with --resume the resumed run's settings."""
+    from pathlib import Path
+
     from .train import TrainConfig
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    return TrainConfig(**given)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    base = {}
+    if given.get("resume"):
+        saved = Path(given.get("out_dir", TrainConfig.out_dir)) / "checkpoint" / "trainer_state.json"
+        if saved.is_file():  # a missing file is reported by train() itself
+            try:
+                base = {k: v for k, v in json.loads(saved.read_text())["train_config"].items()
+                        if k in names and k not in ("stop_after", "overwrite", "progress")}
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{saved}: unreadable trainer state ({e}); the checkpoint cannot be resumed") from None
+    return TrainConfig(**{**base, **given})
 
 
 def _cmd_train(args) -> int:

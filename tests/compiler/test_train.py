@@ -128,3 +128,14 @@ def test_cli_train_eval_plot(tmp_path, tokenizer, capsys):
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+def test_cli_resume_reuses_the_saved_settings(tmp_path, tokenizer, capsys):
+    run = tmp_path / "r"
+    flags = ["--tokenizer", tokenizer, "--max-chars", "60000", "--steps", "6", "--batch-size", "4", "--seq-len", "16",
+             "--eval-every", "0", "--no-progress"]
+    assert main(["train", "--out", str(run), *flags, "--stop-after", "3"]) == 0
+    assert "stopped after 3 steps" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # no other flags needed
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert [r["step"] for r in _train_log(run)] == list(range(6))
