@@ -240,7 +240,9 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
             raise TaperError(f"{name}: {type(m).__name__} is not an RMSNorm or nn.LayerNorm; tapernorm cannot taper it")
         else:
             continue
-        new = new.to(device=w.device, dtype=w.dtype)
+        new = new.to(device=w.device)
+        for p in new.parameters():  # parameters take the norm's dtype; gate/EMA buffers stay float64
+            p.data = p.data.to(w.dtype)
         with torch.no_grad():
             new.weight.copy_(w)
             new.weight_t.copy_(w)
