@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .model import ConfigError, DecoderLM, ModelConfig
+from .fileio import replace_dir, umask_mode
 from .tapernorm import get_gate, taper_layers
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "read_config"]
@@ -50,26 +51,6 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap the finished tmp directory into place: out -> backup, tmp -> out, remove backup."""
-    backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, backup)
-    os.replace(tmp, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def _publish_modes(tmp: Path) -> None:
-    """mkdtemp makes 0700 dirs; give the checkpoint ordinary umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
@@ -108,8 +89,8 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
             _write_json(tmp / STATE_JSON, trainer_state.get("json", {}))
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state.get("tensors", {}).items()}
             save_file(tensors, str(tmp / STATE_TENSORS))
-        _publish_modes(tmp)
-        _replace_dir(tmp, out)
+        umask_mode(tmp, is_dir=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_write_bytes
 __all__ = [
     "Tokenizer", "train_tokenizer", "load_corpus", "builtin_corpus", "TokenData", "tokenize_corpus",
     "batch_at", "val_batches",
@@ -50,7 +51,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model proto atomically."""
-        _atomic_write_bytes(Path(path), self.model_proto)
+        atomic_write_bytes(Path(path), self.model_proto)
 
     def encode(self, text: str) -> list[int]:
         """Text -> token ids (no BOS/EOS added)."""
@@ -78,13 +79,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def train_tokenizer(docs: list[str], vocab_size: int = 256, out_path: str | os.PathLike | None = None,

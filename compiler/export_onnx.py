@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
+from .fileio import atomic_write_bytes, atomic_write_text
 __all__ = [
     "KVCacheLM", "DTYPES", "io_names", "example_inputs", "dynamic_shapes", "export_onnx", "check_io",
     "max_ir_version", "load_onnx", "save_onnx", "runtime_config", "write_runtime_json", "empty_past_feeds",
@@ -174,13 +175,6 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
         model.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v, sort_keys=True))
 
 
-def _umask_mode(path) -> None:
-    """mkstemp makes 0600 files; give them the usual 0666 & ~umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = False) -> None:
     """Write atomically: inline (tmp + os.replace) or, for big models, `<name>.data` beside it first."""
     path = Path(path)
@@ -195,16 +189,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = Fa
             os.replace(Path(td) / data_name, path.parent / data_name)
             os.replace(tmp, path)
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
@@ -303,11 +288,7 @@ def write_runtime_json(out_dir: str | Path, cfg, dtype: str = "float32", eos_id:
                        bos_id: int | None = None) -> Path:
     """Write `out_dir/runtime.json` atomically."""
     path = Path(out_dir) / "runtime.json"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runtime.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(runtime_config(cfg, dtype, eos_id, bos_id), f, indent=2)
-    _umask_mode(tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(runtime_config(cfg, dtype, eos_id, bos_id), indent=2))
     return path
 
 

@@ -108,7 +108,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=bias)
 
-    def forward(self, x, mask, rope, past):
+    def qkv(self, x, rope):
+        """Project x (B, T, d) to per-head q, k, v (B, H, T, D), RoPE applied to q and k."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -117,6 +118,11 @@ class Attention(nn.Module):
             cos, sin = rope  # (B, 1, T, D)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def forward(self, x, mask, rope, past):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, rope)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H, P+T, D)
             v = torch.cat([past[1], v], dim=2)
@@ -211,20 +217,22 @@ class DecoderLM(nn.Module):
             allowed = allowed & attention_mask.bool()[:, None, None, :]
         return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
+    def embed(self, input_ids, position_ids):
+        """Token (+ learned position) embeddings (B, T, d), and RoPE (cos, sin) each (B, 1, T, D) or None."""
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        if self.config.arch == "gpt2":
+            return x + self.embed_positions(position_ids), None
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, D)
+        return x, (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+
     def hidden(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
         """Run embeddings and blocks; returns (h (B, T, d) before the final norm, presents)."""
         B, T = input_ids.shape
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(P, P + T, device=input_ids.device).unsqueeze(0).expand(B, T)
-        x = self.embed_tokens(input_ids)  # (B, T, d)
-        rope = None
-        if self.config.arch == "gpt2":
-            x = x + self.embed_positions(position_ids)
-        else:
-            freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, D)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x, rope = self.embed(input_ids, position_ids)
         mask = self._mask(attention_mask, B, T, P, x.device, x.dtype)
         presents = []
         for i, layer in enumerate(self.layers):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from .fileio import replace_dir, umask_mode
 from .export_onnx import (
     DTYPES, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, io_names, load_onnx, write_runtime_json,
 )
@@ -168,17 +168,6 @@ def _prepare_out(out_dir: Path) -> None:
                            "directory (a previous compile output is replaced)")
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished build into place (an old compile output is replaced)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
     tok_path = info.get("tokenizer_path")
     if tok_path:
@@ -271,8 +260,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                                                  "total": round(time.perf_counter() - t0, 2)},
         }
         (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
-        os.chmod(tmp, 0o755)
-        _publish(tmp, out_dir)
+        umask_mode(tmp, is_dir=True)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

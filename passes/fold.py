@@ -74,7 +74,6 @@ def apply_fold(gm: fx.GraphModule, site: TaperSite, consumers: list[Consumer]) -
     readers = {c.node for c in consumers}
     done: dict[tuple, tuple[fx.Node, fx.Node | None]] = {}
     released, created = set(), []
-    g = gm.graph
     for c in consumers:
         key = (c.weight, c.bias, c.layout)
         if key not in done:

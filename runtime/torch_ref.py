@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tapernorm.compiler.model import DecoderLM, rotate_half
+from tapernorm.compiler.model import DecoderLM
 
 __all__ = ["KVCache", "StaticDecoder", "TorchRefDecoder", "prefill", "decode_one_token", "greedy_full_forward"]
 
@@ -71,13 +71,7 @@ class StaticDecoder(nn.Module):
 
     def _attn(self, attn, x, mask, rope, cache: KVCache, slots):
         B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = attn.k_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = attn.v_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
-        if rope is not None:
-            cos, sin = rope  # (B, 1, T, D)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q, k, v = attn.qkv(x, rope)  # (B, H, T, D)
         k_all, v_all = cache.update(slots, k, v)  # (B, H, S_max, D)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, D)
         return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -85,14 +79,7 @@ class StaticDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run T new tokens (B, T) into cache columns `slots` (T,); returns logits (B, T, V)."""
         m = self.model
-        x = m.embed_tokens(input_ids)  # (B, T, d)
-        rope = None
-        if self.cfg.arch == "gpt2":
-            x = x + m.embed_positions(position_ids)
-        else:
-            freqs = position_ids[..., None].float() * m.inv_freq  # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, D)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x, rope = m.embed(input_ids, position_ids)  # (B, T, d), RoPE or None
         mask = self._mask(slots, x.dtype)
         for layer, cache in zip(m.layers, self.caches):
             x = x + self._attn(layer.self_attn, layer.input_layernorm(x), mask, rope, cache, slots)

@@ -3,7 +3,6 @@ dims, statistics check (report + metadata_props), parity figures; bad input (non
 dir, parity failure writes nothing); the CLI."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -98,11 +97,10 @@ def test_out_dir_that_is_not_a_compile_is_refused(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("compiled", [CASES[0]], indirect=True, ids=["tiny-internal"])
 def test_parity_failure_keeps_previous_output(compiled, tmp_path, monkeypatch):
     """A failing compile into a previous compile's directory leaves it untouched and no temp dirs."""
     arch, mode, root, report = compiled
-    if (arch, mode) != ("tiny", "internal"):
-        pytest.skip("one case is enough")
     import shutil
     import tapernorm.compiler.pipeline as pl
     out = tmp_path / "out"

@@ -90,7 +90,8 @@ def test_calibration_is_least_squares_c():
     r = torch.sqrt(x.pow(2).mean(-1) + tn.eps).double()
     assert c == pytest.approx(float((hg2 / r).mean() / hg2.mean()), rel=1e-6)
     # and c minimises || c h gamma - h gamma / r ||^2 over the batch (the least-squares property)
-    loss = lambda cc: float(((cc * x * tn.weight) - (x / r[..., None].float()) * tn.weight).pow(2).sum())
+    w = tn.weight.detach()
+    loss = lambda cc: float(((cc * x * w) - (x / r[..., None].float()) * w).pow(2).sum())
     assert loss(c) <= min(loss(c * 1.01), loss(c * 0.99))
 
 
