@@ -110,7 +110,8 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON ({e}); the file is corrupt, re-save the checkpoint") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("tapernorm"), dict):
-        raise CheckpointError(f"{p}: no 'tapernorm' model-config section; not a tapernorm checkpoint")
+        raise CheckpointError(f"{p}: no 'tapernorm' model-config section; not a tapernorm checkpoint "
+                              "(pass the model/ or checkpoint/ directory of a `tapernorm train` run)")
     return cfg
 
 
@@ -203,5 +204,6 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
     try:
         js = json.loads(jp.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{jp}: not valid JSON ({e}); the trainer state is corrupt") from None
+        raise CheckpointError(f"{jp}: not valid JSON ({e}); the trainer state is corrupt, so the run cannot be "
+                              "resumed: start over with --overwrite or use a new --out") from None
     return {"json": js, "tensors": _open_safetensors(tp)}

@@ -41,10 +41,14 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax[1].set_ylabel("schedule")
     ax[1].legend()
     ax[2].plot(steps, [r["logit_norm"] for r in tr], label="logit norm")
-    ax[2].plot(steps, [r["prelogit_rms"] for r in tr], label="pre-logit RMS s(h)")
-    ax[2].set_ylabel("scale")
+    ax[2].set_ylabel("logit norm")
     ax[2].set_xlabel("step")
-    ax[2].legend()
+    rms = ax[2].twinx()  # pre-logit RMS is orders of magnitude smaller: its own axis
+    rms.plot(steps, [r["prelogit_rms"] for r in tr], color="tab:orange", label="pre-logit RMS s(h)")
+    rms.set_ylabel("pre-logit RMS")
+    h1, l1 = ax[2].get_legend_handles_labels()
+    h2, l2 = rms.get_legend_handles_labels()
+    ax[2].legend(h1 + h2, l1 + l2)
     fig.suptitle(str(run.name))
     fig.tight_layout()
     dst = Path(out) if out is not None else run / "curves.png"

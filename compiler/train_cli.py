@@ -67,7 +67,8 @@ def config_from_args(args: argparse.Namespace):
                 base = {k: v for k, v in json.loads(saved.read_text())["train_config"].items()
                         if k in names and k not in ("stop_after", "overwrite", "progress")}
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{saved}: unreadable trainer state ({e}); the checkpoint cannot be resumed") from None
+                raise ValueError(f"{saved}: unreadable trainer state ({e}); the run cannot be "
+                                 "resumed: start over with --overwrite or use a new --out") from None
     return TrainConfig(**{**base, **given})
 
 

@@ -143,6 +143,16 @@ def _keep_varargs_signature(gm: fx.GraphModule, module: nn.Module) -> None:
         type(gm).forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
 
 
+def _reference_outputs(mode: str, module, args: tuple, kwargs: dict) -> list:
+    """The source module's outputs on the example inputs; a model that cannot run them is one clear error."""
+    try:
+        return run_outputs(module, args, kwargs)
+    except Exception as e:  # the user's model raised: say so in one line, keep the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{mode}: {type(module).__name__} fails on the example inputs ({type(e).__name__}: {first}); "
+                         "pass example_args / example_kwargs the model accepts") from e
+
+
 def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, original, untie_embeddings, verify):
     if isinstance(example_args, torch.Tensor):
         example_args = (example_args,)
@@ -160,7 +170,7 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
     if original.training:
         raise ValueError(f"{mode}: {type(original).__name__} is in training mode; call model.eval() first "
                          "(passes only rewrite eval-mode graphs)")
-    ref = run_outputs(module, example_args, example_kwargs) if verify else None
+    ref = _reference_outputs(mode, module, example_args, example_kwargs) if verify else None
     if gm is None:
         gm = capture(module, example_args, example_kwargs, dynamic_shapes)
     nodes_before, taper_before = len(gm.graph.nodes), _taper_nodes(gm)

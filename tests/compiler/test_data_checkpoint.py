@@ -103,6 +103,10 @@ def test_corrupt_and_truncated_safetensors(tmp_path):
         load_checkpoint(d)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")
+    # a wrong checkpoint: a Hugging Face config.json without our model section
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    with pytest.raises(CheckpointError, match=r"config.json: no 'tapernorm' model-config section; .*tapernorm train"):
+        load_checkpoint(d)
 
 
 @pytest.mark.parametrize("edit, msg", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _train_helpers import fast_cfg, make_tokenizer
-from tapernorm.compiler.checkpoint import load_checkpoint
+from tapernorm.compiler.checkpoint import CheckpointError, load_checkpoint
 from tapernorm.compiler.cli import main
 from tapernorm.compiler.trainstate import read_log
 from tapernorm.compiler.train import TrainConfig, evaluate_checkpoint, train
@@ -56,18 +56,51 @@ def test_val_loss_falls_in_each_mode(tmp_path, tokenizer, mode, preset, aux):
     assert ev["gate"] == 0.0 and ev["val_loss"] == pytest.approx(res.val_loss, rel=1e-6)
 
 
-def test_resume_continues_exactly(tmp_path, tokenizer):
-    full = train(fast_cfg(tmp_path / "full", tokenizer, steps=16))
-    part = train(fast_cfg(tmp_path / "part", tokenizer, steps=16, stop_after=5))
+def test_bf16_autocast_run(tmp_path, tokenizer):
+    from tapernorm.compiler.data import Tokenizer, load_corpus, tokenize_corpus
+    from tapernorm.compiler.train import evaluate
+    res = train(fast_cfg(tmp_path / "bf16", tokenizer, mode="all", bf16=True, steps=16, eval_every=100))
+    assert res.val_loss < res.initial_val_loss - 0.3 and res.final_gate == 0.0
+    assert all(r["ce"] == r["ce"] and r["gate"] is not None for r in _train_log(res.run_dir))  # no NaN
+    model, info = load_checkpoint(res.model_dir)
+    assert info["gate"] == 0.0 and {p.dtype for p in model.parameters()} == {torch.float32}  # fp32 master weights
+    data = tokenize_corpus(load_corpus("builtin", max_chars=60_000), Tokenizer.load(tokenizer), 32, 0.1)
+    fp32, bf16 = (evaluate(model, data.val, 8, 32, 4, bf16=b) for b in (False, True))
+    assert bf16 == pytest.approx(res.val_loss, rel=1e-6) and bf16 != fp32  # autocast really ran
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer, monkeypatch):
+    # periodic checkpoints every 4 steps; c is still being collected until the taper starts at step 7
+    kw = dict(steps=16, warmup_steps=2, taper_start=7, ckpt_every=4)
+    full = train(fast_cfg(tmp_path / "full", tokenizer, **kw))
+    part = train(fast_cfg(tmp_path / "part", tokenizer, stop_after=5, **kw))
     assert part.steps == 5 and (tmp_path / "part" / "checkpoint" / "trainer_state.safetensors").is_file()
     with pytest.raises(ValueError, match=r"lr=0.1 \(was 0.003\)"):
-        train(fast_cfg(tmp_path / "part", tokenizer, steps=16, lr=0.1, resume=True))
-    resumed = train(fast_cfg(tmp_path / "part", tokenizer, steps=16, resume=True))
+        train(fast_cfg(tmp_path / "part", tokenizer, lr=0.1, resume=True, **kw))
+    resumed = train(fast_cfg(tmp_path / "part", tokenizer, resume=True, **kw))  # resumes mid-calibration
     a, b = _train_log(full.run_dir), _train_log(resumed.run_dir)
     assert [r["step"] for r in b] == list(range(16))
     assert b[5]["ce"] == a[5]["ce"]  # the next loss after resuming is bit-identical
     assert [r["ce"] for r in b] == [r["ce"] for r in a]
     assert resumed.val_loss == full.val_loss
+
+    # a crash at step 10 (last checkpoint: step 8, mid-taper): the log's steps 8-9 are dropped and redone
+    import tapernorm.compiler.train as train_mod
+    real = train_mod.batch_at
+
+    def crash_at_10(stream, step, *args, **kwargs):
+        if step == 10:
+            raise KeyboardInterrupt("simulated crash")
+        return real(stream, step, *args, **kwargs)
+    monkeypatch.setattr(train_mod, "batch_at", crash_at_10)
+    with pytest.raises(KeyboardInterrupt):
+        train(fast_cfg(tmp_path / "crash", tokenizer, **kw))
+    assert [r["step"] for r in _train_log(tmp_path / "crash")] == list(range(10))
+    monkeypatch.setattr(train_mod, "batch_at", real)
+    again = train(fast_cfg(tmp_path / "crash", tokenizer, resume=True, **kw))
+    c = _train_log(again.run_dir)
+    assert [r["step"] for r in c] == list(range(16)) and [r["ce"] for r in c] == [r["ce"] for r in a]
+    assert [r["gate"] for r in c] == [r["gate"] for r in a] and again.val_loss == full.val_loss
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, tokenizer):
@@ -114,6 +147,13 @@ def test_bad_settings_and_existing_run(tmp_path, tokenizer):
     train(fast_cfg(tmp_path / "r", tokenizer, steps=4))
     with pytest.raises(FileExistsError, match="--resume to continue it, --overwrite"):
         train(fast_cfg(tmp_path / "r", tokenizer, steps=4))
+    # a corrupt trainer state: one clear error naming the file, and the run directory is left as it was
+    (tmp_path / "r" / "checkpoint" / "trainer_state.json").write_text("{truncated")
+    before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: not valid JSON .*--overwrite"):
+        train(fast_cfg(tmp_path / "r", tokenizer, steps=4, resume=True))
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--no-progress"]) == 2
+    assert {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
 
 
 def test_cli_train_eval_plot(tmp_path, tokenizer, capsys):

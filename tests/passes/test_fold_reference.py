@@ -108,12 +108,18 @@ def test_materialize_has_explicit_map_and_no_statistic(arch):
         torch.testing.assert_close(gm(_ids(seed=5)), model(_ids(seed=5)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["tiny", "tiny-gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_dtypes(dtype):
-    model = make_tiny("tiny", "all").to(dtype)
+def test_half_dtypes(dtype, arch):
+    model = make_tiny(arch, "all").to(dtype)
     gm, report = fold(model, (_ids(),))
     assert report["folded"] == 5 and report["verify"]["ok"]
     assert gm.get_parameter("layers.0.self_attn.q_proj.weight").dtype == dtype
+    if arch == "tiny-gpt2":  # LN fold in half precision: the created lm_head bias and fc_in keep the dtype
+        head = next(n for n in gm.graph.nodes if n.target == aten.linear.default and "lm_head" in n.args[1].target)
+        assert gm.get_parameter(head.args[2].target).dtype == dtype
+        assert gm.get_parameter("layers.0.mlp.fc_in.weight").dtype == dtype
+        assert not any(n.target == aten.mean.dim for n in gm.graph.nodes)  # every centering folded
     assert report["verify"]["outputs"][0]["dtype"] == str(dtype).replace("torch.", "")
 
 
