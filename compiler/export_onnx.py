@@ -261,7 +261,9 @@ def export_onnx(module: nn.Module, cfg, path: str | Path, dtype: str = "float32"
             model = onnx.load(str(Path(td) / "m.onnx"), load_external_data=True)
     else:
         model = prog.model_proto
+    from tapernorm.passes.onnx_fold import cleanup_onnx  # lazy: passes import this module
     _normalize_dims(model)
+    model, cleanup = cleanup_onnx(model)  # graphsurgeon cleanup + toposort (node metadata kept)
     model.ir_version = min(model.ir_version, max_ir_version())
     dims = check_io(model, cfg, dtype)
     props = {"tapernorm.dtype": dtype, **(metadata or {})}
@@ -273,7 +275,7 @@ def export_onnx(module: nn.Module, cfg, path: str | Path, dtype: str = "float32"
     save_onnx(model, path, external_data=external)
     return {"path": str(path), "ir_version": model.ir_version,
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-            "nodes": len(model.graph.node), "external_data": external, "dims": dims,
+            "nodes": len(model.graph.node), "external_data": external, "dims": dims, "cleanup": cleanup,
             "bytes": Path(path).stat().st_size + (Path(str(path) + ".data").stat().st_size if external else 0)}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .fileio import replace_dir, umask_mode
 from .export_onnx import (
-    DTYPES, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, io_names, load_onnx, write_runtime_json,
+    DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, io_names, load_onnx, write_runtime_json,
 )
 from .tapernorm import TAPER_TYPES, taper_layers
 
@@ -168,6 +168,17 @@ def _prepare_out(out_dir: Path) -> None:
                            "directory (a previous compile output is replaced)")
 
 
+def _check_finite(model, cfg, ckpt: Path, dtype: str) -> None:
+    """Refuse a model whose logits overflow (inf/nan) in `dtype`, before capture and verify see NaNs."""
+    ids, mask, pos, _ = example_inputs(cfg, dtype=dtype)
+    with torch.no_grad():
+        logits = model(ids, mask[:, -ids.shape[1]:], pos - pos[:, :1])  # (B, T, V), no past
+    if not torch.isfinite(logits).all():
+        fix = ("compile with --dtype float32" if dtype != "float32"
+               else "the weights are not finite; retrain or restore an earlier checkpoint")
+        raise CompileError(f"{ckpt}: the model's logits are not finite in {dtype} (overflow or NaN weights); {fix}")
+
+
 def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
     tok_path = info.get("tokenizer_path")
     if tok_path:
@@ -181,8 +192,11 @@ def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
 
 def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                        allow_unfolded: bool = False, parity_tokens: int = 8, prompt: str = DEFAULT_PROMPT,
-                       provider: str = "cpu", log=None) -> dict:
-    """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report."""
+                       provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT) -> dict:
+    """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report.
+
+    `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB).
+    """
     from tapernorm.passes import fold, materialize
     from tapernorm.passes.onnx_fold import check_statistics
     from .capture import capture
@@ -198,8 +212,12 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
     _prepare_out(out_dir)
     model, info = load_checkpoint(ckpt)
     cfg = model.config
+    if parity_tokens >= cfg.max_seq_len:
+        raise CompileError(f"--parity-tokens {parity_tokens} does not fit {ckpt}'s {cfg.max_seq_len}-token context; "
+                           f"use at most {cfg.max_seq_len - 1}")
     unfolded = _check_gates(model, ckpt, allow_unfolded)
     model = model.to(DTYPES[dtype]).eval()
+    _check_finite(model, cfg, ckpt, dtype)
     wrapper = KVCacheLM(model)
     args, ds = example_inputs(cfg, dtype=dtype), dynamic_shapes(cfg.n_layers)
     log(f"capture {type(model).__name__} ({cfg.arch}, {cfg.taper_mode}, {dtype})")
@@ -224,20 +242,20 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
     try:
         meta = {"tapernorm.source": str(ckpt), "tapernorm.taper_mode": cfg.taper_mode}
         log("export model.onnx (folded)")
-        exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype,
-                            metadata={**meta, "tapernorm.graph": "folded"}, annotate=annotate_folded)
+        exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype, metadata={**meta, "tapernorm.graph": "folded"},
+                            annotate=annotate_folded, inline_limit=inline_limit)
         stats = stats_holder["stats"]
         if not stats["ok"]:
             raise ParityError(f"statistics check failed (nothing written): {stats['reason']}")
         log("export model_unfused.onnx")
         exp_u = export_onnx(gm_unf, cfg, tmp / "model_unfused.onnx", dtype,
-                            metadata={**meta, "tapernorm.graph": "unfused"})
+                            metadata={**meta, "tapernorm.graph": "unfused"}, inline_limit=inline_limit)
         t_export = time.perf_counter()
         for f in ("model.onnx", "model_unfused.onnx"):
             load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
         log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
         sessions = {f: make_session(tmp / f, provider, label=str(out_dir / f)) for f in ("model.onnx", "model_unfused.onnx")}
-        prompt_ids = _prompt_ids(info, cfg, prompt)
+        prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
         parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
         del sessions
         tok_ids = {"eos_id": None, "bos_id": None}
@@ -246,12 +264,15 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
             tok = Tokenizer.load(info["tokenizer_path"])
             tok_ids = {"eos_id": tok.eos_id, "bos_id": tok.bos_id}
             shutil.copyfile(info["tokenizer_path"], tmp / "tokenizer.model")
+        else:
+            log(f"note: {ckpt} has no tokenizer.model, so {out_dir} gets none; `tapernorm generate` needs one "
+                "(token-id APIs such as runtime.generate_ids work without it)")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
         write_runtime_json(tmp, cfg, dtype, **tok_ids)
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch,
             "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded,
-            "unfolded_layers": unfolded, "folded_layers": folded,
+            "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": bool(info.get("tokenizer_path")),
             "passes": {"fold": rep_fold, "materialize": rep_unf}, "statistics_check": stats,
             "export": {"model.onnx": exp_f, "model_unfused.onnx": exp_u},
             "opset": exp_f["opset"], "ir_version": exp_f["ir_version"],

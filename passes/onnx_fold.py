@@ -14,7 +14,8 @@ constant weight: MatMul(y, W (d, out)) or Gemm(y, B, C) (transA=0). In ONNX layo
 (the transpose of DESIGN.md section 2's torch-layout table). Arithmetic in float64, cast to W's dtype.
 A site folds into every consumer or none (the refusal names the reason). A weight read by other
 nodes gets its own folded copy (reported as untied). The map's nodes become dead and cleanup()
-removes them. `check_statistics` verifies that folded layers keep no normalization statistics.
+removes them. `cleanup_onnx` is the plain cleanup + toposort pass (run on every
+tapernorm export). `check_statistics` verifies that folded layers keep no normalization statistics.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["fold_onnx", "fold_onnx_file", "check_statistics", "STAT_OPS"]
+__all__ = ["fold_onnx", "fold_onnx_file", "cleanup_onnx", "check_statistics", "STAT_OPS"]
 
 STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
             "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization")
@@ -246,6 +247,36 @@ def _try_site(graph, node, rule: str, taken: set):
                       "untied": sorted(set(untied))}
 
 
+def _export_like(graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """gs graph -> ModelProto keeping `model`'s IR version, opsets, metadata and node metadata."""
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.metadata_props.extend(model.metadata_props)
+    meta = {n.name: n.metadata_props for n in model.graph.node if n.name and n.metadata_props}
+    for n in out.graph.node:  # graphsurgeon drops node metadata (the exporter's name scopes): restore it
+        if n.name in meta and not n.metadata_props:
+            n.metadata_props.extend(meta[n.name])
+    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, attr, getattr(model, attr))
+    return out
+
+
+def cleanup_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """graphsurgeon cleanup (dead nodes / tensors; graph inputs kept) + toposort; returns (model, report).
+
+    The input model is not modified; IR version, opsets and (node) metadata are kept.
+    """
+    graph = gs.import_onnx(model)
+    n_before, init_before = len(graph.nodes), len(model.graph.initializer)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = _export_like(graph, model)
+    return out, {"nodes_before": n_before, "nodes_after": len(out.graph.node),
+                 "initializers_before": init_before, "initializers_after": len(out.graph.initializer),
+                 "toposorted": True}
+
+
 def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Fold every per-feature constant Mul (and LN centering + Add) into following MatMul/Gemm weights.
 
@@ -276,17 +307,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
                 refused.append({"node": node.name, "reason": info})
         graph.cleanup()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    out.metadata_props.extend(model.metadata_props)
-    meta = {n.name: n.metadata_props for n in model.graph.node if n.name and n.metadata_props}
-    for n in out.graph.node:  # graphsurgeon drops node metadata (the exporter's name scopes): restore it
-        if n.name in meta and not n.metadata_props:
-            n.metadata_props.extend(meta[n.name])
-    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(out, attr, getattr(model, attr))
+    out = _export_like(graph, model)
     return out, {"folded": len(sites), "sites": sites, "refused": refused}
 
 

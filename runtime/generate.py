@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -245,7 +246,8 @@ def load_tokenizer(path: str | Path):
     """tapernorm.compiler.data.Tokenizer.load(path) if available, else a SentencePiece wrapper."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} is missing; re-run `tapernorm compile` (it copies tokenizer.model)")
+        raise FileNotFoundError(f"tokenizer {path} is missing; compile from a checkpoint that has tokenizer.model "
+                                "(`tapernorm compile` copies it), or decode token ids with runtime.generate_ids")
     try:
         from tapernorm.compiler.data import Tokenizer
     except ImportError:
@@ -310,6 +312,8 @@ class Generator:
         """Yield pieces of generated text as they are decoded; `result` receives the GenerationResult.
 
         The prompt is checked here (eagerly), so a too-long prompt fails before anything is printed."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
         ids = self._prompt_ids(prompt)
         stops = self.stop_ids() if stop_ids is None else list(stop_ids)
         return self._stream(ids, max_new_tokens, sampling, stops, result)
@@ -337,8 +341,12 @@ class Generator:
 
 def _cmd_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    gen = Generator(args.model_dir, variant="model_unfused.onnx" if args.unfused else "model.onnx",
-                    provider=args.provider, threads=args.threads)
+    with warnings.catch_warnings(record=True) as caught:  # provider fallback: one line, not a source echo
+        warnings.simplefilter("always", RuntimeWarning)
+        gen = Generator(args.model_dir, variant="model_unfused.onnx" if args.unfused else "model.onnx",
+                        provider=args.provider, threads=args.threads)
+    for w in caught:
+        print(f"tapernorm generate: warning: {w.message}", file=sys.stderr)
     holder: dict = {}
     pieces = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
                         stop_ids=gen.stop_ids(args.stop_token), result=holder)

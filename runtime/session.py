@@ -116,6 +116,9 @@ def _load_error(onnx_path: Path, err: Exception) -> Exception:
             f"{onnx_path} has ONNX IR version {m.group(1)} but onnxruntime {ort.__version__} accepts at most "
             f"{m.group(2)}; re-export with model.ir_version = {m.group(2)} or upgrade onnxruntime")
     first = " ".join(msg.strip().split())[:300]
+    if "xternal data" in msg:
+        return ModelDirError(f"{onnx_path}: its external weights file is missing or unreadable ({first}); copy "
+                             f"{onnx_path.name}.data beside it or re-run `tapernorm compile`")
     if "rotobuf" in msg or "No graph" in msg or "model_proto" in msg or "ModelProto" in msg:
         return ModelDirError(f"{onnx_path} is truncated or not an ONNX model ({first}); "
                              f"re-run `tapernorm compile` to rewrite it")

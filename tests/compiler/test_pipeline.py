@@ -50,6 +50,9 @@ def test_compile_writes_contract_files(compiled):
     assert report["ir_version"] <= 13 and report["opset"]["ai.onnx"] >= 17
     assert report["providers"] == ["CPUExecutionProvider"]
     assert {"torch", "onnx", "onnxruntime", "onnxscript", "onnx_graphsurgeon"} <= set(report["versions"])
+    for f in ("model.onnx", "model_unfused.onnx"):  # graphsurgeon cleanup + toposort ran on each export
+        cl = report["export"][f]["cleanup"]
+        assert cl["toposorted"] and cl["nodes_after"] == report["export"][f]["nodes"] <= cl["nodes_before"]
 
 
 def test_fold_and_statistics_check(compiled):
@@ -132,3 +135,32 @@ def test_cli_compile_missing_checkpoint_one_line(tmp_path, capsys):
     assert cli.main(["compile", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tapernorm compile: error:") and "nope" in err and len(err.splitlines()) == 1
+
+
+def test_fp16_external_data_compile_runs_in_runtime(tmp_path):
+    """fp16 compile with weights forced to external data: both graphs get `.data` files, and the runtime
+    decodes the compiled dir to the tokens the compile's parity check recorded."""
+    from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
+    from tapernorm.compiler.pipeline import _prompt_ids
+    model = _checkpoint(tmp_path / "ckpt", "tiny", "internal")
+    rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float16", parity_tokens=3, inline_limit=0)
+    out = tmp_path / "out"
+    assert (out / "model.onnx.data").is_file() and (out / "model_unfused.onnx.data").is_file()
+    assert rep["export"]["model.onnx"]["external_data"] and rep["dtype"] == "float16" and rep["parity"]["ok"]
+    assert json.loads((out / "runtime.json").read_text())["dtype"] == "float16"
+    sess = DecoderSession(out, provider="cpu", intra_op_threads=1)
+    assert sess.providers == ["CPUExecutionProvider"] and sess.np_dtype.__name__ == "float16"
+    prompt = _prompt_ids({}, model.config, "")
+    assert generate_ids(OrtDecoder(sess), [prompt], max_new_tokens=3).tokens[0] == rep["parity"]["torch_tokens"]
+
+
+def test_overflowing_dtype_and_too_many_parity_tokens_refused(tmp_path):
+    model = make_tiny("tiny", "internal")
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(1e5)  # fine in float32, inf in float16
+    save_checkpoint(model, tmp_path / "ckpt")
+    with pytest.raises(CompileError, match=r"ckpt: the model's logits are not finite in float16.*--dtype float32"):
+        compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float16")
+    with pytest.raises(CompileError, match=r"--parity-tokens 64 does not fit .*64-token context; use at most 63"):
+        compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

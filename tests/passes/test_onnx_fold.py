@@ -192,3 +192,24 @@ def test_statistics_checker_names_offending_layer():
     assert good["ok"] and good["total"] == 3
     capped = check_statistics(m, [], expect_total=0)
     assert not capped["ok"] and "3 statistic ops" in capped["reason"]
+
+
+def test_cleanup_onnx_drops_dead_nodes_and_toposorts():
+    """Nodes out of order plus a dead branch: cleanup_onnx sorts, prunes, keeps node metadata and outputs."""
+    from tapernorm.passes.onnx_fold import cleanup_onnx
+    nodes = [helper.make_node("MatMul", ["h", "W"], ["y"], name="mm"),  # reads h before it is produced
+             helper.make_node("Mul", ["x", "s"], ["h"], name="map"),
+             helper.make_node("Relu", ["x"], ["dead"], name="dead_relu")]  # output unused
+    _scoped(nodes[0], "m.lin")
+    g = helper.make_graph(nodes, "g", [_x()], [_y("y")], initializer=[_init("s", _vec()), _init("W", _w()),
+                                                                       _init("unused", _w())])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(m)  # not topologically sorted
+    c, rep = cleanup_onnx(m)
+    onnx.checker.check_model(c)
+    assert _ops(c) == ["Mul", "MatMul"] and rep["nodes_before"] == 3 and rep["nodes_after"] == 2
+    assert rep["initializers_after"] == 2 and "unused" not in {i.name for i in c.graph.initializer}
+    assert c.ir_version == 9 and [p.key for p in c.graph.node[1].metadata_props] == ["pkg.torch.onnx.name_scopes"]
+    _same(m, c)

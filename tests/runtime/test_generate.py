@@ -87,6 +87,8 @@ def test_generator_prompt_too_long(compiled_dir):
         g.generate("once upon a time " * 40, max_new_tokens=4)
     msg = str(e.value)
     assert "context is 64" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="max_new_tokens -1"):
+        g.stream("hi", max_new_tokens=-1)  # checked eagerly, before any text is produced
 
 
 def test_pad_prompts_rejects_empty():

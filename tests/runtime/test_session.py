@@ -124,3 +124,22 @@ def test_config_inferred_without_runtime_json(compiled_dir, tmp_path):
     s = DecoderSession(tmp_path, intra_op_threads=1)
     assert (s.config.n_layers, s.config.n_heads, s.config.head_dim, s.config.vocab_size) == (2, 4, 8, 256)
     assert s.config.max_seq_len is None
+
+
+def test_external_data_dir_runs_and_missing_data_is_named(compiled_dir, tmp_path):
+    """A compiled dir whose weights live in model.onnx.data (the >2 GB layout) decodes like the inline one;
+    without its .data file the error names that file."""
+    from tapernorm.compiler.export_onnx import save_onnx
+    from tapernorm.runtime import OrtDecoder, generate_ids
+    for f in ("runtime.json", "config.json"):
+        shutil.copy(compiled_dir / f, tmp_path / f)
+    save_onnx(onnx.load(str(compiled_dir / "model.onnx")), tmp_path / "model.onnx", external_data=True)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 100_000  # the weight matrices moved out
+    prompts = [[1, 5, 6, 7]]
+    a = generate_ids(OrtDecoder(DecoderSession(tmp_path, provider="cpu", intra_op_threads=1)), prompts, max_new_tokens=8)
+    b = generate_ids(OrtDecoder(DecoderSession(compiled_dir, provider="cpu", intra_op_threads=1)), prompts, max_new_tokens=8)
+    assert a.tokens == b.tokens
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(ModelDirError) as e:
+        DecoderSession(tmp_path, log_severity=4)
+    assert "model.onnx.data" in _one_line(e) and "external weights" in str(e.value)
