@@ -181,7 +181,12 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
     passes.append(CleanupPass(state))
     pm = PassManager(passes, run_checks_after_each_pass=True)
     pm.add_checks(graph_check)
-    gm = pm(gm).graph_module
+    try:
+        gm = pm(gm).graph_module
+    except Exception as e:  # PassManager hides the cause behind "An error occurred when running ..."
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise RuntimeError(f"{mode}: {str(e).strip().splitlines()[0]}: {type(cause).__name__}: {first}") from e
     counts = {s: sum(1 for r in state.layers.values() if r["status"] == s) for s in ("folded", "materialized", "skipped")}
     report = {
         "pass": mode, **counts,

@@ -2,6 +2,7 @@
 torchrun, eval / plot commands, and bad input that fails cleanly without leaving files."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,6 +135,20 @@ def test_missing_corpus_gives_one_clear_error_and_no_files(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "missing.txt does not exist" in err[0]
     assert list(tmp_path.iterdir()) == []  # nothing written
+    # other bad data inputs: an empty file, a vocabulary the corpus cannot fill, a tokenizer that is not one
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "empty.txt").write_text("\n")
+    (inputs / "a.txt").write_text("hello world.\n\nsmall text.\n")
+    (inputs / "junk.model").write_bytes(b"not a sentencepiece model")
+    for flags, msg in [(["--corpus", str(inputs / "empty.txt")], "empty.txt contain no text"),
+                       (["--corpus", f"{inputs / 'a.txt'},{inputs / 'a.txt'}", "--vocab-size", "5000"],
+                        "could not train a 5000-piece vocabulary .*change --vocab-size"),
+                       (["--tokenizer", str(inputs / "junk.model"), "--max-chars", "2000"], "junk.model: not a SentencePiece model")]:
+        assert main(["train", "--out", str(out), *flags, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(msg, err[0]), err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # still nothing written
 
 
 def test_bad_settings_and_existing_run(tmp_path, tokenizer):

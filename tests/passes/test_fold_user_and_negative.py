@@ -133,3 +133,18 @@ def test_wrong_fold_fails_loudly(monkeypatch):
     monkeypatch.setattr(fold_mod, "fold_linear", off_by_one_percent)
     with pytest.raises(VerifyError, match="max abs diff"):
         fold(make_fused(), X)
+
+
+def test_graph_is_checked_after_each_pass(monkeypatch):
+    import importlib
+    pipeline = importlib.import_module("tapernorm.passes.pipeline")
+    real = pipeline.drop_unused_attrs
+
+    def drop_too_much(gm, released):  # a broken cleanup: removes a weight the graph still reads
+        out = real(gm, released)
+        del gm.get_submodule("proj")._parameters["weight"]
+        return out
+
+    monkeypatch.setattr(pipeline, "drop_unused_attrs", drop_too_much)
+    with pytest.raises(RuntimeError, match=r"^fold: .*'CleanupPass'.*: RuntimeError: .*proj.weight.*(nonexistent|does not resolve)"):
+        fold(make_fused(), X)
