@@ -1,9 +1,12 @@
 # Two entry points, each sets itself up: `make demo` and `make test`.
-# torch is installed first from an exact pin (the CPU wheel on CPU machines) so that resolving the
-# package never pulls a multi-GB CUDA build. Override with e.g. `make test TORCH_SPEC="torch==2.13.0"`.
+# torch is installed first from an exact pin, so that resolving the package never pulls a newer,
+# multi-GB CUDA build. On this project's CPU machines `torch==2.13.0` resolves to a CPU wheel kept on
+# disk. Elsewhere, plain PyPI gives the CUDA build on Linux: for a light CPU install pass
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` (or set TORCH_SPEC).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench clean
@@ -13,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -193,7 +193,10 @@ def find_final_norm(model: nn.Module) -> str | None:
     return norms[-1] if norms else None
 
 
-def _rms_eps(m: nn.Module) -> float:
+def _rms_eps(m: nn.Module) -> float | None:
+    """The module's epsilon; None for torch's nn.RMSNorm(eps=None) (dtype machine epsilon)."""
+    if isinstance(m, nn.RMSNorm):
+        return None if m.eps is None else float(m.eps)
     for attr in ("eps", "variance_epsilon", "epsilon"):
         v = getattr(m, attr, None)
         if v is not None:
@@ -212,34 +215,45 @@ def _check_rms_representable(name: str, m: nn.Module) -> None:
         raise TaperError(f"{name}: {type(m).__name__} scales by (1 + weight); TaperNorm supports plain gain RMSNorm only")
 
 
+def _taper_for(name: str, m: nn.Module) -> _TaperBase | None:
+    """An empty TaperNorm / TaperLayerNorm that can stand in for norm `m`; None if `m` is not a norm.
+    Raises TaperError for a norm it cannot represent."""
+    if _is_rms_norm(m):
+        _check_rms_representable(name, m)
+        eps = _rms_eps(m)
+        if eps is None:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
+            eps = torch.finfo(m.weight.dtype).eps
+        return TaperNorm(m.weight.numel(), eps=eps)
+    if _is_layer_norm(m):
+        if m.weight is None or m.bias is None or len(m.normalized_shape) != 1:
+            raise TaperError(f"{name}: LayerNorm without affine weight+bias over one dim; "
+                             "TaperLayerNorm cannot represent it")
+        return TaperLayerNorm(m.weight.numel(), eps=m.eps)
+    if isinstance(m, (nn.GroupNorm, nn.LocalResponseNorm)) or (type(m).__name__.endswith("LayerNorm")
+                                                                and hasattr(m, "weight")):
+        raise TaperError(f"{name}: {type(m).__name__} is not an RMSNorm or nn.LayerNorm; tapernorm cannot taper it")
+    return None
+
+
 def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = None) -> list[str]:
     """Replace every RMSNorm / nn.LayerNorm in `model` with a TaperNorm copying weights and eps.
 
     mode="internal" leaves the final norm (the one feeding the output head) alone; "all" tapers it too.
-    Returns the qualified names replaced. Refuses (TaperError) norm types it cannot represent.
+    Returns the qualified names replaced. Refuses (TaperError) norm types it cannot represent, before
+    changing anything.
     """
     if mode not in ("internal", "all"):
         raise TaperError(f"mode {mode!r} is not one of 'internal', 'all'")
     final = final_norm if final_norm is not None else find_final_norm(model)
-    replaced = []
-    for name, m in list(model.named_modules()):
-        if not name or isinstance(m, TAPER_TYPES):
+    plan = []  # check every norm first, so a refusal leaves the model untouched
+    for name, m in model.named_modules():
+        if not name or isinstance(m, TAPER_TYPES) or (mode == "internal" and name == final):
             continue
-        if mode == "internal" and name == final:
-            continue
-        if _is_rms_norm(m):
-            _check_rms_representable(name, m)
-            w = m.weight
-            new = TaperNorm(w.numel(), eps=_rms_eps(m))
-        elif _is_layer_norm(m):
-            if m.weight is None or m.bias is None or len(m.normalized_shape) != 1:
-                raise TaperError(f"{name}: LayerNorm without affine weight+bias over one dim; TaperLayerNorm cannot represent it")
-            w = m.weight
-            new = TaperLayerNorm(w.numel(), eps=m.eps)
-        elif isinstance(m, (nn.GroupNorm, nn.LocalResponseNorm)) or (type(m).__name__.endswith("LayerNorm") and hasattr(m, "weight")):
-            raise TaperError(f"{name}: {type(m).__name__} is not an RMSNorm or nn.LayerNorm; tapernorm cannot taper it")
-        else:
-            continue
+        new = _taper_for(name, m)
+        if new is not None:
+            plan.append((name, m, new))
+    for name, m, new in plan:
+        w = m.weight
         new = new.to(device=w.device)
         for p in new.parameters():  # parameters take the norm's dtype; gate/EMA buffers stay float64
             p.data = p.data.to(w.dtype)
@@ -252,8 +266,7 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
         new.train(m.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.append(name)
-    return replaced
+    return [name for name, _, _ in plan]
 
 
 def taper_layers(model: nn.Module) -> list[tuple[str, _TaperBase]]:
@@ -306,13 +319,16 @@ def calibrate(model: nn.Module, batches: Iterable, forward=None) -> dict[str, fl
     """Run the taper-start calibration outside a trainer: EMA over `batches`, bias-corrected c,
     copy gamma -> gamma_t (beta -> beta_t), freeze c. `forward(model, batch)` defaults to model(batch).
 
-    The gate is held at 1 while collecting. Returns {layer name: c}.
+    The gate is held at 1 while collecting. Only the TaperNorm layers are switched to train mode, so a
+    model in eval mode calibrates deterministically (no dropout). Returns {layer name: c}.
     """
     if not taper_layers(model):
         raise TaperError("model has no TaperNorm layers; call taperize() first")
     begin_calibration(model)
-    was_training = model.training
-    model.train()
+    layers = [m for _, m in taper_layers(model)]
+    was_training = [m.training for m in layers]
+    for m in layers:  # only the TaperNorm layers collect; dropout etc. keep the mode the caller set
+        m.train()
     try:
         n = 0
         for batch in batches:
@@ -322,6 +338,6 @@ def calibrate(model: nn.Module, batches: Iterable, forward=None) -> dict[str, fl
             raise TaperError("calibrate() got no batches; pass at least one batch")
         return finish_calibration(model)
     finally:
-        for _, m in taper_layers(model):
+        for m, t in zip(layers, was_training):
             m.collecting = False
-        model.train(was_training)
+            m.train(t)

@@ -189,3 +189,44 @@ def test_taperize_refuses_unrepresentable_norm():
         taperize(m, "all")
     with pytest.raises(TaperError, match="mode"):
         taperize(m, "some")
+
+
+def test_taperize_refusal_changes_nothing():
+    m = nn.Sequential(nn.RMSNorm(8, eps=1e-6), nn.Linear(8, 8), nn.LayerNorm(8, bias=False))
+    with pytest.raises(TaperError, match=r"^2: LayerNorm without affine"):
+        taperize(m, "all")
+    assert type(m[0]) is nn.RMSNorm
+
+
+def test_taperize_torch_rmsnorm_default_eps_identity():
+    rms = nn.RMSNorm(D)  # eps=None: torch uses the dtype's machine epsilon
+    nn.init.normal_(rms.weight, 1.0, 0.3)
+    m = nn.Sequential(rms, nn.Linear(D, D))
+    x = torch.randn(2, 3, D) * 0.01  # small RMS makes a wrong eps visible
+    before = m(x)
+    taperize(m, "all")
+    assert (m(x) - before).abs().max() <= 1e-6
+
+
+def test_calibrate_eval_model_is_deterministic_with_dropout():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.norm = nn.RMSNorm(D, eps=1e-6)
+            self.head = nn.Linear(D, 4)
+
+        def forward(self, x):
+            return self.head(self.norm(self.drop(x)))
+
+    batches = [torch.randn(4, 5, D) for _ in range(3)]
+    cs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = Net().eval()
+        torch.manual_seed(0)
+        nn.init.normal_(net.norm.weight, 1.0, 0.3)
+        taperize(net, "all")
+        cs.append(calibrate(net, batches)["norm"])
+        assert not net.training and not net.drop.training and not net.norm.training
+    assert cs[0] == cs[1]
