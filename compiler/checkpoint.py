@@ -16,14 +16,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .model import ConfigError, DecoderLM, ModelConfig
-from .fileio import replace_dir, umask_mode
+from .fileio import staged_dir
 from .tapernorm import get_gate, taper_layers
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "read_config"]
@@ -78,9 +77,7 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
         "tie_word_embeddings": bool(alias),
         **(extra or {}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         _write_json(tmp / CONFIG, config)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": json.dumps(alias)})
         if tokenizer_path is not None:
@@ -89,11 +86,6 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
             _write_json(tmp / STATE_JSON, trainer_state.get("json", {}))
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state.get("tensors", {}).items()}
             save_file(tensors, str(tmp / STATE_TENSORS))
-        umask_mode(tmp, is_dir=True)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

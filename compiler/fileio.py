@@ -1,12 +1,13 @@
 """Atomic file and directory writes: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "umask_mode"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode"]
 
 
 def umask_mode(path: str | os.PathLike, is_dir: bool = False) -> None:
@@ -48,3 +49,19 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     os.replace(tmp, out)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, tag: str = "tmp"):
+    """Yield a fresh temp dir beside `out` to build into; on success it replaces `out` in one rename,
+    on any error it is removed and `out` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    try:
+        yield tmp
+        umask_mode(tmp, is_dir=True)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -11,7 +11,6 @@ import math
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from .fileio import replace_dir, umask_mode
+from .fileio import staged_dir
 from .export_onnx import (
     DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, io_names, load_onnx, write_runtime_json,
 )
@@ -237,9 +236,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         stats_holder["stats"] = stats
         return {"tapernorm.statistics_check": stats, "tapernorm.folded_layers": folded}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, "build") as tmp:
         meta = {"tapernorm.source": str(ckpt), "tapernorm.taper_mode": cfg.taper_mode}
         log("export model.onnx (folded)")
         exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype, metadata={**meta, "tapernorm.graph": "folded"},
@@ -281,11 +278,6 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                                                  "total": round(time.perf_counter() - t0, 2)},
         }
         (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
-        umask_mode(tmp, is_dir=True)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
