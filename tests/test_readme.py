@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny
+from tiny_models import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_SECTIONS = ("## Fold your own model",)  # run by tests/passes/test_readme_fold.py

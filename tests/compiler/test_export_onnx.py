@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import make_tiny
+from tiny_models import make_tiny
 from tapernorm.compiler.export_onnx import (
     KVCacheLM, check_io, empty_past_feeds, export_onnx, io_names, load_onnx, max_ir_version, save_onnx,
     write_runtime_json,

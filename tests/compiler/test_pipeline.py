@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import make_tiny
+from tiny_models import make_tiny
 from tapernorm.compiler import cli
 from tapernorm.compiler.checkpoint import save_checkpoint
 from tapernorm.compiler.export_onnx import check_io, load_onnx

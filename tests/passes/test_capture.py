@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from conftest import make_tiny
+from tiny_models import make_tiny
 from passes_models import make_fused, make_hf
 from tapernorm.compiler.capture import CaptureError, capture
 from tapernorm.passes import fold, materialize

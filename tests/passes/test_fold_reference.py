@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from conftest import make_tiny
+from tiny_models import make_tiny
 from tapernorm.compiler import TAPER_TYPES
 from tapernorm.passes import fold, materialize
 

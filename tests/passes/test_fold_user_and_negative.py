@@ -115,7 +115,7 @@ def test_unfoldable_consumer_keeps_explicit_map(how, expect):
 
 
 def test_tied_head_not_untied_when_disallowed():
-    from conftest import make_tiny
+    from tiny_models import make_tiny
     model = make_tiny("tiny", "all")
     gm, report = fold(model, (torch.randint(0, 256, (2, 5)),), untie_embeddings=False)
     assert report["folded"] == 4 and report["layers"]["norm"]["status"] == "materialized"

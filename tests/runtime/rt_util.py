@@ -1,7 +1,7 @@
 """Runtime test helpers: one tiny compiled model directory per process (real export, real ORT).
 
-Not a conftest.py (that name would shadow tests/conftest.py); test modules import the fixtures from here.
-The builders are memoized so several test modules share one export.
+The builders are memoized so several test modules share one export; the pytest fixtures over them are in
+tests/runtime/conftest.py.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import make_tiny
+from tiny_models import make_tiny
+
 
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
     """A real SentencePiece model (tapernorm.compiler.data) matching the tiny presets' 256-token vocab."""
@@ -67,21 +67,3 @@ def tiny_model_cached(arch: str = "tiny", mode: str = "internal"):
 def compiled_tiny_dir(arch: str = "tiny", mode: str = "internal") -> Path:
     """A compiled dir for tiny_model_cached(arch, mode) (built once per process)."""
     return compile_tiny(tiny_model_cached(arch, mode), _TMP / f"compiled-{arch}-{mode}", tiny_tokenizer_path())
-
-
-@pytest.fixture
-def tiny_tokenizer() -> Path:
-    """Path to a tiny trained SentencePiece model."""
-    return tiny_tokenizer_path()
-
-
-@pytest.fixture
-def tiny_model():
-    """The tiny Llama-style Internal-Taper model at gate 0 that `compiled_dir` was built from."""
-    return tiny_model_cached()
-
-
-@pytest.fixture
-def compiled_dir() -> Path:
-    """A compiled tiny model directory (model.onnx, model_unfused.onnx, tokenizer, runtime.json)."""
-    return compiled_tiny_dir()

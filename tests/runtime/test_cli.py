@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-from rt_util import compiled_dir  # noqa: F401  (fixture)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

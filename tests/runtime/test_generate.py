@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from rt_util import compiled_dir, tiny_model  # noqa: F401  (fixtures)
 from tapernorm.runtime import (DecoderSession, Generator, OrtDecoder, SamplingParams, generate_ids, load_tokenizer,
                                pad_prompts)
 from tapernorm.runtime.torch_ref import TorchRefDecoder, greedy_full_forward

@@ -6,7 +6,6 @@ import warnings
 import onnx
 import pytest
 
-from rt_util import compiled_dir  # noqa: F401  (fixture)
 from tapernorm.runtime import DecoderSession, ModelDirError, cuda_loadable
 
 
