@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 
 import torch
 import torch.fx as fx
@@ -161,7 +162,10 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         if original is None:
             raise ValueError(f"{mode}: got a GraphModule without original=; pass the nn.Module it was captured from "
                              "(its TaperNorm layers hold the gates)")
-        gm = fx.GraphModule(module, copy.deepcopy(module.graph))  # new attribute tree, same tensors
+        with warnings.catch_warnings():  # torch's own pytree pickling of the codegen warns (LeafSpec deprecation)
+            warnings.simplefilter("ignore", FutureWarning)
+            graph = copy.deepcopy(module.graph)
+        gm = fx.GraphModule(module, graph)  # new attribute tree, same tensors
         gm.meta.update(module.meta)
     elif isinstance(module, nn.Module):
         gm, original = None, original if original is not None else module
