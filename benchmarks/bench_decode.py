@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -31,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+from bench_common import RESULTS, library_versions, loadavg, machine_info, spread, write_results
 from tapernorm.compiler import build_model, calibrate, set_gate
 from tapernorm.compiler.checkpoint import save_checkpoint
 from tapernorm.compiler.export_onnx import KVCacheLM, export_onnx
@@ -196,25 +195,7 @@ def lockstep(decoders: dict, batch: int, prompt_len: int, new_tokens: int, round
 
 def ratio_stats(num: list[float], den: list[float]) -> dict:
     """Median and spread of paired ratios num[i] / den[i] (speedup of den's variant over num's)."""
-    r = sorted(a / b for a, b in zip(num, den))
-    q = np.percentile(r, [25, 75]) if len(r) > 1 else [r[0], r[0]]
-    return {"median": statistics.median(r), "p25": float(q[0]), "p75": float(q[1]), "min": r[0], "max": r[-1],
-            "n": len(r)}
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"platform": platform.platform(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None, "python": sys.version.split()[0]}
-
-
-def versions() -> dict:
-    return {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__}
+    return spread([a / b for a, b in zip(num, den)])
 
 
 def run(args) -> dict:
@@ -222,7 +203,7 @@ def run(args) -> dict:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
-    results = {"machine": machine(), "versions": versions(), "settings": vars(args).copy(), "configs": []}
+    results = {"machine": machine_info(), "versions": library_versions(), "settings": vars(args).copy(), "configs": []}
     ctx = args.prompt_len + args.new_tokens
     try:
         for width in args.widths:
@@ -279,7 +260,7 @@ def run(args) -> dict:
                 del sessions, decs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["machine"]["loadavg_end"] = loadavg()
     return results
 
 
@@ -343,17 +324,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tapernorm-bench-decode-cache"),
                    help="where compiled ONNX variants are kept between runs")
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for suffix, text in ((".json", json.dumps(res, indent=2, default=str)), (".md", markdown(res))):
-        path = out / f"decode{suffix}"
-        tmpf = path.with_suffix(suffix + ".tmp")
-        tmpf.write_text(text)
-        os.replace(tmpf, path)
+    write_results(out / "decode", res, markdown(res))
     print(markdown(res))
     print(f"[bench] wrote {out / 'decode.json'} and {out / 'decode.md'} ({stamp})", file=sys.stderr)
     return 0

@@ -11,11 +11,7 @@ Writes benchmarks/results/train_step_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,28 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_common import RESULTS, loadavg, machine_info, spread, write_results
 from tapernorm.compiler import build_model, calibrate, set_gate
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _machine(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-           "torch": torch.__version__, "device": str(device), "torch_threads": torch.get_num_threads()}
+    out = {**machine_info(), "torch": torch.__version__, "device": str(device), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        out["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
     return out
 
 
@@ -80,11 +62,6 @@ def _time(v, x, y, args, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t) / args.inner
-
-
-def _summary(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def main(argv=None) -> int:
@@ -131,22 +108,17 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(device), "settings": vars(args),
-        "step_seconds": {labels[n]: _summary(times[n]) for n in names},
-        "ratio_vs_rmsnorm": {labels[n]: _summary(r) for n, r in ratios.items()},
+        "step_seconds": {labels[n]: spread(times[n]) for n in names},
+        "ratio_vs_rmsnorm": {labels[n]: spread(r) for n, r in ratios.items()},
         "goals": {"taper_overhead_max": 1.05, "gate0_faster": True},
     }
     r_mid = result["ratio_vs_rmsnorm"][labels["taper_taper"]]["median"]
     r_0 = result["ratio_vs_rmsnorm"][labels["taper_gate0"]]["median"]
     result["verdict"] = {"taper_overhead_ok": r_mid <= 1.05, "gate0_faster": r_0 < 1.0}
-    try:
-        result["machine"]["loadavg_end"] = os.getloadavg()
-    except OSError:
-        pass
+    result["machine"]["loadavg_end"] = loadavg()
     stem = Path(args.out) if args.out else RESULTS / f"train_step_{device.type}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Training step: TaperNorm vs RMSNorm ({device.type})", "",
-          f"{result['date']}; {result['machine']['cpu']} ({result['machine']['cpu_count']} cores)"
+          f"{result['date']}; {result['machine']['cpu']} ({result['machine']['cores']} cores)"
           f"{'; ' + result['machine']['gpu'] if 'gpu' in result['machine'] else ''}; torch {torch.__version__}; "
           f"{args.threads} threads; load avg at start {result['machine'].get('loadavg_start')}", "",
           f"Model: {args.arch}, dim {args.dim}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
@@ -164,7 +136,7 @@ def main(argv=None) -> int:
                       f"| {r['min']:.3f}-{r['max']:.3f} |")
     md += ["", f"Goals: <= 1.05 while tapering -> {'met' if r_mid <= 1.05 else 'NOT met'} ({r_mid:.3f}); "
                f"faster at gate 0 -> {'met' if r_0 < 1 else 'NOT met'} ({r_0:.3f}).", ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    write_results(stem, result, "\n".join(md))
     print("\n".join(md))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
     return 0
