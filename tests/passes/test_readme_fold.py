@@ -9,15 +9,13 @@ HEADING = "## Fold your own model"
 
 
 def _section() -> str:
-    """The section from README.md if the lead pasted it there, else docs/passes_readme_section.md."""
-    for path in (ROOT / "README.md", ROOT / "docs" / "passes_readme_section.md"):
-        if path.exists():
-            text = path.read_text()
-            if HEADING in text:
-                body = text.split(HEADING, 1)[1]
-                nxt = re.search(r"^## ", body, flags=re.M)
-                return body[: nxt.start()] if nxt else body
-    pytest.fail(f"no '{HEADING}' section in README.md or docs/passes_readme_section.md")
+    """The "Fold your own model" section of README.md, up to the next heading."""
+    text = (ROOT / "README.md").read_text()
+    if HEADING not in text:
+        pytest.fail(f"no '{HEADING}' section in README.md")
+    body = text.split(HEADING, 1)[1]
+    nxt = re.search(r"^## ", body, flags=re.M)
+    return body[: nxt.start()] if nxt else body
 
 
 BLOCKS = re.findall(r"```python\n(.*?)```", _section(), flags=re.S)
