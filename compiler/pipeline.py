@@ -21,11 +21,11 @@ import torch
 
 from .fileio import staged_dir
 from .export_onnx import (
-    DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, io_names, load_onnx, write_runtime_json,
+    DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, load_onnx, write_runtime_json,
 )
 from .tapernorm import TAPER_TYPES, taper_layers
 
-__all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy", "make_session",
+__all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy",
            "add_cli", "DEFAULT_PROMPT", "PARITY_TOL"]
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -42,48 +42,28 @@ class ParityError(RuntimeError):
 
 
 # -- ORT / torch greedy loops (parity) ------------------------------------------------------------------
-def make_session(path: str | Path, provider: str = "cpu", threads: int = 1, label: str | None = None):
-    """An ORT session on `provider` ("cpu" | "cuda"); one-line error (naming `label` or path) if it cannot run."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-    so.log_severity_level = 3
-    providers = (["CUDAExecutionProvider"] if provider == "cuda" else []) + ["CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        first = str(e).strip().splitlines()[0][:300]
-        raise RuntimeError(f"{label or path}: onnxruntime ({'+'.join(providers)}) cannot run this graph: {first}; "
-                           "bfloat16 has no CPU kernels - compile with --dtype float32/float16, or on a GPU "
-                           "with --provider cuda") from None
-
-
-def _np_dtype(sess) -> type:
-    t = sess.get_inputs()[3].type if len(sess.get_inputs()) > 3 else "tensor(float)"
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(t, np.float32)
-
-
-def ort_greedy(sess, cfg, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decode with the KV cache over an ORT session: empty past at step 0; returns (tokens, step logits)."""
-    names_in, names_out = io_names(cfg.n_layers)
-    dt = _np_dtype(sess)
-    past = {n: np.zeros((1, cfg.n_heads, 0, cfg.head_dim), dt) for n in names_in[3:]}  # (B, H, 0, D)
-    ids = np.asarray([prompt], dtype=np.int64)  # (1, T)
-    pos, tokens, logits_seen = 0, [], []
-    for _ in range(n_new):
-        T = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, pos + T), np.int64),
-                 "position_ids": np.arange(pos, pos + T, dtype=np.int64)[None], **past}
-        outs = sess.run(names_out, feeds)
-        last = outs[0][0, -1].astype(np.float32)  # (V,)
-        logits_seen.append(last)
-        past = dict(zip(names_in[3:], outs[1:]))
-        pos += T
-        tok = int(last.argmax())
-        tokens.append(tok)
-        ids = np.asarray([[tok]], dtype=np.int64)
+def ort_greedy(sess, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decode through the runtime's KV-cached OrtDecoder (empty past at step 0) on a DecoderSession;
+    returns (tokens, float32 logits (V,) of every step)."""
+    from tapernorm.runtime.generate import OrtDecoder
+    dec = OrtDecoder(sess)
+    last = dec.start(np.asarray([prompt], dtype=np.int64))  # (1, V)
+    tokens, logits_seen = [], []
+    for i in range(n_new):
+        logits_seen.append(last[0].astype(np.float32))
+        tokens.append(int(logits_seen[-1].argmax()))
+        if i < n_new - 1:
+            last = dec.step(np.asarray(tokens[-1:], dtype=np.int64))
     return tokens, logits_seen
+
+
+def _session(path: Path, provider: str, out_dir: Path):
+    """A 1-thread runtime DecoderSession on a graph still in the build dir; errors name its final path."""
+    from tapernorm.runtime.session import DecoderSession
+    try:
+        return DecoderSession(path, provider=provider, intra_op_threads=1)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise type(e)(str(e).replace(str(path.parent), str(out_dir))) from None
 
 
 @torch.no_grad()
@@ -112,20 +92,19 @@ def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: st
            "tolerance": PARITY_TOL[dtype] * scale, "graphs": {}}
     failures = []
     for name, sess in sessions.items():
-        names_in, _ = io_names(cfg.n_layers)
-        dt = _np_dtype(sess)
         feeds = {"input_ids": np.asarray([prompt], np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64),
                  "position_ids": np.arange(len(prompt), dtype=np.int64)[None],
-                 **{n: np.zeros((1, cfg.n_heads, 0, cfg.head_dim), dt) for n in names_in[3:]}}
-        full = sess.run(["logits"], feeds)[0][0].astype(np.float32)
+                 **{n: np.zeros((1, sess.config.n_heads, 0, sess.config.head_dim), sess.np_dtype)
+                    for n in sess.past_names}}  # empty past (1, H, 0, D)
+        full = sess.session.run(["logits"], feeds)[0][0].astype(np.float32)  # (T, V), every prompt position
         prompt_diff = float(np.abs(full - ref_full).max())
-        tokens, logits = ort_greedy(sess, cfg, prompt, n_new)
+        tokens, logits = ort_greedy(sess, prompt, n_new)
         agree = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
         steps = min(len(logits), agree if agree is not None else len(logits))
         step_diff = max((float(np.abs(a - b).max()) for a, b in zip(logits[:steps], ref_logits[:steps])), default=0.0)
         row = {"prompt_logits_max_abs_diff": prompt_diff, "decode_logits_max_abs_diff": step_diff,
                "tokens": tokens, "tokens_identical": agree is None, "first_mismatch": agree,
-               "providers": sess.get_providers()}
+               "providers": sess.providers}
         out["graphs"][name] = row
         if not math.isfinite(prompt_diff) or prompt_diff > out["tolerance"] or step_diff > out["tolerance"]:
             failures.append(f"{name}: max |logit diff| prompt {prompt_diff:.3g}, decode {step_diff:.3g} "
@@ -251,7 +230,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         for f in ("model.onnx", "model_unfused.onnx"):
             load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
         log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
-        sessions = {f: make_session(tmp / f, provider, label=str(out_dir / f)) for f in ("model.onnx", "model_unfused.onnx")}
+        sessions = {f: _session(tmp / f, provider, out_dir) for f in ("model.onnx", "model_unfused.onnx")}
         prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
         parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
         del sessions

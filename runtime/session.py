@@ -119,6 +119,10 @@ def _load_error(onnx_path: Path, err: Exception) -> Exception:
     if "xternal data" in msg:
         return ModelDirError(f"{onnx_path}: its external weights file is missing or unreadable ({first}); copy "
                              f"{onnx_path.name}.data beside it or re-run `tapernorm compile`")
+    if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
+        return ModelDirError(f"{onnx_path}: onnxruntime's providers have no kernel for an op in this graph ({first}); "
+                             "bfloat16 has no CPU kernels - compile with --dtype float32/float16, or run on a GPU "
+                             "with --provider cuda")
     if "rotobuf" in msg or "No graph" in msg or "model_proto" in msg or "ModelProto" in msg:
         return ModelDirError(f"{onnx_path} is truncated or not an ONNX model ({first}); "
                              f"re-run `tapernorm compile` to rewrite it")
