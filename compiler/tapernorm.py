@@ -116,9 +116,6 @@ class TaperNorm(_TaperBase):
         self.weight = nn.Parameter(torch.ones(dim))
         self.weight_t = nn.Parameter(torch.ones(dim))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d)
         g = self.gate
         if g == 0.0:  # no per-token statistic at all
