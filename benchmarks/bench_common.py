@@ -10,7 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tapernorm.compiler.fileio import atomic_write_text
+from tapernorm.fileio import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

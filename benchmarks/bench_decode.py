@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 
 from bench_common import RESULTS, library_versions, loadavg, machine_info, spread, write_results
-from tapernorm.compiler import build_model, calibrate, set_gate
-from tapernorm.compiler.checkpoint import save_checkpoint
+from tapernorm import build_model, calibrate, set_gate
+from tapernorm.checkpoint import save_checkpoint
 from tapernorm.compiler.export_onnx import KVCacheLM, export_onnx
 from tapernorm.compiler.pipeline import compile_checkpoint
 from tapernorm.runtime import DecoderSession, OrtDecoder

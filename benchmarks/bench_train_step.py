@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_common import RESULTS, loadavg, machine_info, spread, write_results
-from tapernorm.compiler import build_model, calibrate, set_gate
+from tapernorm import build_model, calibrate, set_gate
 
 
 def _machine(device: torch.device) -> dict:

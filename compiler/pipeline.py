@@ -1,8 +1,8 @@
 """compile = checkpoint -> capture -> fold / materialize -> ONNX (folded + unfused) -> parity -> report.
 
 Everything is built in a temporary directory beside the output and renamed into place only when the
-parity checks pass, so a failed compile leaves no final files. Also `tapernorm demo`: train a tiny
-model through the taper to gate 0, compile it, and generate with onnxruntime.
+parity checks pass, so a failed compile leaves no final files. The `compile` and `demo` commands that
+drive it are in cli.py.
 """
 from __future__ import annotations
 
@@ -19,16 +19,25 @@ import numpy as np
 import onnx
 import torch
 
-from .fileio import staged_dir
+from tapernorm.checkpoint import load_checkpoint
+from tapernorm.data import Tokenizer
+from tapernorm.fileio import staged_dir
+from tapernorm.layers import TAPER_TYPES, taper_layers
+from tapernorm.passes import fold, materialize
+from tapernorm.passes.capture import capture
+from tapernorm.runtime.generate import OrtDecoder
+from tapernorm.runtime.session import DecoderSession
+
 from .export_onnx import (
-    DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, load_onnx, write_runtime_json,
+    DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, write_runtime_json,
 )
-from .tapernorm import TAPER_TYPES, taper_layers
+from .defaults import DEFAULT_PROMPT, PARITY_TOKENS
+from .onnx_fold import check_statistics
+from .onnx_io import load_onnx
 
-__all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy",
-           "add_cli", "DEFAULT_PROMPT", "PARITY_TOL"]
+__all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy", "summary_text",
+           "DEFAULT_PROMPT", "PARITY_TOL"]
 
-DEFAULT_PROMPT = "Once upon a time"
 PARITY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}  # max |logit diff| / max(1, max |logit|)
 _OUT_FILES = ("model.onnx", "model_unfused.onnx", "runtime.json", "config.json", "compile_report.json")
 
@@ -45,7 +54,6 @@ class ParityError(RuntimeError):
 def ort_greedy(sess, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy decode through the runtime's KV-cached OrtDecoder (empty past at step 0) on a DecoderSession;
     returns (tokens, float32 logits (V,) of every step)."""
-    from tapernorm.runtime.generate import OrtDecoder
     dec = OrtDecoder(sess)
     last = dec.start(np.asarray([prompt], dtype=np.int64))  # (1, V)
     tokens, logits_seen = [], []
@@ -59,7 +67,6 @@ def ort_greedy(sess, prompt: list[int], n_new: int) -> tuple[list[int], list[np.
 
 def _session(path: Path, provider: str, out_dir: Path):
     """A 1-thread runtime DecoderSession on a graph still in the build dir; errors name its final path."""
-    from tapernorm.runtime.session import DecoderSession
     try:
         return DecoderSession(path, provider=provider, intra_op_threads=1)
     except (ValueError, RuntimeError, OSError) as e:
@@ -160,7 +167,6 @@ def _check_finite(model, cfg, ckpt: Path, dtype: str) -> None:
 def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
     tok_path = info.get("tokenizer_path")
     if tok_path:
-        from .data import Tokenizer
         tok = Tokenizer.load(tok_path)
         ids = ([tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []) + tok.encode(prompt)
     else:  # no tokenizer: a fixed, deterministic prompt of ids
@@ -169,17 +175,12 @@ def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
 
 
 def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                       allow_unfolded: bool = False, parity_tokens: int = 8, prompt: str = DEFAULT_PROMPT,
+                       allow_unfolded: bool = False, parity_tokens: int = PARITY_TOKENS, prompt: str = DEFAULT_PROMPT,
                        provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT) -> dict:
     """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report.
 
     `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB).
     """
-    from tapernorm.passes import fold, materialize
-    from tapernorm.passes.onnx_fold import check_statistics
-    from .capture import capture
-    from .checkpoint import load_checkpoint
-
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     ckpt, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -236,7 +237,6 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         del sessions
         tok_ids = {"eos_id": None, "bos_id": None}
         if info.get("tokenizer_path"):
-            from .data import Tokenizer
             tok = Tokenizer.load(info["tokenizer_path"])
             tok_ids = {"eos_id": tok.eos_id, "bos_id": tok.bos_id}
             shutil.copyfile(info["tokenizer_path"], tmp / "tokenizer.model")
@@ -260,8 +260,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
     return report
 
 
-# -- CLI -------------------------------------------------------------------------------------------------
-def _summary(rep: dict) -> str:
+def summary_text(rep: dict) -> str:
+    """The few lines `tapernorm compile` prints: output, folds, statistics check, parity."""
     p = rep["parity"]
     g = p["graphs"]
     return (f"compiled {rep['checkpoint']} -> {rep['out_dir']} ({rep['dtype']}, opset {rep['opset'].get('ai.onnx')}, "
@@ -272,64 +272,3 @@ def _summary(rep: dict) -> str:
             f"  parity: prompt logits max|diff| folded {g['model.onnx']['prompt_logits_max_abs_diff']:.2e}, "
             f"unfused {g['model_unfused.onnx']['prompt_logits_max_abs_diff']:.2e}; "
             f"{p['new_tokens']} greedy tokens identical in PyTorch / folded / unfused")
-
-
-def _cmd_compile(args) -> int:
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise during capture
-    rep = compile_checkpoint(args.checkpoint, args.out, dtype=args.dtype, allow_unfolded=args.allow_unfolded,
-                             parity_tokens=args.parity_tokens, prompt=args.prompt, provider=args.provider,
-                             log=lambda m: print(f"[compile] {m}", file=sys.stderr))
-    print(_summary(rep))
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from .train import TrainConfig, train
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    print(f"[demo] training preset {args.preset} ({args.mode}-taper, {args.steps} steps, gate -> 0) in {out / 'run'}",
-          file=sys.stderr)
-    res = train(TrainConfig(out_dir=str(out / "run"), preset=args.preset, mode=args.mode, steps=args.steps,
-                            overwrite=True, progress=not args.quiet, seed=args.seed))
-    print(f"[demo] trained: val loss {res.val_loss:.3f}, final gate {res.final_gate}, {res.seconds:.0f} s",
-          file=sys.stderr)
-    rep = compile_checkpoint(res.model_dir, out / "compiled", parity_tokens=args.parity_tokens,
-                             log=lambda m: print(f"[demo] {m}", file=sys.stderr))
-    print(_summary(rep))
-    from tapernorm.runtime.generate import Generator
-    gen = Generator(out / "compiled", provider="cpu", threads=1)
-    text = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens)
-    print(f"[demo] ORT ({gen.session.providers[0]}) greedy: {args.prompt!r} -> {text!r}")
-    print(f"[demo] done in {time.perf_counter() - t0:.0f} s; try: tapernorm generate {out / 'compiled'} "
-          f"--prompt {args.prompt!r}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register `tapernorm compile` and `tapernorm demo`."""
-    p = subparsers.add_parser("compile", help="fold a gate-0 checkpoint and export ONNX (folded + unfused) with parity")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (config.json + model.safetensors)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced if it is a previous compile)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="export dtype (bfloat16 does not run on ORT CPU; needs --provider cuda)")
-    p.add_argument("--allow-unfolded", action="store_true",
-                   help="compile even if some gates are not 0 (those norms stay, computed per token)")
-    p.add_argument("--parity-tokens", type=int, default=8, help="greedy tokens that must match PyTorch (default 8)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="parity prompt text")
-    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="onnxruntime provider for parity")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    p.set_defaults(func=_cmd_compile)
-    d = subparsers.add_parser("demo", help="train a tiny model to gate 0, compile it, generate with onnxruntime")
-    d.add_argument("--out", default="runs/demo", metavar="DIR", help="working directory (default runs/demo)")
-    d.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-    d.add_argument("--mode", choices=("internal", "all"), default="internal", help="taper mode (default internal)")
-    d.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--parity-tokens", type=int, default=8)
-    d.add_argument("--prompt", default="The for statement is used", help="generation prompt (the builtin corpus is Python's docs)")
-    d.add_argument("--max-new-tokens", type=int, default=24)
-    d.add_argument("--quiet", action="store_true", help="no training progress bar")
-    d.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    d.set_defaults(func=_cmd_demo)

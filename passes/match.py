@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tapernorm.compiler.tapernorm import TAPER_TYPES, TaperLayerNorm
+from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
 aten = torch.ops.aten
 

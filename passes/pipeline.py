@@ -16,8 +16,8 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from tapernorm.compiler.capture import capture
-from tapernorm.compiler.tapernorm import TAPER_TYPES
+from .capture import capture
+from tapernorm.layers import TAPER_TYPES
 
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
 from .sampling import Sampler, SamplingParams
 from .session import DecoderSession
@@ -227,33 +228,30 @@ def generate_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
 # -- text ----------------------------------------------------------------------------------------------
 
-class _SPTokenizer:
-    """Minimal SentencePiece wrapper with the tapernorm.compiler.data.Tokenizer interface."""
+class SPTokenizer:
+    """SentencePiece model for generation (the runtime reads tokenizer.model directly, no torch)."""
 
-    def __init__(self, path: str):
-        import sentencepiece as spm
+    def __init__(self, path: str | Path):
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.eos_id, self.bos_id, self.vocab_size = self.sp.eos_id(), self.sp.bos_id(), self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS; callers add it)."""
         return list(self.sp.encode(text))
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`."""
         return self.sp.decode(list(ids))
 
 
-def load_tokenizer(path: str | Path):
-    """tapernorm.compiler.data.Tokenizer.load(path) if available, else a SentencePiece wrapper."""
+def load_tokenizer(path: str | Path) -> SPTokenizer:
+    """The compiled directory's SentencePiece tokenizer.model, with one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer {path} is missing; compile from a checkpoint that has tokenizer.model "
                                 "(`tapernorm compile` copies it), or decode token ids with runtime.generate_ids")
     try:
-        from tapernorm.compiler.data import Tokenizer
-    except ImportError:
-        Tokenizer = None
-    try:
-        return Tokenizer.load(str(path)) if Tokenizer is not None else _SPTokenizer(str(path))
+        return SPTokenizer(path)
     except (RuntimeError, OSError) as e:
         raise ValueError(f"{path} is not a SentencePiece model ({e}); re-run `tapernorm compile`") from None
 

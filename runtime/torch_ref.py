@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tapernorm.compiler.model import DecoderLM
+from tapernorm.model import DecoderLM
 
 __all__ = ["KVCache", "StaticDecoder", "TorchRefDecoder", "prefill", "decode_one_token", "greedy_full_forward"]
 

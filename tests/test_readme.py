@@ -31,8 +31,8 @@ BLOCKS = _blocks()
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     """runs/demo/run/model (gate-0 checkpoint with a real tokenizer) and runs/demo/compiled."""
-    from tapernorm.compiler.checkpoint import save_checkpoint
-    from tapernorm.compiler.data import builtin_corpus, train_tokenizer
+    from tapernorm.checkpoint import save_checkpoint
+    from tapernorm.data import builtin_corpus, train_tokenizer
     from tapernorm.compiler.pipeline import compile_checkpoint
     root = tmp_path_factory.mktemp("readme")
     demo = root / "runs" / "demo"

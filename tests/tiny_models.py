@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tapernorm.compiler import build_model, calibrate, set_gate
+from tapernorm import build_model, calibrate, set_gate
 
 VOCAB = 256
 

@@ -11,7 +11,7 @@ from tapernorm.compiler.export_onnx import (
     KVCacheLM, check_io, empty_past_feeds, export_onnx, io_names, load_onnx, max_ir_version, save_onnx,
     write_runtime_json,
 )
-from tapernorm.passes.onnx_fold import check_statistics, fold_onnx
+from tapernorm.compiler.onnx_fold import check_statistics, fold_onnx
 
 
 def _session(path_or_model, optimize=True):

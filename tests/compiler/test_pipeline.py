@@ -9,7 +9,7 @@ import torch
 
 from tiny_models import make_tiny
 from tapernorm.compiler import cli
-from tapernorm.compiler.checkpoint import save_checkpoint
+from tapernorm.checkpoint import save_checkpoint
 from tapernorm.compiler.export_onnx import check_io, load_onnx
 from tapernorm.compiler.pipeline import CompileError, ParityError, compile_checkpoint
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tapernorm.compiler import TaperLayerNorm, TaperNorm, calibrate, set_gate, taperize
+from tapernorm import TaperLayerNorm, TaperNorm, calibrate, set_gate, taperize
 
 VOCAB = 256
 

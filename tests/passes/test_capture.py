@@ -6,7 +6,7 @@ import torch.fx as fx
 
 from tiny_models import make_tiny
 from passes_models import make_fused, make_hf
-from tapernorm.compiler.capture import CaptureError, capture
+from tapernorm.passes.capture import CaptureError, capture
 from tapernorm.passes import fold, materialize
 
 IDS = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))

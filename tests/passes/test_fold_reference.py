@@ -6,7 +6,7 @@ import torch
 from torch.export import Dim
 
 from tiny_models import make_tiny
-from tapernorm.compiler import TAPER_TYPES
+from tapernorm import TAPER_TYPES
 from tapernorm.passes import fold, materialize
 
 aten = torch.ops.aten
@@ -124,7 +124,7 @@ def test_half_dtypes(dtype, arch):
 
 
 def test_graphmodule_input_needs_original():
-    from tapernorm.compiler.capture import capture
+    from tapernorm.passes.capture import capture
     model = make_tiny("tiny", "internal")
     captured = capture(model, (_ids(),))
     with pytest.raises(ValueError, match="original="):

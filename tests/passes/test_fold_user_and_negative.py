@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from passes_models import float_batches, make_fused, seeded_gains
-from tapernorm.compiler import TaperLayerNorm, TaperNorm, calibrate, set_gate
+from tapernorm import TaperLayerNorm, TaperNorm, calibrate, set_gate
 from tapernorm.passes import VerifyError, fold, materialize
 
 aten = torch.ops.aten

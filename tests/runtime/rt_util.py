@@ -17,8 +17,8 @@ from tiny_models import make_tiny
 
 
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
-    """A real SentencePiece model (tapernorm.compiler.data) matching the tiny presets' 256-token vocab."""
-    from tapernorm.compiler.data import builtin_corpus, train_tokenizer
+    """A real SentencePiece model (tapernorm.data) matching the tiny presets' 256-token vocab."""
+    from tapernorm.data import builtin_corpus, train_tokenizer
     path = out_dir / "tokenizer.model"
     train_tokenizer(builtin_corpus(), vocab_size, path)
     return path
@@ -27,7 +27,7 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
 def compile_tiny(model, out_dir: Path, tokenizer: Path) -> Path:
     """A compiled dir for `model` through the real product: save_checkpoint -> compile_checkpoint
     (capture, fold + materialize, ONNX export of both, parity, report)."""
-    from tapernorm.compiler.checkpoint import save_checkpoint
+    from tapernorm.checkpoint import save_checkpoint
     from tapernorm.compiler.pipeline import compile_checkpoint
     ckpt = out_dir.parent / (out_dir.name + "-ckpt")
     save_checkpoint(model, ckpt, tokenizer_path=tokenizer)

@@ -1,5 +1,5 @@
 """Shared helpers for the trainer tests: a small corpus slice and fast TrainConfig settings."""
-from tapernorm.compiler.data import load_corpus, train_tokenizer
+from tapernorm.data import load_corpus, train_tokenizer
 
 CORPUS_CHARS = 60_000
 VOCAB = 128
@@ -17,7 +17,7 @@ def make_tokenizer(path):
 
 def fast_cfg(out_dir, tokenizer, **kw):
     """A TrainConfig for a few-second tiny run on the corpus slice."""
-    from tapernorm.compiler.train import TrainConfig
+    from tapernorm.train.trainer import TrainConfig
     base = dict(out_dir=str(out_dir), preset="tiny", tokenizer=str(tokenizer), max_chars=CORPUS_CHARS,
                 steps=24, batch_size=8, seq_len=32, lr=3e-3, eval_every=0, eval_batches=4, ckpt_every=0,
                 progress=False)

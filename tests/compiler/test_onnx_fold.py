@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tapernorm.passes.onnx_fold import check_statistics, fold_onnx
+from tapernorm.compiler.onnx_fold import check_statistics, fold_onnx
 
 D, OUT, OUT2 = 8, 6, 5
 RNG = np.random.default_rng(0)
@@ -196,7 +196,7 @@ def test_statistics_checker_names_offending_layer():
 
 def test_cleanup_onnx_drops_dead_nodes_and_toposorts():
     """Nodes out of order plus a dead branch: cleanup_onnx sorts, prunes, keeps node metadata and outputs."""
-    from tapernorm.passes.onnx_fold import cleanup_onnx
+    from tapernorm.compiler.onnx_fold import cleanup_onnx
     nodes = [helper.make_node("MatMul", ["h", "W"], ["y"], name="mm"),  # reads h before it is produced
              helper.make_node("Mul", ["x", "s"], ["h"], name="map"),
              helper.make_node("Relu", ["x"], ["dead"], name="dead_relu")]  # output unused

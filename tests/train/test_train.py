@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from _train_helpers import fast_cfg, make_tokenizer
-from tapernorm.compiler.checkpoint import CheckpointError, load_checkpoint
+from tapernorm.checkpoint import CheckpointError, load_checkpoint
 from tapernorm.compiler.cli import main
-from tapernorm.compiler.trainstate import read_log
-from tapernorm.compiler.train import TrainConfig, evaluate_checkpoint, train
+from tapernorm.train.state import read_log
+from tapernorm.train.trainer import TrainConfig, evaluate_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,8 +58,8 @@ def test_val_loss_falls_in_each_mode(tmp_path, tokenizer, mode, preset, aux):
 
 
 def test_bf16_autocast_run(tmp_path, tokenizer):
-    from tapernorm.compiler.data import Tokenizer, load_corpus, tokenize_corpus
-    from tapernorm.compiler.train import evaluate
+    from tapernorm.data import Tokenizer, load_corpus, tokenize_corpus
+    from tapernorm.train.trainer import evaluate
     res = train(fast_cfg(tmp_path / "bf16", tokenizer, mode="all", bf16=True, steps=16, eval_every=100))
     assert res.val_loss < res.initial_val_loss - 0.3 and res.final_gate == 0.0
     assert all(r["ce"] == r["ce"] and r["gate"] is not None for r in _train_log(res.run_dir))  # no NaN
@@ -86,7 +86,7 @@ def test_resume_continues_exactly(tmp_path, tokenizer, monkeypatch):
     assert resumed.val_loss == full.val_loss
 
     # a crash at step 10 (last checkpoint: step 8, mid-taper): the log's steps 8-9 are dropped and redone
-    import tapernorm.compiler.train as train_mod
+    import tapernorm.train.trainer as train_mod
     real = train_mod.batch_at
 
     def crash_at_10(stream, step, *args, **kwargs):

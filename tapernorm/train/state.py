@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .tapernorm import TAPER_TYPES
+from ..layers import TAPER_TYPES
 
 __all__ = ["pack_optimizer", "unpack_optimizer", "pack_rng", "unpack_rng", "grad_groups", "grad_norms",
            "JsonlLog", "read_log"]

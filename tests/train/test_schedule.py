@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tapernorm.compiler.schedule import gate_at, lr_at, resolve_schedule, warmup_steps
+from tapernorm.train.schedule import gate_at, lr_at, resolve_schedule, warmup_steps
 
 
 def test_gate_hold_cosine_exact_zero():

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .onnx_io import load_onnx, save_onnx
+
 __all__ = ["fold_onnx", "fold_onnx_file", "cleanup_onnx", "check_statistics", "STAT_OPS"]
 
 STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
@@ -313,8 +315,6 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 
 def fold_onnx_file(src: str, dst: str) -> dict:
     """Fold `src` into `dst` (written atomically, inline weights); returns the report."""
-    from tapernorm.compiler.export_onnx import load_onnx, save_onnx
-
     model, report = fold_onnx(load_onnx(src))
     onnx.checker.check_model(model)
     save_onnx(model, dst)

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tapernorm.compiler import TaperError, TaperLayerNorm, TaperNorm, build_model, calibrate, set_gate
-from tapernorm.compiler.scale_loss import ScaleTarget, scale_loss, scale_stat
+from tapernorm import TaperError, TaperLayerNorm, TaperNorm, build_model, calibrate, set_gate
+from tapernorm.train.scale_loss import ScaleTarget, scale_loss, scale_stat
 
 D = 24
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tapernorm.compiler import (
+from tapernorm import (
     TaperError, TaperLayerNorm, TaperNorm, build_model, calibrate, get_gate, set_gate, taper_layers, taperize,
 )
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .model import ConfigError, DecoderLM, ModelConfig
 from .fileio import staged_dir
-from .tapernorm import get_gate, taper_layers
+from .layers import get_gate, taper_layers
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "read_config"]
 

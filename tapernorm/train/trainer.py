@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,84 +22,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
-from .data import Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
-from .model import DecoderLM, preset
+from ..checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from ..data import Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
+from ..layers import begin_calibration, finish_calibration, set_gate, taper_layers
+from ..model import DecoderLM, preset
+from .config import RESUME_FREE, TrainConfig
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
 from .schedule import resolve_schedule
-from .tapernorm import begin_calibration, finish_calibration, set_gate, taper_layers
-from .trainstate import (JsonlLog, grad_groups, grad_norms, pack_optimizer, pack_rng, unpack_optimizer,
+from .state import (JsonlLog, grad_groups, grad_norms, pack_optimizer, pack_rng, unpack_optimizer,
                          unpack_rng)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_checkpoint", "add_cli"]
-
-_MODES = {"baseline": "baseline", "internal": "internal", "internal-taper": "internal", "all": "all",
-          "all-taper": "all"}
-# fields that do not change the trajectory: may differ between a run and its resume
-_RESUME_FREE = {"out_dir", "resume", "overwrite", "progress", "eval_every", "eval_batches", "ckpt_every",
-                "stop_after", "device"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; the defaults are a ~1-minute CPU run of the tiny preset on the builtin corpus."""
-    out_dir: str = "runs/tiny"
-    preset: str = "tiny"
-    mode: str = "internal"                # baseline | internal(-taper) | all(-taper)
-    scale_loss: bool | None = None        # fixed-target scale loss; default: on when tapering, off for baseline
-    scale_lambda: float = 0.1
-    dim: int | None = None                # model overrides of the preset
-    n_layers: int | None = None
-    n_heads: int | None = None
-    corpus: str = "builtin"               # builtin | a.txt,b.txt | hf:NAME[:SPLIT]
-    max_docs: int | None = None
-    max_chars: int | None = None
-    vocab_size: int = 256                 # tokenizer (and model) vocabulary
-    tokenizer: str | None = None          # reuse this tokenizer.model instead of training one
-    val_frac: float = 0.1
-    seq_len: int = 64
-    batch_size: int = 16                  # global batch (split across DDP ranks)
-    steps: int = 300
-    lr: float = 3e-3
-    warmup_frac: float = 0.05
-    warmup_steps: int | None = None
-    taper_start: int | None = None        # default: end of warmup
-    taper_end: int | None = None          # default: the last step (gate exactly 0 from there)
-    beta_ema: float = 0.1                 # calibration / scale-target EMA new-sample weight
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    bf16: bool = False
-    seed: int = 0
-    device: str = "auto"                  # auto | cpu | cuda
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    stop_after: int | None = None         # stop (with a checkpoint) after this many steps; continue with resume
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def normalized(self) -> "TrainConfig":
-        """Validated copy with mode aliases resolved; raises ValueError with the field to fix."""
-        if self.mode not in _MODES:
-            raise ValueError(f"mode {self.mode!r} is not one of {sorted(_MODES)}")
-        mode = _MODES[self.mode]
-        aux = (mode != "baseline") if self.scale_loss is None else bool(self.scale_loss)
-        c = dataclasses.replace(self, mode=mode, betas=tuple(self.betas), scale_loss=aux)
-        for k in ("steps", "batch_size", "seq_len", "vocab_size"):
-            if int(getattr(c, k)) <= 0:
-                raise ValueError(f"{k} must be positive, got {getattr(c, k)}")
-        if not (c.lr > 0 and c.grad_clip > 0 and c.scale_lambda >= 0 and c.weight_decay >= 0):
-            raise ValueError("lr and grad_clip must be > 0, scale_lambda and weight_decay >= 0")
-        if c.stop_after is not None and not 0 < c.stop_after <= c.steps:
-            raise ValueError(f"stop_after {c.stop_after} must be in [1, steps={c.steps}]")
-        return c
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_checkpoint"]
 
 @dataclass
 class TrainResult:
@@ -167,7 +103,7 @@ def evaluate(model: DecoderLM, stream: torch.Tensor, batch_size: int, seq_len: i
 
 def _check_resume(cfg: TrainConfig, saved: dict) -> None:
     now, before = cfg.to_dict(), saved
-    diff = [k for k in now if k not in _RESUME_FREE and k in before and now[k] != before[k]]
+    diff = [k for k in now if k not in RESUME_FREE and k in before and now[k] != before[k]]
     if diff:
         raise ValueError(f"--resume with settings that change the run: {', '.join(f'{k}={now[k]!r} (was {before[k]!r})' for k in diff)}; "
                          "use the original settings or start a new --out")
@@ -297,8 +233,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     initial_val = run_eval(0) if (rank == 0 and start == 0 and cfg.eval_every > 0) else None
     end = cfg.stop_after or cfg.steps
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and rank == 0), desc="train", unit="step")
+    show_bar = cfg.progress and rank == 0 and sys.stderr.isatty()  # no carriage-return spam in logs
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show_bar, desc="train", unit="step")
     for step in range(start, end):
         if tapering and step == sched.taper_start:
             _finish_calibration(model, world)
@@ -397,4 +333,3 @@ def evaluate_checkpoint(ckpt_dir: str, corpus: str | None = None, batches: int |
             "tokens": min(len(data.val) - 1, (batches or 10**9) * batch_size * seq_len)}
 
 
-from .train_cli import add_cli  # noqa: E402  (CLI lives beside the trainer, in its own module)

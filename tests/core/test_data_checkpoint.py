@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from _train_helpers import VOCAB, make_tokenizer, small_docs
-from tapernorm.compiler import build_model, calibrate, get_gate, set_gate
-from tapernorm.compiler.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tapernorm.compiler.data import Tokenizer, batch_at, load_corpus, tokenize_corpus, val_batches
+from tapernorm import build_model, calibrate, get_gate, set_gate
+from tapernorm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tapernorm.data import Tokenizer, batch_at, load_corpus, tokenize_corpus, val_batches
 
 
 @pytest.fixture(scope="module")

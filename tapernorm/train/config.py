@@ -1,0 +1,76 @@
+"""TrainConfig: every setting of a training run, validated before anything is written.
+
+Torch-free, so the command line can build its flags from it without importing the trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig", "MODES", "RESUME_FREE"]
+
+MODES = {"baseline": "baseline", "internal": "internal", "internal-taper": "internal", "all": "all",
+          "all-taper": "all"}
+# fields that do not change the trajectory: may differ between a run and its resume
+RESUME_FREE = {"out_dir", "resume", "overwrite", "progress", "eval_every", "eval_batches", "ckpt_every",
+                "stop_after", "device"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are a ~1-minute CPU run of the tiny preset on the builtin corpus."""
+    out_dir: str = "runs/tiny"
+    preset: str = "tiny"
+    mode: str = "internal"                # baseline | internal(-taper) | all(-taper)
+    scale_loss: bool | None = None        # fixed-target scale loss; default: on when tapering, off for baseline
+    scale_lambda: float = 0.1
+    dim: int | None = None                # model overrides of the preset
+    n_layers: int | None = None
+    n_heads: int | None = None
+    corpus: str = "builtin"               # builtin | a.txt,b.txt | hf:NAME[:SPLIT]
+    max_docs: int | None = None
+    max_chars: int | None = None
+    vocab_size: int = 256                 # tokenizer (and model) vocabulary
+    tokenizer: str | None = None          # reuse this tokenizer.model instead of training one
+    val_frac: float = 0.1
+    seq_len: int = 64
+    batch_size: int = 16                  # global batch (split across DDP ranks)
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    warmup_steps: int | None = None
+    taper_start: int | None = None        # default: end of warmup
+    taper_end: int | None = None          # default: the last step (gate exactly 0 from there)
+    beta_ema: float = 0.1                 # calibration / scale-target EMA new-sample weight
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    stop_after: int | None = None         # stop (with a checkpoint) after this many steps; continue with resume
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def normalized(self) -> "TrainConfig":
+        """Validated copy with mode aliases resolved; raises ValueError with the field to fix."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {sorted(MODES)}")
+        mode = MODES[self.mode]
+        aux = (mode != "baseline") if self.scale_loss is None else bool(self.scale_loss)
+        c = dataclasses.replace(self, mode=mode, betas=tuple(self.betas), scale_loss=aux)
+        for k in ("steps", "batch_size", "seq_len", "vocab_size"):
+            if int(getattr(c, k)) <= 0:
+                raise ValueError(f"{k} must be positive, got {getattr(c, k)}")
+        if not (c.lr > 0 and c.grad_clip > 0 and c.scale_lambda >= 0 and c.weight_decay >= 0):
+            raise ValueError("lr and grad_clip must be > 0, scale_lambda and weight_decay >= 0")
+        if c.stop_after is not None and not 0 < c.stop_after <= c.steps:
+            raise ValueError(f"stop_after {c.stop_after} must be in [1, steps={c.steps}]")
+        return c
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,98 @@
+"""Training curves to PNG, one quantity family per panel so every curve can be read:
+
+    1. loss: train CE and validation CE (left axis), the scale loss on its own log axis (right)
+    2. schedule: the gate g (solid, left axis) and the learning rate (dashed, right axis)
+    3. scale: logit norm (left axis) and pre-logit RMS s(h) with its frozen target (right axis)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .state import read_log
+
+__all__ = ["plot_run", "MATPLOTLIB_HINT"]
+
+MATPLOTLIB_HINT = "tapernorm plot needs matplotlib: pip install 'tapernorm[plot]' (or pip install matplotlib)"
+
+
+def _title(run: Path, steps: int) -> str:
+    """'preset, mode-taper, N steps' from the run's saved settings (falls back to the step count)."""
+    for p in (run / "checkpoint" / "trainer_state.json",):
+        try:
+            c = json.loads(p.read_text())["train_config"]
+            aux = f", scale loss lambda={c.get('scale_lambda')}" if c.get("scale_loss") else ", no scale loss"
+            return f"{c.get('preset')} | mode {c.get('mode')}{aux} | {c.get('steps')} steps"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return f"training run, {steps} steps"
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Read RUN/log.jsonl and write a 3-panel PNG (default RUN/curves.png) atomically; returns its path."""
+    run = Path(run_dir)
+    log = run / "log.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"{log} does not exist; pass the --out directory of a `tapernorm train` run")
+    recs = read_log(log)
+    tr = [r for r in recs if r.get("kind", "train") == "train"]
+    ev = [r for r in recs if r.get("kind") == "eval"]
+    if not tr:
+        raise ValueError(f"{log} has no training steps to plot; train for at least one step")
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError(MATPLOTLIB_HINT) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in tr]
+    fig, ax = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    ax[0].plot(steps, [r["ce"] for r in tr], lw=0.8, color="tab:blue", label="train CE")
+    if ev:
+        ax[0].plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", color="tab:green", label="val CE")
+    ax[0].set_ylabel("cross-entropy")
+    handles, labels = ax[0].get_legend_handles_labels()
+    aux = [(s, r["scale_loss"]) for s, r in zip(steps, tr) if r.get("scale_loss")]
+    if aux:
+        ax0r = ax[0].twinx()
+        ax0r.plot([a for a, _ in aux], [b for _, b in aux], lw=0.8, color="tab:red", label="scale loss (right, log)")
+        ax0r.set_yscale("log")
+        ax0r.set_ylabel("scale loss", color="tab:red")
+        h, lab = ax0r.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    ax[0].legend(handles, labels, loc="upper right")
+
+    ax[1].plot(steps, [r["gate"] if r.get("gate") is not None else 1.0 for r in tr], lw=2.0, color="tab:purple",
+               label="gate g")
+    ax[1].set_ylim(-0.05, 1.05)
+    ax[1].set_ylabel("gate g", color="tab:purple")
+    ax1r = ax[1].twinx()
+    ax1r.plot(steps, [r["lr"] for r in tr], "--", lw=1.0, color="tab:gray", label="learning rate (right)")
+    ax1r.set_ylabel("learning rate", color="tab:gray")
+    h1, l1 = ax[1].get_legend_handles_labels()
+    h2, l2 = ax1r.get_legend_handles_labels()
+    ax[1].legend(h1 + h2, l1 + l2, loc="center right")
+
+    ax[2].plot(steps, [r["logit_norm"] for r in tr], color="tab:blue", label="logit norm")
+    ax[2].set_ylabel("logit norm", color="tab:blue")
+    ax[2].set_xlabel("step")
+    rms = ax[2].twinx()  # pre-logit RMS is orders of magnitude smaller: its own axis
+    rms.plot(steps, [r["prelogit_rms"] for r in tr], color="tab:orange", label="pre-logit RMS s(h) (right)")
+    tgt = [(s, r["s_tgt"]) for s, r in zip(steps, tr) if r.get("s_tgt") is not None]
+    if tgt:
+        rms.plot([a for a, _ in tgt], [b for _, b in tgt], ":", color="tab:orange", label="frozen target s_tgt (right)")
+    rms.set_ylabel("pre-logit RMS", color="tab:orange")
+    h1, l1 = ax[2].get_legend_handles_labels()
+    h2, l2 = rms.get_legend_handles_labels()
+    ax[2].legend(h1 + h2, l1 + l2, loc="upper left")
+    fig.suptitle(_title(run, len(steps)))
+    fig.tight_layout()
+    dst = Path(out) if out is not None else run / "curves.png"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, dst)
+    return dst
