@@ -1,5 +1,7 @@
 """tapernorm.passes: torch.fx passes that find gate-zero TaperNorm layers and fold them into linears.
 
+Imports only the core (`tapernorm.layers` for the layer types); never the compiler or the runtime.
+
     gm, report = fold(model, (input_ids,))          # folded GraphModule + JSON-ready report
     gm, report = materialize(model, (input_ids,))   # explicit x * s maps, no statistic (unfused)
 """

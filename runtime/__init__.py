@@ -1,4 +1,9 @@
-"""tapernorm.runtime: run compiled models with onnxruntime, and a static-KV-cache PyTorch reference."""
+"""tapernorm.runtime: run compiled models with onnxruntime, and a static-KV-cache PyTorch reference.
+
+Imports no torch and nothing else of ours: it knows a model only through the compiled directory's
+files (model.onnx, runtime.json, tokenizer.model). The PyTorch reference decoder (torch_ref) loads
+the core and torch only when one of its names is asked for.
+"""
 from .sampling import Sampler, SamplingParams, filter_logits, sample_logits
 from .session import DecoderSession, ModelDirError, RuntimeConfig, cuda_loadable, resolve_model_path
 from .generate import (
