@@ -1,8 +1,9 @@
 """Training curves to PNG, one quantity family per panel so every curve can be read:
 
     1. loss: train CE and validation CE (left axis), the scale loss on its own log axis (right)
-    2. schedule: the gate g (solid, left axis) and the learning rate (dashed, right axis)
-    3. scale: logit norm (left axis) and pre-logit RMS s(h) with its frozen target (right axis)
+    2. the gate g
+    3. the learning rate (own panel: with the default schedule it has the gate's cosine shape)
+    4. scale: logit norm (left axis) and pre-logit RMS s(h) with its frozen target (right axis)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _title(run: Path, steps: int) -> str:
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Read RUN/log.jsonl and write a 3-panel PNG (default RUN/curves.png) atomically; returns its path."""
+    """Read RUN/log.jsonl and write a 4-panel PNG (default RUN/curves.png) atomically; returns its path."""
     run = Path(run_dir)
     log = run / "log.jsonl"
     if not log.is_file():
@@ -48,7 +49,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in tr]
-    fig, ax = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    fig, ax = plt.subplots(4, 1, figsize=(8, 12), sharex=True)
     ax[0].plot(steps, [r["ce"] for r in tr], lw=0.8, color="tab:blue", label="train CE")
     if ev:
         ax[0].plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", color="tab:green", label="val CE")
@@ -62,31 +63,28 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         ax0r.set_ylabel("scale loss", color="tab:red")
         h, lab = ax0r.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
-    ax[0].legend(handles, labels, loc="upper right")
+    ax[0].legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
 
-    ax[1].plot(steps, [r["gate"] if r.get("gate") is not None else 1.0 for r in tr], lw=2.0, color="tab:purple",
-               label="gate g")
+    # gate and LR each get a panel: with the default schedule both are cosines to 0 at the last step
+    ax[1].plot(steps, [r["gate"] if r.get("gate") is not None else 1.0 for r in tr], lw=2.0, color="tab:purple")
     ax[1].set_ylim(-0.05, 1.05)
-    ax[1].set_ylabel("gate g", color="tab:purple")
-    ax1r = ax[1].twinx()
-    ax1r.plot(steps, [r["lr"] for r in tr], "--", lw=1.0, color="tab:gray", label="learning rate (right)")
-    ax1r.set_ylabel("learning rate", color="tab:gray")
-    h1, l1 = ax[1].get_legend_handles_labels()
-    h2, l2 = ax1r.get_legend_handles_labels()
-    ax[1].legend(h1 + h2, l1 + l2, loc="center right")
+    ax[1].set_ylabel("gate g")
+    ax[2].plot(steps, [r["lr"] for r in tr], lw=1.2, color="tab:gray")
+    ax[2].set_ylabel("learning rate")
+    ax[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
 
-    ax[2].plot(steps, [r["logit_norm"] for r in tr], color="tab:blue", label="logit norm")
-    ax[2].set_ylabel("logit norm", color="tab:blue")
-    ax[2].set_xlabel("step")
-    rms = ax[2].twinx()  # pre-logit RMS is orders of magnitude smaller: its own axis
+    ax[3].plot(steps, [r["logit_norm"] for r in tr], color="tab:blue", label="logit norm")
+    ax[3].set_ylabel("logit norm", color="tab:blue")
+    ax[3].set_xlabel("step")
+    rms = ax[3].twinx()  # pre-logit RMS is orders of magnitude smaller: its own axis
     rms.plot(steps, [r["prelogit_rms"] for r in tr], color="tab:orange", label="pre-logit RMS s(h) (right)")
     tgt = [(s, r["s_tgt"]) for s, r in zip(steps, tr) if r.get("s_tgt") is not None]
     if tgt:
         rms.plot([a for a, _ in tgt], [b for _, b in tgt], ":", color="tab:orange", label="frozen target s_tgt (right)")
     rms.set_ylabel("pre-logit RMS", color="tab:orange")
-    h1, l1 = ax[2].get_legend_handles_labels()
+    h1, l1 = ax[3].get_legend_handles_labels()
     h2, l2 = rms.get_legend_handles_labels()
-    ax[2].legend(h1 + h2, l1 + l2, loc="upper left")
+    ax[3].legend(h1 + h2, l1 + l2, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.suptitle(_title(run, len(steps)))
     fig.tight_layout()
     dst = Path(out) if out is not None else run / "curves.png"
