@@ -48,8 +48,7 @@ def _cmd_compile(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from tapernorm.runtime.generate import Generator
-    from tapernorm.train import TrainConfig, train
+    from tapernorm.train import TrainConfig, train  # loaded on use: keeps the parser torch-free
 
     from .pipeline import compile_checkpoint, summary_text  # loaded on use: keeps the parser torch-free
 
@@ -65,7 +64,7 @@ def _cmd_demo(args) -> int:
     rep = compile_checkpoint(res.model_dir, out / "compiled", parity_tokens=args.parity_tokens,
                              log=lambda m: print(f"[demo] {m}", file=sys.stderr))
     print(summary_text(rep))
-    gen = Generator(out / "compiled", provider="cpu", threads=1)
+    gen = runtime_generate.Generator(out / "compiled", provider="cpu", threads=1)
     text = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"[demo] ORT ({gen.session.providers[0]}) greedy: {args.prompt!r} -> {text!r}")
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s; try: tapernorm generate {out / 'compiled'} "
