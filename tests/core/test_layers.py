@@ -192,8 +192,8 @@ def test_taperize_refuses_unrepresentable_norm():
 
 
 def test_taperize_refusal_changes_nothing():
-    m = nn.Sequential(nn.RMSNorm(8, eps=1e-6), nn.Linear(8, 8), nn.LayerNorm(8, bias=False))
-    with pytest.raises(TaperError, match=r"^2: LayerNorm without affine"):
+    m = nn.Sequential(nn.RMSNorm(8, eps=1e-6), nn.Linear(8, 8), nn.LayerNorm((2, 4)))  # over two dims
+    with pytest.raises(TaperError, match=r"^2: LayerNorm has a gain of shape \(2, 4\), not a 1-D"):
         taperize(m, "all")
     assert type(m[0]) is nn.RMSNorm
 
