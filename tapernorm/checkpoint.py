@@ -7,14 +7,18 @@
     DIR/trainer_state.json   step, optimizer hyperparameters, EMA state, config (optional, for resume)
     DIR/trainer_state.safetensors   optimizer moments and RNG states (optional, for resume)
 
-Everything is written into a temporary sibling directory which then replaces DIR, so a crash never
-leaves a half-written checkpoint. Nothing is unpickled: tensors are safetensors, the rest is JSON.
+Everything is written into a temporary sibling directory which then replaces DIR atomically
+(tapernorm.fileio), so a crash never leaves a half-written checkpoint, and weights with NaN or inf are
+never written. A checkpoint with trainer state carries one random `checkpoint_id` in both config.json
+and trainer_state.json; `load_resume` refuses a pair that does not match (files from two different saves).
+Nothing is unpickled: tensors are safetensors, the rest is JSON.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -24,12 +28,14 @@ import torch.nn as nn
 from .model import ConfigError, DecoderLM, ModelConfig
 from .fileio import staged_dir
 from .layers import get_gate, taper_layers
+from .hf_config import TOKENIZER_CONFIG, run_dir_hf_fields, sp_tokenizer_info
+from .typecheck import field_type_error
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "read_config"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
-_RESERVED = {"model_type", "architectures", "tapernorm", "taper", "torch_dtype"}
+_RESERVED = {"model_type", "architectures", "tapernorm", "taper", "torch_dtype", "checkpoint_id"}
 
 
 class CheckpointError(ValueError):
@@ -67,6 +73,10 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
         raise FileNotFoundError(f"tokenizer file {tokenizer_path} does not exist; pass the run's tokenizer.model")
     alias = _tied_aliases(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in alias}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write {out}: weight {bad!r} contains NaN or inf (training diverged); "
+                              "the previous checkpoint there is kept")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     config = {
         "model_type": f"tapernorm_{cfg.arch}",
@@ -77,13 +87,21 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
         "tie_word_embeddings": bool(alias),
         **(extra or {}),
     }
+    # HF fields (architecture, BOS/EOS, the load guard when plain transformers would load it wrong): hf_config.py
+    tok_ids, tok_cfg = (sp_tokenizer_info(tokenizer_path, cfg.max_seq_len) if tokenizer_path is not None
+                        else ((None, None), None))
+    config = {**run_dir_hf_fields(cfg.to_dict(), *tok_ids), **config}
+    ckpt_id = secrets.token_hex(8) if trainer_state is not None else None
+    if ckpt_id:
+        config["checkpoint_id"] = ckpt_id
     with staged_dir(out) as tmp:
         _write_json(tmp / CONFIG, config)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": json.dumps(alias)})
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            _write_json(tmp / TOKENIZER_CONFIG, tok_cfg)
         if trainer_state is not None:
-            _write_json(tmp / STATE_JSON, trainer_state.get("json", {}))
+            _write_json(tmp / STATE_JSON, {**trainer_state.get("json", {}), "checkpoint_id": ckpt_id})
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state.get("tensors", {}).items()}
             save_file(tensors, str(tmp / STATE_TENSORS))
     return out
@@ -147,6 +165,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, map_location: str | torch.devic
     d = Path(ckpt_dir)
     raw = read_config(d)
     cfg_path = d / CONFIG
+    wrong = field_type_error(ModelConfig, raw["tapernorm"])
+    if wrong:
+        raise CheckpointError(f"{cfg_path}: tapernorm.{wrong}; fix that value or re-save the checkpoint")
     try:
         cfg = ModelConfig.from_dict(raw["tapernorm"])
     except (ConfigError, TypeError) as e:
@@ -199,3 +220,16 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{jp}: not valid JSON ({e}); the trainer state is corrupt, so the run cannot be "
                               "resumed: start over with --overwrite or use a new --out") from None
     return {"json": js, "tensors": _open_safetensors(tp)}
+
+
+def load_resume(ckpt_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DecoderLM, dict, dict]:
+    """(model, info, trainer state) of one resumable checkpoint; refuses weights and trainer state that come
+    from two different saves (their `checkpoint_id`s differ)."""
+    d = Path(ckpt_dir)
+    state = load_trainer_state(d)
+    model, info = load_checkpoint(d, map_location)
+    a, b = state["json"].get("checkpoint_id"), info["config_json"].get("checkpoint_id")
+    if a != b:
+        raise CheckpointError(f"{d}: {STATE_JSON} (checkpoint {a}) and {CONFIG} (checkpoint {b}) come from different "
+                              "saves; the run cannot be resumed consistently: start over with --overwrite or a new --out")
+    return model, info, state

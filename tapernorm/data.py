@@ -123,6 +123,10 @@ def builtin_corpus() -> list[str]:
 
 def _read_text_files(spec: str) -> list[str]:
     paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    dirs = [str(p) for p in paths if p.is_dir()]
+    if dirs:
+        raise IsADirectoryError(f"corpus path {dirs[0]} is a directory; pass text file(s) with --corpus "
+                                f"(e.g. --corpus {Path(dirs[0]) / 'a.txt'},{Path(dirs[0]) / 'b.txt'}), or --corpus builtin")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"corpus file {missing[0]} does not exist; pass existing UTF-8 text "

@@ -1,13 +1,42 @@
-"""Atomic file and directory writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file and directory writes, recovery from a kill at any instruction, and exclusive locks.
+
+A reader sees the old file or directory or the new one, never half of one; whatever a SIGKILL leaves,
+`recover_dir` (run holding the directory's lock) turns back into one complete directory.
+
+Directory swap, `replace_dir(tmp, out)`:
+  * Linux renameat2(RENAME_EXCHANGE) / macOS renamex_np(RENAME_SWAP): `tmp` and `out` trade places in one
+    system call, then the old contents (now at `tmp`) are removed. Killed before the exchange, `out` is the
+    old directory; after it, `out` is the new one and `tmp` a stale leftover.
+  * where there is no exchange (other systems, a filesystem that refuses it, or TAPERNORM_NO_EXCHANGE=1):
+    a versioned directory behind a symlink. The new contents become `.NAME.v-XXXX`, a link `.NAME.lnk-XXXX`
+    to it is made, and one rename puts the link over `out`. The first swap of a plain directory moves it
+    aside (`.NAME.old-XXXX`) before that rename; killed in between, the complete link is what recovery
+    renames into place.
+Leftovers recovery knows: `.NAME.tmp-*` / `.NAME.build-*` (staging), `.NAME.old-*`, `.NAME.lnk-*`, and
+`.NAME.v-*` versions that `out` no longer points at.
+
+Locks, `dir_lock(path)`: fcntl.flock on the sibling file `.NAME.lock`, holding the owner's PID and command;
+the kernel drops it when the process dies, so a killed run never leaves a stale lock. The file is removed
+on release (a waiter that opened the removed file notices the inode changed and retries).
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode", "recover_dir",
+           "remove_dir", "exchange", "dir_lock", "LockedError", "STAGING_TAGS"]
+
+STAGING_TAGS = ("tmp", "build", "old", "lnk", "v")  # .NAME.<tag>-XXXX siblings this module creates
 
 
 def umask_mode(path: str | os.PathLike, is_dir: bool = False) -> None:
@@ -39,21 +68,99 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# -- exchange rename ------------------------------------------------------------------------------------
+_AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EPERM}
+
+
+def _libc_exchange():
+    """The platform's exchange-rename as f(a: bytes, b: bytes) -> (rc, errno), or None."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return lambda a, b: (fn(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE), ctypes.get_errno())
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        fn = libc.renamex_np
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        return lambda a, b: (fn(a, b, _RENAME_SWAP), ctypes.get_errno())
+    return None
+
+
+_EXCHANGE = _libc_exchange()
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap the entries `a` and `b` (both must exist); False where the OS or filesystem cannot."""
+    if _EXCHANGE is None or os.environ.get("TAPERNORM_NO_EXCHANGE") == "1":
+        return False
+    rc, err = _EXCHANGE(os.fsencode(a), os.fsencode(b))
+    if rc == 0:
+        return True
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, f"cannot swap {b} for {a}: {os.strerror(err)}")
+
+
+# -- directory swap ------------------------------------------------------------------------------------
+def _sibling(out: Path, tag: str) -> Path:
+    return out.with_name(f".{out.name}.{tag}-{secrets.token_hex(4)}")
+
+
+def _remove(p: Path) -> None:
+    """Remove a file, a symlink (not its target) or a directory tree; missing is fine."""
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    elif p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_dir(out: str | os.PathLike) -> None:
+    """Remove `out`: a directory, or a pointer symlink together with the version directory it names."""
+    out = Path(out)
+    if out.is_symlink():
+        target = Path(os.path.realpath(out))
+        out.unlink()
+        if target.parent == out.parent.resolve() and target.name.startswith(f".{out.name}.v-"):
+            _remove(target)
+    else:
+        _remove(out)
+
+
+def _swap_pointer(tmp: Path, out: Path) -> None:
+    """The no-exchange swap: `out` becomes (or stays) a symlink to a versioned sibling, replaced by one rename."""
+    version = _sibling(out, "v")
+    os.rename(tmp, version)
+    link = _sibling(out, "lnk")
+    os.symlink(version.name, link)
+    if out.is_symlink():
+        old = Path(os.path.realpath(out))
+        own = old.parent == out.parent.resolve() and old.name.startswith(f".{out.name}.v-")
+    else:  # a plain directory: move it aside first; a kill now leaves the complete link for recover_dir
+        old, own = _sibling(out, "old"), True
+        os.rename(out, old)
+    os.replace(link, out)
+    if own:
+        _remove(old)
+
+
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Swap a finished `tmp` directory into place: out -> backup, tmp -> out, remove the backup."""
+    """Put the finished directory `tmp` at `out` atomically (see the module docstring); the old `out` is removed."""
     tmp, out = Path(tmp), Path(out)
-    backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, backup)
-    os.replace(tmp, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+    elif not out.is_symlink() and exchange(tmp, out):
+        _remove(tmp)  # the old contents
+    else:
+        _swap_pointer(tmp, out)
 
 
 @contextlib.contextmanager
 def staged_dir(out: str | os.PathLike, tag: str = "tmp"):
-    """Yield a fresh temp dir beside `out` to build into; on success it replaces `out` in one rename,
+    """Yield a fresh temp dir beside `out` to build into; on success it replaces `out` atomically,
     on any error it is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,3 +172,105 @@ def staged_dir(out: str | os.PathLike, tag: str = "tmp"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _leftovers(out: Path) -> dict[str, list[Path]]:
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.({'|'.join(STAGING_TAGS)})-[^/]+$")
+    found: dict[str, list[Path]] = {t: [] for t in STAGING_TAGS}
+    try:
+        names = os.listdir(out.parent)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        m = pat.match(name)
+        if m:
+            found[m.group(1)].append(out.parent / name)
+    return found
+
+
+def _newest(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: p.lstat().st_mtime_ns, reverse=True)
+
+
+def recover_dir(out: str | os.PathLike) -> list[str]:
+    """Repair what a killed swap of `out` left: put a complete directory back at `out` if there is none
+    (the new one when its swap was committed, else the previous one), then remove stale staging entries.
+    Call it holding the directory's lock. Returns what was done, one phrase per action."""
+    out = Path(out)
+    left = _leftovers(out)
+    done = []
+    if out.is_symlink() and not out.exists():  # dangling pointer: treat as missing
+        out.unlink()
+    if not os.path.lexists(out):
+        links = [p for p in _newest(left["lnk"]) if p.is_dir()]  # committed swaps (target complete)
+        pick = links[0] if links else next(iter(_newest([p for p in left["old"] if p.is_dir()])), None)
+        if pick is not None:
+            os.replace(pick, out)
+            done.append(f"restored {out} from {pick.name}")
+    keep = {Path(os.path.realpath(out))} if out.is_symlink() else set()
+    for tag in STAGING_TAGS:
+        for p in left[tag]:
+            if p.is_symlink() or (os.path.lexists(p) and p.resolve() not in keep):
+                _remove(p)  # a link goes, never its target here
+                done.append(f"removed {p.name}")
+    return done
+
+
+# -- locks ---------------------------------------------------------------------------------------------
+class LockedError(RuntimeError):
+    """Another process holds the lock."""
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+def _holder(fd: int) -> str:
+    """The 'PID command' line the holder wrote (waits briefly: the holder writes it right after locking)."""
+    for _ in range(20):
+        txt = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        if txt:
+            return txt
+        time.sleep(0.01)
+    return ""
+
+
+@contextlib.contextmanager
+def dir_lock(target: str | os.PathLike, what: str = "tapernorm"):
+    """Hold an exclusive lock on directory `target` (file `.NAME.lock` beside it) for the block.
+
+    A second process gets LockedError naming the holder's PID; the lock dies with its process."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no locking
+        yield None
+        return
+    target = Path(target)
+    path = _lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            pid, _, cmd = holder.partition(" ")
+            who = f"PID {pid}" + (f", `{cmd}`" if cmd else "") if pid else "PID unknown"
+            raise LockedError(f"{target} is in use by another tapernorm process ({who}); wait for it to finish "
+                              f"or stop it (kill {pid or 'PID'}), then retry") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file as we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)

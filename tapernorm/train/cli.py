@@ -121,6 +121,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    for flag, v in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise ValueError(f"{flag} {v} must be >= 1")
     from .trainer import evaluate_checkpoint  # loaded on use
     r = evaluate_checkpoint(args.dir, corpus=args.corpus, batches=args.batches, batch_size=args.batch_size)
     print(json.dumps(r) if args.json else f"val_loss {r['val_loss']:.4f} (gate {r['gate']}, mode {r['mode']}, "

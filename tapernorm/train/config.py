@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tapernorm.model_config import ConfigError, preset
+from tapernorm.typecheck import field_type_error
+
 __all__ = ["TrainConfig", "MODES", "RESUME_FREE"]
 
 MODES = {"baseline": "baseline", "internal": "internal", "internal-taper": "internal", "all": "all",
@@ -57,7 +60,13 @@ class TrainConfig:
     progress: bool = True
 
     def normalized(self) -> "TrainConfig":
-        """Validated copy with mode aliases resolved; raises ValueError with the field to fix."""
+        """Validated copy with mode aliases resolved; raises ValueError with the field to fix.
+
+        Everything that can be checked without the corpus is checked here, the model shape included, so a
+        bad setting fails before the run directory is touched."""
+        wrong = field_type_error(TrainConfig, self.to_dict())
+        if wrong:
+            raise ValueError(f"training setting {wrong}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {sorted(MODES)}")
         mode = MODES[self.mode]
@@ -70,7 +79,33 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0, scale_lambda and weight_decay >= 0")
         if c.stop_after is not None and not 0 < c.stop_after <= c.steps:
             raise ValueError(f"stop_after {c.stop_after} must be in [1, steps={c.steps}]")
+        c._check_ranges()
         return c
+
+    def _check_ranges(self) -> None:
+        """The remaining one-field checks, and the model the preset and overrides describe."""
+        for k in ("eval_every", "ckpt_every", "warmup_steps", "taper_start", "taper_end"):
+            if getattr(self, k) is not None and getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        for k in ("eval_batches", "max_docs", "max_chars"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 < self.val_frac < 1.0:
+            raise ValueError(f"val_frac {self.val_frac} must be in (0, 1), e.g. 0.1")
+        if not 0.0 < self.beta_ema <= 1.0:
+            raise ValueError(f"beta_ema {self.beta_ema} must be in (0, 1], e.g. 0.1")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must each be in [0, 1), e.g. 0.9 0.95")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues a run and --overwrite starts it over; pass only one of them")
+        over = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads") if getattr(self, k) is not None}
+        try:
+            preset(self.preset, vocab_size=self.vocab_size, taper_mode=self.mode, **over)
+        except ConfigError as e:
+            flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in over.items())
+            raise ValueError(f"model settings --preset {self.preset}{flags}: {e}") from None
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -41,12 +41,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ev = [r for r in recs if r.get("kind") == "eval"]
     if not tr:
         raise ValueError(f"{log} has no training steps to plot; train for at least one step")
-    try:
+    try:  # a missing or broken matplotlib (pyplot's own imports included) is one line with the install hint
         import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError(MATPLOTLIB_HINT) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    except Exception as e:  # e.g. a numpy ABI mismatch inside matplotlib
+        why = " ".join(str(e).split())[:200]
+        raise RuntimeError(f"{MATPLOTLIB_HINT} (matplotlib is installed but failed to import: "
+                           f"{type(e).__name__}: {why})") from None
 
     steps = [r["step"] for r in tr]
     fig, ax = plt.subplots(4, 1, figsize=(8, 12), sharex=True)

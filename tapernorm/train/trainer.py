@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -24,17 +25,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, load_resume, save_checkpoint
 from ..data import Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
 from ..layers import begin_calibration, finish_calibration, set_gate, taper_layers
+from ..fileio import atomic_write_text, dir_lock
 from ..model import DecoderLM, preset
 from .config import RESUME_FREE, TrainConfig
+from .rundir import TrainingDiverged, clear_run_dir, divergence_message, prepare_run_dir, recover_run
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
 from .schedule import resolve_schedule
 from .state import (JsonlLog, grad_groups, grad_norms, pack_optimizer, pack_rng, unpack_optimizer,
                          unpack_rng)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "evaluate_checkpoint"]
 
 @dataclass
 class TrainResult:
@@ -109,30 +112,22 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
                          "use the original settings or start a new --out")
 
 
-def _prepare_run_dir(cfg: TrainConfig, run: Path, rank: int) -> None:
-    if cfg.resume:
-        if not (run / "checkpoint" / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"--resume: {run}/checkpoint has no trainer state to resume; train without --resume first")
-    elif run.exists() and any(run.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"run directory {run} already exists; pass --resume to continue it, --overwrite to "
-                              "start over, or a new --out")
-
-
-def _clear_run_dir(run: Path, overwrite: bool) -> None:
-    """Create RUN; with overwrite, remove the files a previous run left there (only ours)."""
-    run.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        import shutil
-        for name in ("log.jsonl", "summary.json", "curves.png", "tokenizer.model"):
-            (run / name).unlink(missing_ok=True)
-        for name in ("checkpoint", "model"):
-            shutil.rmtree(run / name, ignore_errors=True)
-
-
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train one run (single process, or one rank under torchrun); returns paths and the final val loss."""
-    t_start = time.time()
+    """Train one run (single process, or one rank under torchrun); returns paths and the final val loss.
+
+    Rank 0 holds an exclusive lock on the run directory for the whole run (a second process fails at once,
+    naming the holder's PID), and first repairs whatever a killed run left there."""
     cfg = cfg.normalized()
+    if _dist_env()[0] != 0:
+        return _train(cfg)
+    run = Path(cfg.out_dir)
+    with dir_lock(run, f"tapernorm train --out {run}"):
+        recover_run(run)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
+    t_start = time.time()
     rank, world, local_rank = _dist_env()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} processes; use a multiple of {world}")
@@ -143,8 +138,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Every bad-input check happens before anything is written.
     docs = load_corpus(cfg.corpus, cfg.max_docs, cfg.max_chars)
     tok_src = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    _prepare_run_dir(cfg, run, rank)
-    state = load_trainer_state(run / "checkpoint") if cfg.resume else None
+    prepare_run_dir(run, cfg.resume, cfg.overwrite, cfg.ckpt_every)
+    # weights and trainer state from one save (load_resume checks their shared checkpoint_id)
+    resumed = load_resume(run / "checkpoint") if cfg.resume else None
+    state = resumed[2] if resumed else None
     if state is not None:
         _check_resume(cfg, state["json"]["train_config"])
 
@@ -164,7 +161,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if rank == 0 and not cfg.resume:
-        _clear_run_dir(run, cfg.overwrite)
+        clear_run_dir(run, cfg.overwrite)
         tok.save(tok_path)
     if world > 1:
         dist.barrier()
@@ -173,7 +170,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         data = tokenize_corpus(docs, tok, cfg.seq_len, cfg.val_frac)
 
     if state is not None:
-        model, _ = load_checkpoint(run / "checkpoint")
+        model = resumed[0]
         model.train()
     else:
         over = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads") if getattr(cfg, k) is not None}
@@ -190,9 +187,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, foreach=False)
     target = ScaleTarget(cfg.beta_ema)
-    start = 0
+    start, prior_s = 0, 0.0
     if state is not None:
         js = state["json"]
+        prior_s = float(js.get("seconds", 0.0))  # training time before the resume
         unpack_optimizer(opt, js["optimizer"], state["tensors"])
         unpack_rng(state["tensors"])
         target.load_state_dict(js["scale_target"])
@@ -221,7 +219,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if with_state:
             ojs, otens = pack_optimizer(opt)
             ts = {"json": {"step": step_done, "train_config": cfg.to_dict(), "optimizer": ojs,
-                           "scale_target": target.state_dict(), "world_size": world},
+                           "scale_target": target.state_dict(), "world_size": world,
+                           "initial_val_loss": initial_val, "seconds": prior_s + time.time() - t_start},
                   "tensors": {**otens, **pack_rng()}}
         save_checkpoint(model, out, tokenizer_path=tok_path, extra=extra, trainer_state=ts)
 
@@ -232,6 +231,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         return v
 
     initial_val = run_eval(0) if (rank == 0 and start == 0 and cfg.eval_every > 0) else None
+    if state is not None:
+        initial_val = state["json"].get("initial_val_loss")  # measured before the run was interrupted
     end = cfg.stop_after or cfg.steps
     show_bar = cfg.progress and rank == 0 and sys.stderr.isatty()  # no carriage-return spam in logs
     bar = tqdm(total=cfg.steps, initial=start, disable=not show_bar, desc="train", unit="step")
@@ -259,6 +260,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         loss.backward()
         gnorms = grad_norms(groups)
         total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        _stop_if_diverged(step, loss, total, lr, model, sched if tapering else None, cfg, run, world, device)
         opt.step()
         stats = torch.stack([ce.detach(), aux.detach(), logits.detach().float().norm(dim=-1).mean(),
                              s.detach().mean()]).double()
@@ -283,7 +285,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if log:
             log.close()
         return TrainResult(str(run), str(run / "checkpoint"), float("nan"), initial_val, end, _gate(model),
-                           time.time() - t_start, str(run / "log.jsonl"))
+                           prior_s + time.time() - t_start, str(run / "log.jsonl"))
     if tapering:
         if not all(m.calibrated for _, m in taper_layers(model)):
             _finish_calibration(model, world)
@@ -292,13 +294,29 @@ def train(cfg: TrainConfig) -> TrainResult:
     save(cfg.steps, run / "model", False)
     if rank == 0:
         summary = {"val_loss": val, "initial_val_loss": initial_val, "steps": cfg.steps, "final_gate": _gate(model),
-                   "mode": cfg.mode, "scale_loss": cfg.scale_loss, "seconds": time.time() - t_start, "world_size": world}
-        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                   "mode": cfg.mode, "scale_loss": cfg.scale_loss, "seconds": prior_s + time.time() - t_start, "world_size": world}
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.close()
     if world > 1:
         dist.barrier()
     return TrainResult(str(run), str(run / "model"), val, initial_val, cfg.steps, _gate(model),
-                       time.time() - t_start, str(run / "log.jsonl"))
+                       prior_s + time.time() - t_start, str(run / "log.jsonl"))
+
+
+def _stop_if_diverged(step: int, loss: torch.Tensor, grad_norm: float, lr: float, model: DecoderLM, sched,
+                      cfg: TrainConfig, run: Path, world: int, device: torch.device) -> None:
+    """Raise TrainingDiverged (before the optimizer step) when the loss or the gradient is not finite;
+    under DDP every rank takes the same decision."""
+    loss_v = float(loss.detach())
+    bad = not (math.isfinite(loss_v) and math.isfinite(grad_norm))
+    if world > 1:
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if bad:
+        taper = (sched.taper_start, sched.taper_end) if sched is not None else None
+        raise TrainingDiverged(divergence_message(step, loss_v, grad_norm, lr, _gate(model), taper, cfg.bf16,
+                                                  run / "checkpoint"))
 
 
 def _gate(model: nn.Module) -> float | None:

@@ -52,8 +52,8 @@ def test_val_loss_falls_in_each_mode(tmp_path, tokenizer, mode, preset, aux):
     assert cs and all(c > 0 and c != 1.0 for c in cs)  # calibrated at the warmup boundary
     if aux:
         assert log[0]["scale_loss"] == 0.0 and log[-1]["s_tgt"] > 0 and log[-1]["scale_loss"] > 0
-    # `tapernorm eval` sees the gate as trained and reproduces the trainer's final validation loss
-    ev = evaluate_checkpoint(res.run_dir, batches=4, batch_size=8)
+    # `tapernorm eval` sees the gate as trained and reproduces the trainer's final (full-split) validation loss
+    ev = evaluate_checkpoint(res.run_dir, batches=None, batch_size=8)
     assert ev["gate"] == 0.0 and ev["val_loss"] == pytest.approx(res.val_loss, rel=1e-6)
 
 
@@ -66,7 +66,7 @@ def test_bf16_autocast_run(tmp_path, tokenizer):
     model, info = load_checkpoint(res.model_dir)
     assert info["gate"] == 0.0 and {p.dtype for p in model.parameters()} == {torch.float32}  # fp32 master weights
     data = tokenize_corpus(load_corpus("builtin", max_chars=60_000), Tokenizer.load(tokenizer), 32, 0.1)
-    fp32, bf16 = (evaluate(model, data.val, 8, 32, 4, bf16=b) for b in (False, True))
+    fp32, bf16 = (evaluate(model, data.val, 8, 32, None, bf16=b) for b in (False, True))
     assert bf16 == pytest.approx(res.val_loss, rel=1e-6) and bf16 != fp32  # autocast really ran
 
 
@@ -156,7 +156,7 @@ def test_bad_settings_and_existing_run(tmp_path, tokenizer):
         train(fast_cfg(tmp_path / "r", tokenizer, mode="sideways"))
     with pytest.raises(ValueError, match="taper start 20 <= taper end 10"):
         train(fast_cfg(tmp_path / "r", tokenizer, taper_start=20, taper_end=10))
-    with pytest.raises(FileNotFoundError, match="no trainer state"):
+    with pytest.raises(FileNotFoundError, match="does not exist; start the run without --resume"):
         train(fast_cfg(tmp_path / "r", tokenizer, resume=True))
     assert not (tmp_path / "r").exists()
     train(fast_cfg(tmp_path / "r", tokenizer, steps=4))

@@ -1,0 +1,165 @@
+"""Directory swaps that survive a kill at any point, recovery of what a kill leaves, and the exclusive lock.
+
+Each kill test runs a real process (tests/fault_inject.py) that swaps a directory with
+tapernorm.fileio.staged_dir and is SIGKILLed right before or after one chosen rename / exchange / symlink /
+rmtree. A later process (recover_dir, as `train` and `compile` run it under their lock) must then find one
+complete directory, old or new, never a mix or nothing, and no staging leftovers.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tapernorm import fileio
+from tapernorm.fileio import LockedError, dir_lock, recover_dir, remove_dir, replace_dir, staged_dir
+
+INJECT = Path(__file__).resolve().parents[1] / "fault_inject.py"
+
+
+def _write(d: Path, content: str) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("a.txt", "b.txt"):
+        (d / name).write_text(content)
+
+
+def _content(d: Path) -> str:
+    a, b = (d / "a.txt").read_text(), (d / "b.txt").read_text()
+    assert a == b, f"half-swapped directory: {a!r} vs {b!r}"
+    return a
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p for p in os.listdir(out.parent) if p.startswith(f".{out.name}."))
+
+
+def _killed_swap(out: Path, spec: str, no_exchange: bool) -> int:
+    env = {**os.environ, "TAPERNORM_NO_EXCHANGE": "1" if no_exchange else "0"}
+    r = subprocess.run([sys.executable, str(INJECT), spec, "--", "swap", str(out), "new"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode in (0, -9), r.stderr
+    return r.returncode
+
+
+@pytest.mark.skipif(fileio._EXCHANGE is None, reason="no exchange rename on this OS")
+def test_exchange_swap_replaces_in_one_step(tmp_path):
+    out = tmp_path / "out"
+    _write(out, "old")
+    with staged_dir(out) as tmp:
+        _write(tmp, "new")
+    assert _content(out) == "new" and not out.is_symlink() and _leftovers(out) == []
+
+
+def test_pointer_fallback_swaps_and_removes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPERNORM_NO_EXCHANGE", "1")
+    out = tmp_path / "out"
+    _write(out, "v0")
+    for v in ("v1", "v2"):
+        with staged_dir(out) as tmp:
+            _write(tmp, v)
+        assert _content(out) == v and out.is_symlink()
+        assert [p for p in _leftovers(out) if ".v-" not in p] == [] and len(_leftovers(out)) == 1
+    remove_dir(out)
+    assert not os.path.lexists(out) and _leftovers(out) == []
+
+
+# (spec, exchange available, out before: "dir" | "link", what a later process must find)
+WINDOWS = [
+    ("exchange:out:1", False, "dir", "old"),
+    ("exchange:out:1:after", False, "dir", "new"),
+    ("rmtree:.out.tmp-:1", False, "dir", "new"),
+    ("rename:.out.tmp-:1", True, "dir", "old"),
+    ("rename:.out.tmp-:1:after", True, "dir", "old"),
+    ("symlink:.out.v-:1:after", True, "dir", "old"),
+    ("rename:.out.old-:1:after", True, "dir", "new"),  # plain dir moved aside, link not yet in place
+    ("replace:.out.lnk-:1:after", True, "dir", "new"),
+    ("replace:.out.lnk-:1", True, "link", "old"),
+    ("replace:.out.lnk-:1:after", True, "link", "new"),
+]
+
+
+@pytest.mark.parametrize("spec,no_exchange,before,expect", WINDOWS, ids=[f"{w[0]}{'-fallback' if w[1] else ''}-{w[2]}"
+                                                                          for w in WINDOWS])
+def test_kill_in_each_swap_window_leaves_one_complete_dir(tmp_path, monkeypatch, spec, no_exchange, before, expect):
+    if not no_exchange and fileio._EXCHANGE is None:
+        pytest.skip("no exchange rename on this OS")
+    out = tmp_path / "out"
+    _write(out, "old")
+    if before == "link":  # a previous fallback swap made `out` a pointer
+        monkeypatch.setenv("TAPERNORM_NO_EXCHANGE", "1")
+        with staged_dir(out) as tmp:
+            _write(tmp, "old")
+        assert out.is_symlink()
+    assert _killed_swap(out, spec, no_exchange) == -9
+    recover_dir(out)  # what `train` / `compile` do first, under their lock
+    assert _content(out) == expect
+    kept = [p for p in _leftovers(out) if not (out.is_symlink() and os.path.realpath(out).endswith(p))]
+    assert kept == []
+    with staged_dir(out) as tmp:  # and the next save works
+        _write(tmp, "next")
+    assert _content(out) == "next"
+
+
+def test_recovers_the_two_rename_leftovers_of_older_versions(tmp_path):
+    """The state the issue found: no checkpoint/, only .checkpoint.old-PID and .checkpoint.tmp-XXXX."""
+    out = tmp_path / "checkpoint"
+    _write(tmp_path / ".checkpoint.old-1234", "old")
+    _write(tmp_path / ".checkpoint.tmp-abcd", "new?")
+    actions = recover_dir(out)
+    assert _content(out) == "old" and _leftovers(out) == []
+    assert any(a.startswith("restored") for a in actions)
+
+
+def test_failed_build_leaves_previous_dir(tmp_path):
+    out = tmp_path / "out"
+    _write(out, "old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            _write(tmp, "half")
+            raise RuntimeError("build failed")
+    assert _content(out) == "old" and _leftovers(out) == []
+
+
+def test_replace_dir_into_missing_out(tmp_path):
+    tmp = tmp_path / "t"
+    _write(tmp, "new")
+    replace_dir(tmp, tmp_path / "out")
+    assert _content(tmp_path / "out") == "new"
+
+
+HOLD = """
+import sys, time
+from tapernorm.fileio import dir_lock
+with dir_lock(sys.argv[1], "holder for the test"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_lock_second_process_gets_one_line_with_pid_and_kill_releases(tmp_path):
+    target = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError) as e:
+            with dir_lock(target, "second"):
+                pass
+        msg = str(e.value)
+        assert f"PID {p.pid}" in msg and "holder for the test" in msg and "\n" not in msg
+    finally:
+        p.kill()  # SIGKILL: the kernel drops the flock with the process
+        p.wait()
+    with dir_lock(target, "after the kill"):
+        assert f"{os.getpid()} after the kill" in (tmp_path / ".run.lock").read_text()
+    assert not (tmp_path / ".run.lock").exists()  # removed on release
+
+
+def test_lock_is_reentrant_across_sequential_holders(tmp_path):
+    for _ in range(3):
+        with dir_lock(tmp_path / "x"):
+            pass
+    t0 = time.time()
+    with dir_lock(tmp_path / "x"):
+        assert time.time() - t0 < 5
