@@ -5,17 +5,63 @@
 that comes back is called like the original (same positional / keyword inputs, same output
 structure), holds the parameters as `get_attr` nodes, and keeps `nn_module_stack` metadata on
 every node naming the source module path and type (the passes use it to find TaperNorm calls).
+
+A Hugging Face model called without `use_cache` would build a `DynamicCache`, which torch.export
+cannot return; `no_cache_default` makes the config's default False for the capture (and for the
+reference run), so `fold(model, (ids,))` works as written and the result returns no cache.
 """
 from __future__ import annotations
+
+import contextlib
+import inspect
 
 import torch
 import torch.nn as nn
 
-__all__ = ["capture", "CaptureError"]
+__all__ = ["capture", "CaptureError", "no_cache_default"]
 
 
 class CaptureError(RuntimeError):
     """torch.export could not capture the model."""
+
+
+def _passes_use_cache(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """True if forward takes `use_cache` and the call leaves it unset (None or absent)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return False
+    if "use_cache" not in sig.parameters:
+        return False
+    try:
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return False
+    return bound.get("use_cache") is None
+
+
+@contextlib.contextmanager
+def no_cache_default(module: nn.Module, args: tuple = (), kwargs: dict | None = None):
+    """While inside, every HF config of `module` has use_cache=False, if the call leaves use_cache unset.
+
+    Yields True when it changed a config (so a report can say so), False otherwise; restores on exit.
+    """
+    changed = []
+    if _passes_use_cache(module, tuple(args), dict(kwargs or {})):
+        seen = set()
+        for m in module.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is None or id(cfg) in seen or getattr(cfg, "use_cache", None) is not True:
+                continue
+            seen.add(id(cfg))
+            changed.append(cfg)
+    for cfg in changed:
+        cfg.use_cache = False
+    try:
+        yield bool(changed)
+    finally:
+        for cfg in changed:
+            cfg.use_cache = True
 
 
 def capture(module: nn.Module, example_args=(), example_kwargs: dict | None = None,
@@ -26,13 +72,14 @@ def capture(module: nn.Module, example_args=(), example_kwargs: dict | None = No
     if not isinstance(example_args, tuple):
         example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     try:
-        ep = torch.export.export(module, example_args, kwargs=example_kwargs or None,
-                                 dynamic_shapes=dynamic_shapes, strict=False)
+        with no_cache_default(module, example_args, example_kwargs):
+            ep = torch.export.export(module, example_args, kwargs=example_kwargs or None,
+                                     dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; give one clear line, keep the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__}: {first} "
-            "(pass example inputs the model accepts, e.g. use_cache=False for HF models)") from e
+            "(pass example inputs the model accepts)") from e
     gm = ep.module()
     gm.meta.setdefault("tapernorm_source", type(module).__name__)
     return gm

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["taper_map", "fold_linear", "fold_rms_linear", "fold_ln_linear", "apply_taper_map"]
+__all__ = ["taper_map", "fold_linear", "fold_rms_linear", "fold_ln_linear", "apply_taper_map", "fold_linear_rows"]
 
 
 @torch.no_grad()
@@ -85,3 +85,52 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor
     if layout == "in_out":
         m = m.t()
     return m.contiguous().to(weight.dtype), new_bias
+
+
+@torch.no_grad()
+def fold_linear_rows(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor,
+                     beta: torch.Tensor | None, pos: torch.Tensor, group: torch.Tensor | None = None,
+                     layout: str = "out_in"):
+    """Fold a gate-zero map that acts on a linear's OUTPUT (a post-norm or QK-norm) into its rows.
+
+    The map reads the linear's output features in groups of d = s.numel() (one per head, or all of
+    them): output feature f sits at position pos[f] in [0, d) of group group[f]; pos[f] = -1 marks a
+    feature the map does not read (left as is). With y = x W^T + b and, per group, row f:
+
+        RMS:  y_f * s[pos_f]                          -> W'_f = s[pos_f] W_f,            b'_f = s[pos_f] b_f
+        LN:   (y_f - mean_group(y)) * s[pos_f] + beta  -> W'_f = s[pos_f] (W_f - mean_g W), b'_f = s[pos_f] (b_f - mean_g b) + beta[pos_f]
+
+    (mean_g over the d rows of f's group; `group` is needed for LN only). Float64 math, cast back
+    to the stored dtypes; returns (W', b'), b' created for LN when `bias` is None.
+    """
+    if layout not in ("out_in", "in_out"):
+        raise ValueError(f"layout {layout!r} is not 'out_in' or 'in_out'")
+    w = weight.detach().double()
+    if layout == "in_out":
+        w = w.t()
+    w = w.clone()  # (out, in)
+    out, d = w.shape[0], s.numel()
+    if pos.shape != (out,):
+        raise ValueError(f"pos has shape {tuple(pos.shape)}, the linear has {out} outputs")
+    rows = (pos >= 0).nonzero().squeeze(1)
+    k = pos[rows].long()
+    s = s.to(w.device, torch.float64)
+    b = bias.detach().double().clone() if bias is not None else None
+    if beta is None:
+        w[rows] *= s[k, None]
+        if b is not None:
+            b[rows] *= s[k]
+    else:
+        if group is None:
+            raise ValueError("an LN map needs the group of every output feature")
+        gid = group[rows].long()
+        n_groups = int(gid.max()) + 1 if rows.numel() else 0
+        gmean = torch.zeros(n_groups, w.shape[1], dtype=torch.float64).index_add_(0, gid, w[rows]) / d
+        b = b if b is not None else torch.zeros(out, dtype=torch.float64)
+        bmean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gid, b[rows]) / d
+        w[rows] = s[k, None] * (w[rows] - gmean[gid])
+        b[rows] = s[k] * (b[rows] - bmean[gid]) + beta.to(torch.float64)[k]
+    if layout == "in_out":
+        w = w.t()
+    new_b = b.to(bias.dtype if bias is not None else weight.dtype) if b is not None else None
+    return w.contiguous().to(weight.dtype), new_b

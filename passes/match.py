@@ -8,7 +8,7 @@ eval state are read from the source module (Python attributes, not the graph).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -16,10 +16,12 @@ import torch.nn as nn
 
 from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
+from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, storage_uses
+
 aten = torch.ops.aten
 
 __all__ = ["TaperSite", "Consumer", "find_sites", "site_refusal", "find_consumers", "get_attr_tensor",
-           "storage_uses"]
+           "storage_uses", "is_embedding_use"]
 
 
 
@@ -58,17 +60,6 @@ class TaperSite:
     @property
     def kind(self) -> str:
         return "ln" if type(self.module) is TaperLayerNorm else "rms"
-
-
-@dataclass
-class Consumer:
-    """A linear-like node that reads the norm output: y = x W^T + b (linear) or b + x W (addmm)."""
-    node: fx.Node
-    layout: str  # "out_in" (aten.linear) or "in_out" (aten.addmm, HF Conv1D)
-    weight: fx.Node  # get_attr
-    bias: fx.Node | None  # get_attr or None
-    module_path: str = ""
-    via: list = field(default_factory=list)  # row-only ops between the norm output and this node
 
 
 def _type_name(t) -> str:
@@ -157,14 +148,6 @@ def site_refusal(site: TaperSite) -> str | None:
     return None
 
 
-def get_attr_tensor(gm: nn.Module, target: str) -> torch.Tensor:
-    """The tensor a get_attr target names."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _last_dim(node: fx.Node) -> int | None:
     v = node.meta.get("val")
     return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
@@ -190,30 +173,6 @@ def _is_row_op(node: fx.Node, d: int) -> bool:
     return False
 
 
-def _as_linear(user: fx.Node, src: fx.Node) -> Consumer | str:
-    """Match `user` as a linear reading `src` as its input, or say why not."""
-    desc = f"{user.name} ({user.target})"
-    if user.target == aten.linear.default:
-        if user.args[0] is not src or any(a is src for a in user.args[1:]) or user.kwargs:
-            return f"{desc} reads it as a weight, not as the input"
-        w, b = user.args[1], (user.args[2] if len(user.args) > 2 else None)
-        layout = "out_in"
-    elif user.target == aten.addmm.default:
-        if len(user.args) != 3 or user.kwargs or user.args[1] is not src or user.args[2] is src or user.args[0] is src:
-            return f"{desc} is not a plain addmm(bias, x, W) on it"
-        b, w = user.args[0], user.args[2]
-        layout = "in_out"
-    else:
-        return None  # not a linear at all
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-        return f"{desc}: weight is computed in the graph, not a stored parameter"
-    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
-        return f"{desc}: bias is computed in the graph, not a stored parameter"
-    stack = user.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return Consumer(node=user, layout=layout, weight=w, bias=b, module_path=path)
-
-
 def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Node], str | None]:
     """Linear consumers reached from the site output through row-only ops, the row ops, or a refusal."""
     consumers, via, stack = [], [], [(site.output, [])]
@@ -222,7 +181,7 @@ def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Nod
         for user in list(src.users):
             if user.op == "output":
                 return [], [], f"{site.name}: its output is a graph output; keeping the explicit map"
-            match = _as_linear(user, src) if user.op == "call_function" else None
+            match = as_linear(user, src) if user.op == "call_function" else None
             if isinstance(match, Consumer):
                 match.via = path
                 consumers.append(match)
@@ -237,25 +196,3 @@ def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Nod
     if not consumers:
         return [], [], f"{site.name}: no linear consumer found; keeping the explicit map"
     return consumers, via, None
-
-
-def storage_uses(gm: fx.GraphModule) -> dict[int, list[tuple[fx.Node, fx.Node]]]:
-    """Storage pointer -> [(get_attr node, user node)] over every used get_attr tensor."""
-    uses: dict[int, list] = {}
-    for n in gm.graph.nodes:
-        if n.op != "get_attr" or not n.users:
-            continue
-        t = get_attr_tensor(gm, n.target)
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = t.untyped_storage().data_ptr()
-        for u in n.users:
-            uses.setdefault(key, []).append((n, u))
-    return uses
-
-
-def is_embedding_use(get_attr: fx.Node, user: fx.Node) -> bool:
-    """True if `user` reads `get_attr` as an embedding table (a gather: the table is left bit-identical)."""
-    return user.target == aten.embedding.default and user.args[0] is get_attr and \
-        all(a is not get_attr for a in user.args[1:])
-

@@ -16,9 +16,10 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from .capture import capture
+from .capture import capture, no_cache_default
 from tapernorm.layers import TAPER_TYPES
 
+from .backward import apply_backward, plan_backward
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
 from .match import find_sites, site_refusal
@@ -102,10 +103,17 @@ class FoldPass(_Pass):
         for site in st.accepted:
             consumers, untied, reason = plan_fold(gm, site, st.untie_embeddings)
             paths = [c.module_path or c.node.name for c in consumers]
-            if reason:
-                st.row(site.name, reason=reason)
-                continue
-            released, created = apply_fold(gm, site, consumers)
+            if reason:  # no linear after it: maybe one before it (post-norm, QK-norm)
+                plan, why = plan_backward(gm, site, st.untie_embeddings)
+                if plan is None:
+                    st.row(site.name, reason=f"{reason}; backward fold: {why}")
+                    continue
+                released, created = apply_backward(gm, site, plan)
+                untied, producer = plan.untied, plan.linear.module_path or plan.linear.node.name
+                st.row(site.name, direction="backward", producer=producer)
+            else:
+                released, created = apply_fold(gm, site, consumers)
+                st.row(site.name, direction="forward")
             st.released |= released
             st.row(site.name, status="folded", consumers=paths,
                    untied=[f"{t} (storage shared with an embedding; the head now reads "
@@ -174,7 +182,8 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
     if original.training:
         raise ValueError(f"{mode}: {type(original).__name__} is in training mode; call model.eval() first "
                          "(passes only rewrite eval-mode graphs)")
-    ref = _reference_outputs(mode, module, example_args, example_kwargs) if verify else None
+    with no_cache_default(module, example_args, example_kwargs) as no_cache:  # HF: capture sets it the same way
+        ref = _reference_outputs(mode, module, example_args, example_kwargs) if verify else None
     if gm is None:
         gm = capture(module, example_args, example_kwargs, dynamic_shapes)
     nodes_before, taper_before = len(gm.graph.nodes), _taper_nodes(gm)
@@ -198,6 +207,8 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         "graph": {"nodes_before": nodes_before, "nodes_after": len(gm.graph.nodes),
                   "taper_nodes_before": taper_before, "taper_nodes_after": _taper_nodes(gm)},
         "passes": state.passes,
+        "capture": {"use_cache": False, "why": "forward takes use_cache and the call left it unset; captured "
+                    "without a KV cache (the folded module returns none)"} if no_cache else {},
         "verify": None,
     }
     if isinstance(module, nn.Module) and not isinstance(module, fx.GraphModule):

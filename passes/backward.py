@@ -1,0 +1,179 @@
+"""Backward fold: a gate-zero map that reads a linear's OUTPUT folds into that linear's rows.
+
+Post-norms / sandwich norms (Gemma2/3, OLMo2: a norm on o_proj / down_proj's output before the
+residual add) and QK-norms (Qwen3, Gemma3: per head on q/k_proj(x).view(..., H, hd); OLMo2: over
+all heads) have no linear after them, but a linear right before: at gate 0 the map is a per-feature
+scale (LN: group centering, scale, shift) of that linear's output features, so it folds into W's
+rows and b (fold_math.fold_linear_rows), before RoPE ever sees it.
+
+Which output feature lands where: the ops between the linear and the norm (views, transposes,
+split + getitem, slices, selects, casts) are replayed on a tensor of feature indices shaped like
+the linear's output. The map may fold only if every feature the norm reads sits at one fixed
+position of the norm's last dim (and, for LN, in one fixed group), and no other reader of the
+linear's output (a sibling split, a slice) sees any of those features.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .fold_math import fold_linear_rows, taper_map
+from .fold import module_path, sharing_refusal
+from .graph_utils import erase_site_nodes
+from .linears import Consumer, get_attr_tensor, linear_output, read_linear, weight_readers, write_linear
+from .match import TaperSite
+
+aten = torch.ops.aten
+
+__all__ = ["plan_backward", "apply_backward", "BackwardPlan"]
+
+
+def _ops(*names: str) -> set:
+    out = set()
+    for n in names:
+        op, _, overload = n.partition(".")
+        packet = getattr(aten, op, None)
+        if packet is not None and hasattr(packet, overload):
+            out.add(getattr(packet, overload))
+    return out
+
+
+# ops that only move / select / regroup elements (replayable on an index tensor)
+_MOVES = _ops("view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
+              "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "split.Tensor",
+              "split_with_sizes.default", "chunk.default", "unbind.int", "slice.Tensor", "select.int",
+              "narrow.default", "clone.default", "alias.default", "contiguous.default", "detach.default",
+              "expand.default") | {operator.getitem}
+_CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout")
+
+
+class BackwardPlan:
+    """A site that folds into the rows of `linear`: output feature f -> norm position pos[f] (-1: not read)."""
+
+    def __init__(self, linear: Consumer, pos: torch.Tensor, group: torch.Tensor, untied: list):
+        self.linear, self.pos, self.group, self.untied = linear, pos, group, untied
+
+
+def _concrete(a):
+    """Node args with example values: SymInt nodes -> their hint, lists recursively."""
+    if isinstance(a, fx.Node):
+        v = a.meta.get("val")
+        if isinstance(v, torch.SymInt):
+            return int(v.node.hint)
+        if isinstance(v, int):
+            return v
+        raise ValueError(f"{a.name} is not a shape value")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(x) for x in a)
+    return a
+
+
+def _replayable(n: fx.Node) -> bool:
+    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.target in _CASTS:
+        return not n.kwargs.get("device") and all(not isinstance(a, torch.device) for a in n.args[1:])
+    return n.target in _MOVES and not any(a is n.args[0] for a in n.args[1:])
+
+
+def _replay(n: fx.Node, idx):
+    if n.target in _CASTS:
+        return idx
+    args = (idx, *(_concrete(a) for a in n.args[1:]))
+    if n.target is operator.getitem:
+        return idx[args[1]]
+    return n.target(*args, **{k: _concrete(v) for k, v in n.kwargs.items()})
+
+
+def _features(v) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.reshape(-1)
+    return torch.cat([_features(x) for x in v]) if v else torch.empty(0, dtype=torch.long)
+
+
+def _chain(site: TaperSite):
+    """(the linear whose output the map reads, the ops from its output to the map's input) or a reason."""
+    n, chain = site.input, []
+    while True:
+        lin = linear_output(n)
+        if lin is not None:
+            return lin, list(reversed(chain))
+        if not _replayable(n):
+            what = "a graph input" if n.op == "placeholder" else f"{n.name} ({n.target})"
+            return None, f"its input comes from {what}, not from a linear (through views)"
+        chain.append(n)
+        n = n.args[0]
+
+
+def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True):
+    """(BackwardPlan, None) if the site's map folds into the rows of the linear producing its input, else (None, reason)."""
+    lin, chain = _chain(site)
+    if lin is None:
+        return None, chain
+    d = site.module.weight_t.numel()
+    w = get_attr_tensor(gm, lin.weight.target)
+    out_val = lin.out.meta.get("val")
+    if not isinstance(out_val, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        return None, f"linear {lin.node.name} has no 2-D floating weight / known output shape"
+    n_out = w.shape[0] if lin.layout == "out_in" else w.shape[1]
+    if out_val.shape[-1] != n_out:
+        return None, f"linear {lin.node.name}'s output has {out_val.shape[-1]} features, its weight {n_out}"
+    where = module_path(lin.node) or lin.node.name
+    try:
+        path = [lin.out, *chain]
+        vals = {lin.out: torch.arange(n_out).expand(out_val.shape).contiguous()}
+        for n in chain:
+            vals[n] = _replay(n, vals[n.args[0]])
+        J = vals[site.input]
+        if not isinstance(J, torch.Tensor) or J.shape[-1] != d:
+            return None, f"the ops from {where} to the norm do not give rows of {d} features"
+        rows = J.reshape(-1, d)
+        read = torch.zeros(n_out, dtype=torch.bool)
+        read[rows.reshape(-1)] = True
+        inside = set(site.nodes)
+        for i, n in enumerate(path):  # other readers of the linear's output must see none of the norm's features
+            nxt = path[i + 1] if i + 1 < len(path) else None
+            for u in n.users:
+                if u is nxt or (n is site.input and u in inside):
+                    continue
+                if not _replayable(u) or u.args[0] is not n:
+                    return None, (f"{where}'s output also reaches {u.name} ({u.target}) outside the norm; "
+                                  "folding into its rows would change that reader")
+                if read[_features(_replay(u, vals[n]))].any():
+                    return None, f"{u.name} ({u.target}) also reads features of {where} that the norm scales"
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        return None, f"could not follow the ops from {where} to the norm ({type(e).__name__}: {str(e).splitlines()[0]})"
+    k = torch.arange(d).expand_as(rows)
+    pos = torch.full((n_out,), -1, dtype=torch.long)
+    pos[rows.reshape(-1)] = k.reshape(-1)
+    if not torch.equal(pos[rows], k):
+        return None, f"an output feature of {where} reaches different positions of the norm"
+    srt = rows.sort(1).values
+    if d > 1 and not bool((srt[:, 1:] != srt[:, :-1]).all()):
+        return None, f"a norm row reads one output feature of {where} twice"
+    first = srt[:, 0]
+    group = torch.full((n_out,), -1, dtype=torch.long)
+    group[rows.reshape(-1)] = first[:, None].expand_as(rows).reshape(-1)
+    if not torch.equal(group[rows], first[:, None].expand_as(rows)):
+        return None, f"output features of {where} are normalized in changing groups"
+    group = torch.unique(group, return_inverse=True)[1] - (1 if bool((group < 0).any()) else 0)
+    untied: list = []
+    reason = sharing_refusal(gm, site.name, [lin], untie_embeddings, untied)
+    if reason:
+        return None, reason.split(": ", 1)[1]
+    return BackwardPlan(lin, pos, group, untied), None
+
+
+def apply_backward(gm: fx.GraphModule, site: TaperSite, plan: BackwardPlan) -> tuple[set[str], list[str]]:
+    """Fold the site's map into the linear's rows, bypass the map, erase it; returns (released, created) attr names."""
+    s64, beta64 = taper_map(site.module)
+    lin = plan.linear
+    w, b = read_linear(gm, lin)
+    w2, b2 = fold_linear_rows(w, b, s64, beta64, plan.pos, plan.group, layout=lin.layout)
+    readers = weight_readers(lin) | {lin.node} | ({lin.bias_add} if lin.bias_add is not None else set())
+    released, created = write_linear(gm, [lin], w2, b2, readers)
+    site.output.replace_all_uses_with(site.input)
+    released |= erase_site_nodes(gm, site.nodes)
+    return released, created

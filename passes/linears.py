@@ -1,0 +1,272 @@
+"""What counts as a linear in a captured graph, and how to give one new weights.
+
+Three forms compute y = x W^T + b with W, b stored parameters (get_attr nodes):
+
+    aten.linear(x, W, b?)                          nn.Linear                 W (out, in)  "out_in"
+    aten.addmm(b, x2d, W)                          HF Conv1D (GPT-2)         W (in, out)  "in_out"
+    aten.matmul(x, T(W)) [+ add(., b)]             x @ W.T (Falcon)          W (out, in)  "out_in"
+    aten.matmul(x, W)    [+ add(., b)]             x @ W                     W (in, out)  "in_out"
+
+(T = numpy_T / t / permute([1, 0]) / transpose(0, 1) of the parameter). `as_linear` matches a node
+reading an activation as such a linear's input; `linear_output` matches a node that IS such a
+linear's output (for folds into the rows). `write_linear` stores new weights, in place when the
+storage is read by nothing else, else as a fresh attribute, and rewires the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import register_tensor
+
+aten = torch.ops.aten
+
+__all__ = ["Consumer", "as_linear", "linear_output", "get_attr_tensor", "storage_uses", "is_embedding_use",
+           "read_linear", "write_linear", "weight_readers"]
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
+
+
+@dataclass
+class Consumer:
+    """A linear node: y = x W^T + b (see the module docstring for the forms)."""
+    node: fx.Node  # linear / addmm / matmul
+    layout: str  # "out_in" or "in_out": how W is stored
+    weight: fx.Node  # get_attr
+    bias: fx.Node | None  # get_attr or None
+    module_path: str = ""
+    via: list = field(default_factory=list)  # row-only ops between the norm output and this node
+    weight_view: fx.Node | None = None  # the transpose between the parameter and matmul
+    bias_add: fx.Node | None = None  # matmul's separate bias add
+
+    @property
+    def out(self) -> fx.Node:
+        """The node holding x W^T + b."""
+        return self.bias_add if self.bias_add is not None else self.node
+
+
+def get_attr_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The tensor a get_attr target names."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _param(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "get_attr"
+
+
+def _path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _is_transpose(n) -> bool:
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target in _TRANSPOSES and _param(n.args[0])):
+        return False
+    if n.target == aten.permute.default:
+        return list(n.args[1]) == [1, 0]
+    if n.target == aten.transpose.int:
+        return sorted(a % 2 for a in n.args[1:3]) == [0, 1]
+    return True
+
+
+def _matmul_bias(mm: fx.Node) -> fx.Node | None:
+    """The add(mm, b) right after a matmul when mm has no other reader and b is a stored vector."""
+    if len(mm.users) != 1:
+        return None
+    add = next(iter(mm.users))
+    if add.op != "call_function" or add.target != aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+        return None
+    other = add.args[1] if add.args[0] is mm else add.args[0]
+    ov, mv = other.meta.get("val") if _param(other) else None, mm.meta.get("val")
+    if not (isinstance(ov, torch.Tensor) and isinstance(mv, torch.Tensor) and ov.dim() == 1 and ov.shape[0] == mv.shape[-1]):
+        return None
+    return add
+
+
+def _matmul_linear(user: fx.Node, src: fx.Node | None):
+    x, w = user.args[0], user.args[1]
+    if src is not None and (x is not src or w is src):
+        return f"{user.name} ({user.target}) does not read it as the input of x @ W"
+    if _param(w):
+        view, layout, wnode = None, "in_out", w
+    elif _is_transpose(w):
+        view, layout, wnode = w, "out_in", w.args[0]
+    else:
+        return f"{user.name} ({user.target}): right operand is computed in the graph, not a stored parameter"
+    wv = wnode.meta.get("val")
+    if isinstance(wv, torch.Tensor) and wv.dim() != 2:
+        return f"{user.name} ({user.target}): weight {wnode.target} is not 2-D"
+    add = _matmul_bias(user)
+    bias = None
+    if add is not None:
+        bias = add.args[1] if add.args[0] is user else add.args[0]
+    return Consumer(node=user, layout=layout, weight=wnode, bias=bias, module_path=_path(user),
+                    weight_view=view, bias_add=add)
+
+
+def as_linear(user: fx.Node, src: fx.Node):
+    """Match `user` as a linear reading `src` as its input: Consumer, a reason (str), or None (not a linear)."""
+    desc = f"{user.name} ({user.target})"
+    if user.target == aten.linear.default:
+        if user.args[0] is not src or any(a is src for a in user.args[1:]) or user.kwargs:
+            return f"{desc} reads it as a weight, not as the input"
+        w, b = user.args[1], (user.args[2] if len(user.args) > 2 else None)
+        layout = "out_in"
+    elif user.target == aten.addmm.default:
+        if len(user.args) != 3 or user.kwargs or user.args[1] is not src or user.args[2] is src or user.args[0] is src:
+            return f"{desc} is not a plain addmm(bias, x, W) on it"
+        b, w = user.args[0], user.args[2]
+        layout = "in_out"
+    elif user.target == aten.matmul.default:
+        return _matmul_linear(user, src)
+    else:
+        return None  # not a linear at all
+    if not _param(w):
+        return f"{desc}: weight is computed in the graph, not a stored parameter"
+    if b is not None and not _param(b):
+        return f"{desc}: bias is computed in the graph, not a stored parameter"
+    return Consumer(node=user, layout=layout, weight=w, bias=b, module_path=_path(user))
+
+
+def linear_output(node: fx.Node) -> Consumer | None:
+    """The linear whose output `node` is (linear, addmm, matmul or matmul's bias add), else None."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.add.Tensor:
+        for mm in node.args:
+            if isinstance(mm, fx.Node) and mm.target == aten.matmul.default:
+                c = _matmul_linear(mm, None)
+                if isinstance(c, Consumer) and c.bias_add is node:
+                    return c
+        return None
+    if node.target == aten.matmul.default:
+        c = _matmul_linear(node, None)
+        return c if isinstance(c, Consumer) and c.bias_add is None else None
+    if node.target in (aten.linear.default, aten.addmm.default):
+        src = node.args[0] if node.target == aten.linear.default else node.args[1]
+        c = as_linear(node, src) if isinstance(src, fx.Node) else None
+        return c if isinstance(c, Consumer) else None
+    return None
+
+
+def storage_uses(gm: fx.GraphModule) -> dict[int, list[tuple[fx.Node, fx.Node]]]:
+    """Storage pointer -> [(get_attr node, user node)] over every used get_attr tensor."""
+    uses: dict[int, list] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or not n.users:
+            continue
+        t = get_attr_tensor(gm, n.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = t.untyped_storage().data_ptr()
+        for u in n.users:
+            uses.setdefault(key, []).append((n, u))
+    return uses
+
+
+def is_embedding_use(get_attr: fx.Node, user: fx.Node) -> bool:
+    """True if `user` reads `get_attr` as an embedding table (a gather: the table is left bit-identical)."""
+    return user.target == aten.embedding.default and user.args[0] is get_attr and \
+        all(a is not get_attr for a in user.args[1:])
+
+
+def weight_readers(c: Consumer) -> set:
+    """The nodes that read c's weight get_attr as part of this linear."""
+    return {c.weight_view if c.weight_view is not None else c.node}
+
+
+def read_linear(gm, c: Consumer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W as stored, b or None): the tensors the graph reads now."""
+    w = get_attr_tensor(gm, c.weight.target)
+    return w, (get_attr_tensor(gm, c.bias.target) if c.bias is not None else None)
+
+
+def _storage(gm, node: fx.Node) -> int:
+    return get_attr_tensor(gm, node.target).untyped_storage().data_ptr()
+
+
+def _exclusive(gm, node: fx.Node, readers: set, uses) -> bool:
+    return set(node.users) <= readers and all(g is node for g, _ in uses.get(_storage(gm, node), []))
+
+
+def _new_attr(gm, qualname: str, value: torch.Tensor, like: torch.Tensor, created: list) -> fx.Node:
+    name = register_tensor(gm, qualname, value, parameter=isinstance(like, torch.nn.Parameter))
+    created.append(name)
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes))):  # with the other get_attr nodes, at the top
+        return gm.graph.get_attr(name)
+
+
+def _store(gm, node, new, old, readers, uses, created) -> fx.Node:
+    """Put `new` where `node` reads: in place of the attribute if exclusive, else as a fresh attribute."""
+    if new is old:
+        return node
+    if _exclusive(gm, node, readers, uses):
+        register_tensor(gm, node.target, new, parameter=isinstance(old, torch.nn.Parameter), fresh=False)
+        return node
+    return _new_attr(gm, node.target + "_folded", new, old, created)
+
+
+def write_linear(gm: fx.GraphModule, group: list[Consumer], w2: torch.Tensor, b2: torch.Tensor | None,
+                 readers: set) -> tuple[set, list]:
+    """Give every linear in `group` (same weight / bias nodes) the weight w2 and bias b2.
+
+    `readers`: the nodes allowed to share the old attribute (it is replaced in place only when nothing
+    else reads its storage). Returns (released attr names, created attr names).
+    """
+    uses, created, released = storage_uses(gm), [], set()
+    c0 = group[0]
+    w_old, b_old = read_linear(gm, c0)
+    w_node = _store(gm, c0.weight, w2, w_old, readers, uses, created)
+    if c0.bias is not None:
+        b_node = _store(gm, c0.bias, b2, b_old, readers, uses, created)
+    elif b2 is not None:
+        b_node = _new_attr(gm, c0.weight.target.rpartition(".")[0] + ".bias", b2, w_old, created)
+    else:
+        b_node = None
+    for c in group:
+        _set_weight(gm, c, w_node)
+        _set_bias(gm, c, b_node)
+        for old in (c.weight, c.bias):
+            if old is not None and old not in (w_node, b_node):
+                released.add(old.target)
+    return released, created
+
+
+def _set_weight(gm, c: Consumer, w_node: fx.Node) -> None:
+    if w_node is c.weight:
+        return
+    if c.weight_view is not None:
+        with gm.graph.inserting_before(c.node):
+            v = gm.graph.call_function(c.weight_view.target, (w_node, *c.weight_view.args[1:]), c.weight_view.kwargs)
+        v.meta.update(c.weight_view.meta)
+        c.node.args = (c.node.args[0], v, *c.node.args[2:])
+        c.weight_view = v
+    else:
+        args = list(c.node.args)
+        args[1 if c.node.target in (aten.linear.default, aten.matmul.default) else 2] = w_node
+        c.node.args = tuple(args)
+    c.weight = w_node
+
+
+def _set_bias(gm, c: Consumer, b_node: fx.Node | None) -> None:
+    if b_node is None or b_node is c.bias:
+        return
+    if c.node.target == aten.linear.default:
+        c.node.args = (*c.node.args[:2], b_node)
+    elif c.node.target == aten.addmm.default:
+        c.node.args = (b_node, *c.node.args[1:])
+    elif c.bias_add is not None:
+        c.bias_add.args = tuple(b_node if a is c.bias else a for a in c.bias_add.args)
+    else:  # matmul without a bias: add one after it
+        with gm.graph.inserting_after(c.node):
+            add = gm.graph.call_function(aten.add.Tensor, (c.node, b_node))
+        add.meta.update({k: v for k, v in c.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
+        c.node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+        c.bias_add = add
+    c.bias = b_node
+
