@@ -25,6 +25,7 @@ _EXPORTS = {
     "model": ["ModelConfig", "DecoderLM", "PRESETS", "preset", "build_model", "ConfigError"],
     "checkpoint": ["save_checkpoint", "load_checkpoint", "CheckpointError"],
     "data": ["Tokenizer", "train_tokenizer", "load_corpus"],
+    "hf": ["from_pretrained", "save_pretrained"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [*__all__, "__version__"]

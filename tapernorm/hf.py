@@ -1,0 +1,245 @@
+"""Hugging Face models with TaperNorm: the save/load contract (docs/CONTRACTS.md, "Hugging Face directories").
+
+    tapernorm.save_pretrained(model, DIR, tokenizer_from=SRC)   a tapered HF model -> DIR
+    tapernorm.from_pretrained(DIR)                             any of the three kinds below -> HF model, eval mode
+
+Directory kinds (`dir_kind`):
+    "tapered"  written by save_pretrained here: the model's own config.json (+ a "tapernorm_hf" section naming
+               every TaperNorm layer, its kind and eps, the mode and the gate) and the safetensors weights that
+               transformers' save_pretrained writes (TaperNorm's gamma, gamma_t, c and gate buffers included),
+               renamed model.safetensors -> tapernorm.safetensors (sharded: the index file is renamed).
+    "run"      a `tapernorm train` model/ or checkpoint/ directory (our DecoderLM); loaded as the equivalent
+               HF LlamaForCausalLM / GPT2LMHeadModel with the same TaperNorm state (hf_convert.py).
+    "hf"       anything else: a plain HF directory or a hub name, loaded by AutoModelForCausalLM.
+
+Plain transformers never loads a "tapered" directory silently wrong: it finds no model.safetensors and raises
+(AutoConfig and AutoTokenizer still work on the directory). Run dirs carry hf_config.py's guard instead.
+transformers is imported only inside the functions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError
+from .fileio import staged_dir
+from .hf_config import GUARD, HF_SECTION, TOKENIZER_CONFIG, is_guarded, sp_tokenizer_info
+from .layers import TaperLayerNorm, TaperNorm, find_final_norm, get_gate, taper_layers
+
+__all__ = ["save_pretrained", "from_pretrained", "dir_kind", "taper_spec", "TOKENIZER_FILES", "GUARD"]
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+_FORMAT = 1
+WEIGHTS, INDEX = "tapernorm.safetensors", "tapernorm.safetensors.index.json"  # transformers' names, renamed
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt, re-save the model") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object; re-save the model")
+    return obj
+
+
+def dir_kind(path: str | os.PathLike) -> str:
+    """'tapered' (save_pretrained here), 'run' (a tapernorm train dir) or 'hf' (plain HF dir / hub name)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return "hf"
+    raw = _read_json(cfg)
+    if isinstance(raw.get(HF_SECTION), dict):
+        return "tapered"
+    if isinstance(raw.get("tapernorm"), dict):
+        return "run"
+    return "hf"
+
+
+def taper_spec(model: nn.Module) -> dict:
+    """The "tapernorm_hf" config section: every TaperNorm layer (kind, eps, dim), the mode and the gate."""
+    layers = taper_layers(model)
+    if not layers:
+        raise CheckpointError("the model has no TaperNorm layers; save it with its own save_pretrained, "
+                              "or taperize() it first")
+    final = find_final_norm(model)
+    names = {n for n, _ in layers}
+    mode = "all" if final in names else "internal"
+    return {"format": _FORMAT, "mode": mode, "gate": get_gate(model), "final_norm": final,
+            "layers": {n: {"kind": "ln" if isinstance(m, TaperLayerNorm) else "rms", "eps": m.eps, "dim": m.dim}
+                       for n, m in layers}}
+
+
+def _copy_tokenizer(src: Path, dst: Path, max_len: int | None) -> list[str]:
+    """Copy the tokenizer files of `src` into `dst`; a bare tokenizer.model gets a tokenizer_config.json."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.model" in copied and TOKENIZER_CONFIG not in copied:
+        _, cfg = sp_tokenizer_info(dst / "tokenizer.model", max_len)
+        (dst / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        copied.append(TOKENIZER_CONFIG)
+    return copied
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,
+                    extra: dict | None = None) -> Path:
+    """Save a tapered HF causal LM to `out_dir` atomically: transformers' save_pretrained files, plus the
+    "tapernorm_hf" section and the load guard in config.json, plus tokenizer files copied from `tokenizer_from`.
+    `extra` is stored in the section (e.g. the fine-tuning schedule). Reload with `from_pretrained(out_dir)`."""
+    spec = taper_spec(model)
+    if extra:
+        spec["extra"] = extra
+    out = Path(out_dir)
+    cfg = model.config
+    with staged_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for a, b in (("model.safetensors", WEIGHTS), ("model.safetensors.index.json", INDEX)):
+            if (tmp / a).is_file():
+                os.replace(tmp / a, tmp / b)  # plain transformers now finds no weights: it raises, never loads wrong
+        raw = _read_json(tmp / "config.json")
+        raw[HF_SECTION] = spec
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        if tokenizer_from is not None:
+            src = Path(tokenizer_from)
+            if not src.is_dir():
+                raise FileNotFoundError(f"tokenizer directory {src} does not exist; pass the model's source directory")
+            max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            _copy_tokenizer(src, tmp, max_len)
+    return out
+
+
+def _plain_config(raw: dict, spec: dict):
+    """The transformers config of a tapered directory (its config.json without our section)."""
+    from transformers import AutoConfig
+    d = {k: v for k, v in raw.items() if k != HF_SECTION}
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise CheckpointError("config.json has no model_type; it was not written by tapernorm.save_pretrained")
+    for k in ("transformers_version", "architectures"):
+        d.pop(k, None)
+    return AutoConfig.for_model(model_type, **d)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_taper_layout(model: nn.Module, layers: dict, where: str) -> None:
+    """Replace the norm at each recorded path by an empty TaperNorm / TaperLayerNorm of the recorded kind/eps/dim."""
+    for name, row in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: TaperNorm layer {name!r} is not a module of "
+                                  f"{type(model).__name__}; the config does not match the model") from None
+        kind, dim, eps = row.get("kind"), int(row["dim"]), float(row["eps"])
+        if kind not in ("rms", "ln"):
+            raise CheckpointError(f"{where}: layer {name!r} has kind {kind!r}, expected 'rms' or 'ln'")
+        new = (TaperNorm if kind == "rms" else TaperLayerNorm)(dim, eps=eps)
+        w = getattr(old, "weight", None)
+        if isinstance(w, torch.Tensor):
+            for p in new.parameters():
+                p.data = p.data.to(w.dtype)
+        _set_module(model, name, new)
+
+
+def _weight_files(d: Path) -> list[Path]:
+    index = d / INDEX
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [d / s for s in shards]
+    return [d / WEIGHTS]
+
+
+def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    out = {}
+    for f in _weight_files(d):
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; a tapered directory needs its safetensors weights")
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-save the model") from None
+    return out
+
+
+def load_state_checked(model: nn.Module, tensors: dict, where: str) -> None:
+    """load_state_dict that allows only tied aliases to be absent; one-line errors naming the key."""
+    state = model.state_dict(keep_vars=True)
+    present = {(v.data_ptr(), tuple(v.shape)) for k, v in state.items() if k in tensors}
+    missing = [k for k, v in state.items() if k not in tensors and (v.data_ptr(), tuple(v.shape)) not in present]
+    unexpected = [k for k in tensors if k not in state]
+    if missing or unexpected:
+        what = (f"missing {missing[:3]}" if missing else "") + (" and " if missing and unexpected else "") + \
+               (f"unexpected {unexpected[:3]}" if unexpected else "")
+        raise CheckpointError(f"{where}: weights do not match the model its config describes ({what})")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise CheckpointError(f"{where}: key {k!r} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(state[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{where}: key {k!r} contains NaN or inf; the checkpoint is unusable")
+    model.load_state_dict(tensors, strict=False)  # the post-hook restores gate / calibrated flags
+
+
+def _check_gates(model: nn.Module, spec: dict, where: str) -> None:
+    for name, m in taper_layers(model):
+        if m.gate < 1.0 and not m.calibrated:
+            raise CheckpointError(f"{where}: {name} holds gate {m.gate} < 1 but c was never calibrated")
+    gate, want = get_gate(model), spec.get("gate")
+    if want is not None and gate is not None and not math.isclose(float(want), gate, abs_tol=1e-6):
+        raise CheckpointError(f"{where}: tapernorm_hf.gate {want} disagrees with the weights' gate buffers ({gate})")
+
+
+def _load_tapered(d: Path, dtype=None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    raw = _read_json(d / "config.json")
+    spec = raw[HF_SECTION]
+    if int(spec.get("format", 0)) != _FORMAT or not isinstance(spec.get("layers"), dict):
+        raise CheckpointError(f"{d / 'config.json'}: tapernorm_hf format {spec.get('format')!r} is not {_FORMAT}; "
+                              "upgrade tapernorm or re-save the model")
+    config = _plain_config(raw, spec)
+    tensors = _load_tensors(d)
+    wdtype = next((v.dtype for k, v in tensors.items() if v.is_floating_point() and k.endswith("weight")),
+                  torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=wdtype)
+    apply_taper_layout(model, spec["layers"], str(d / "config.json"))
+    load_state_checked(model, tensors, str(d))
+    _check_gates(model, spec, str(d / "config.json"))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def from_pretrained(name_or_dir: str | os.PathLike, dtype: torch.dtype | None = None, **hf_kwargs) -> nn.Module:
+    """Load a tapered HF directory, a tapernorm run dir, or a plain HF directory / hub name as an HF causal LM
+    with its TaperNorm state restored exactly; eval mode. `hf_kwargs` go to transformers for plain models."""
+    p = Path(name_or_dir)
+    kind = dir_kind(p) if p.is_dir() else "hf"
+    if kind == "tapered":
+        return _load_tapered(p, dtype)
+    if kind == "run":
+        from .hf_convert import run_dir_to_hf
+        model = run_dir_to_hf(p)
+        return (model.to(dtype) if dtype is not None else model).eval()
+    from transformers import AutoModelForCausalLM
+    if p.is_dir() and (p / "config.json").is_file() and is_guarded(_read_json(p / "config.json")):
+        raise CheckpointError(f"{p}/config.json carries the tapernorm load guard but no tapernorm section; "
+                              "the file was edited by hand, re-save the model")
+    kw = dict(hf_kwargs)
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(str(name_or_dir), **kw).eval()
