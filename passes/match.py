@@ -21,7 +21,7 @@ from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, sto
 aten = torch.ops.aten
 
 __all__ = ["TaperSite", "Consumer", "find_sites", "site_refusal", "find_consumers", "get_attr_tensor",
-           "storage_uses", "is_embedding_use"]
+           "storage_uses", "is_embedding_use", "stat_ops"]
 
 
 
@@ -44,6 +44,11 @@ _STAT_OPS = _ops("mean.dim", "mean.default", "rsqrt.default", "sqrt.default", "p
 _ROW_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _ROW_IDENTITY = _ops("alias.default", "clone.default", "detach.default", "lift_fresh_copy.default")
 _ROW_DIM_OPS = {aten.slice.Tensor, aten.select.int, aten.index_select.default}
+
+
+def stat_ops(gm: fx.GraphModule) -> int:
+    """Nodes computing a per-token statistic (mean, rsqrt, sqrt, pow, var, fused norms) anywhere in gm."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in _STAT_OPS)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tapernorm.layers import TAPER_TYPES
 from .backward import apply_backward, plan_backward
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
-from .match import find_sites, site_refusal
+from .match import find_sites, site_refusal, stat_ops
 from .materialize import materialize_site
 from .verify import compare_outputs, run_outputs
 
@@ -186,7 +186,7 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         ref = _reference_outputs(mode, module, example_args, example_kwargs) if verify else None
     if gm is None:
         gm = capture(module, example_args, example_kwargs, dynamic_shapes)
-    nodes_before, taper_before = len(gm.graph.nodes), _taper_nodes(gm)
+    nodes_before, taper_before, stats_before = len(gm.graph.nodes), _taper_nodes(gm), stat_ops(gm)
     state = FoldState(original, untie_embeddings)
     passes = [DetectPass(state), MaterializePass(state)]
     if mode == "fold":
@@ -205,7 +205,8 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         "pass": mode, **counts,
         "layers": state.layers,
         "graph": {"nodes_before": nodes_before, "nodes_after": len(gm.graph.nodes),
-                  "taper_nodes_before": taper_before, "taper_nodes_after": _taper_nodes(gm)},
+                  "taper_nodes_before": taper_before, "taper_nodes_after": _taper_nodes(gm),
+                  "stat_ops_before": stats_before, "stat_ops_after": stat_ops(gm)},
         "passes": state.passes,
         "capture": {"use_cache": False, "why": "forward takes use_cache and the call left it unset; captured "
                     "without a KV cache (the folded module returns none)"} if no_cache else {},

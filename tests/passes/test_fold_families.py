@@ -1,0 +1,57 @@
+"""The fold on one tiny HF model per norm variant, All-Taper, called as fold(model, (ids,)) (no use_cache):
+taperize is exact at gate 1, every norm folds at gate 0 (forward into the next linears or backward into
+the previous linear's rows), the folded graph matches on new inputs, and no norm statistic is left."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from hf_families import FAMILIES, build, token_batches  # noqa: E402
+from tapernorm import calibrate, set_gate, taperize  # noqa: E402
+from tapernorm.passes import fold  # noqa: E402
+from tapernorm.passes.capture import capture  # noqa: E402
+from tapernorm.passes.match import stat_ops  # noqa: E402
+
+# family -> (norms tapered, of them folded backwards, statistic ops left after the fold)
+# (gpt2 / phi keep one aten.pow: gelu_new's x^3, not a norm)
+EXPECT = {
+    "llama": (3, 0, 0), "mistral": (3, 0, 0), "qwen2": (3, 0, 0), "phi3": (3, 0, 0), "gemma": (3, 0, 0),
+    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "olmo": (3, 0, 0),
+    "cohere": (2, 0, 0), "falcon": (2, 0, 0), "falcon_new": (3, 0, 0), "gpt_neox": (3, 0, 0),
+    "stablelm": (3, 0, 0), "phi": (2, 0, 1), "opt": (3, 0, 0), "gpt2": (3, 0, 1),
+}
+
+
+def _logits(m, ids):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_all_taper_folds_every_norm(family):
+    model = build(family)
+    ids, other = token_batches(2)
+    ref = _logits(model, ids)
+    stats_original = stat_ops(capture(model, (ids,)))
+    names = taperize(model, "all")
+    n_norms, n_backward, stats_left = EXPECT[family]
+    assert len(names) == n_norms
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)  # gate 1 == the original
+    calibrate(model, token_batches(3, seed=1), forward=lambda m, b: m(b))
+    set_gate(model, 0.0)
+    gm, report = fold(model.eval(), (ids,))  # no use_cache=False: capture sets it
+    kept = {k: r["reason"] for k, r in report["layers"].items() if r["status"] != "folded"}
+    assert report["folded"] == n_norms and not kept, kept
+    assert report["capture"]["use_cache"] is False
+    backward = {k: r["producer"] for k, r in report["layers"].items() if r["direction"] == "backward"}
+    assert len(backward) == n_backward, backward
+    for name, producer in backward.items():  # post-norms into o_proj / down_proj, QK-norms into q / k_proj
+        want = {"q_norm": "q_proj", "k_norm": "k_proj", "post_attention_layernorm": "o_proj",
+                "post_feedforward_layernorm": "down_proj"}[name.rsplit(".", 1)[1]]
+        assert producer.endswith(want), (name, producer)
+    assert report["graph"]["taper_nodes_after"] == 0
+    assert report["graph"]["stat_ops_after"] == stats_left < stats_original
+    torch.testing.assert_close(_logits(gm, other), _logits(model, other), rtol=1e-5, atol=1e-5)
+    assert report["verify"]["ok"] and report["verify"]["argmax_agree"] == 1.0
+    json.dumps(report)
