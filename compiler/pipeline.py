@@ -1,13 +1,18 @@
 """compile = checkpoint -> capture -> fold / materialize -> ONNX (folded + unfused) -> parity -> report.
 
-Everything is built in a temporary directory beside the output and renamed into place only when the
-parity checks pass, so a failed compile leaves no final files. The `compile` and `demo` commands that
-drive it are in cli.py.
+Everything is built in a temporary directory beside the output and swapped into place atomically
+(tapernorm.fileio) only when the parity checks pass, so a failed or killed compile leaves the previous
+output whole. The output directory is locked for the whole compile (a second compile into it fails at once,
+naming the holder's PID); a recompile replaces only the files compile writes and keeps any others there.
+The `compile` and `demo` commands that drive it are in cli.py.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -21,7 +26,7 @@ import torch
 
 from tapernorm.checkpoint import load_checkpoint
 from tapernorm.data import Tokenizer
-from tapernorm.fileio import staged_dir
+from tapernorm.fileio import dir_lock, recover_dir, staged_dir
 from tapernorm.layers import TAPER_TYPES, taper_layers
 from tapernorm.passes import fold, materialize
 from tapernorm.passes.capture import capture
@@ -40,6 +45,8 @@ __all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "t
 
 PARITY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}  # max |logit diff| / max(1, max |logit|)
 _OUT_FILES = ("model.onnx", "model_unfused.onnx", "runtime.json", "config.json", "compile_report.json")
+# everything a compile may write into its output directory; anything else there belongs to the user
+OWNED_FILES = (*_OUT_FILES, "model.onnx.data", "model_unfused.onnx.data", "tokenizer.model")
 
 
 class CompileError(ValueError):
@@ -146,11 +153,42 @@ def _check_gates(model, ckpt: Path, allow_unfolded: bool) -> list[str]:
     return [n for n, _ in bad]
 
 
-def _prepare_out(out_dir: Path) -> None:
+def _prepare_out(out_dir: Path) -> list[str]:
+    """Refuse an output path that is not a compile's; returns the names in a previous compile output that
+    compile did not write (the user's files, carried into the new output)."""
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
                                                        and not (out_dir / "compile_report.json").is_file())):
         raise CompileError(f"{out_dir} exists and is not a compiled model directory; pass --out with a new or empty "
-                           "directory (a previous compile output is replaced)")
+                           "directory (a previous compile output is replaced, files of yours in it are kept)")
+    return sorted(n for n in os.listdir(out_dir) if n not in OWNED_FILES) if out_dir.is_dir() else []
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Hard-link (else copy) the file or tree `src` to `dst`: the user's entries survive the swap."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(src, dst)
+
+
+def _holding_out_lock(fn):
+    """Run a compile holding its output directory's lock, after repairing what a killed compile left there."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kw):
+        out = Path(sig.bind(*args, **kw).arguments["out_dir"])
+        with dir_lock(out, f"tapernorm compile --out {out}"):
+            recover_dir(out)
+            return fn(*args, **kw)
+    return locked
 
 
 def _check_finite(model, cfg, ckpt: Path, dtype: str) -> None:
@@ -174,6 +212,7 @@ def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
     return [i for i in ids if 0 <= i < cfg.vocab_size][: max(1, cfg.max_seq_len // 2)]
 
 
+@_holding_out_lock
 def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                        allow_unfolded: bool = False, parity_tokens: int = PARITY_TOKENS, prompt: str = DEFAULT_PROMPT,
                        provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT) -> dict:
@@ -188,7 +227,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         raise CompileError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if parity_tokens < 1:
         raise CompileError(f"parity_tokens must be >= 1, got {parity_tokens}")
-    _prepare_out(out_dir)
+    foreign = _prepare_out(out_dir)
     model, info = load_checkpoint(ckpt)
     cfg = model.config
     if parity_tokens >= cfg.max_seq_len:
@@ -230,11 +269,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         t_export = time.perf_counter()
         for f in ("model.onnx", "model_unfused.onnx"):
             load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
-        log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
-        sessions = {f: _session(tmp / f, provider, out_dir) for f in ("model.onnx", "model_unfused.onnx")}
-        prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
-        parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
-        del sessions
+        # runtime.json first: the runtime sessions of the parity check read the context limit from it
         tok_ids = {"eos_id": None, "bos_id": None}
         if info.get("tokenizer_path"):
             tok = Tokenizer.load(info["tokenizer_path"])
@@ -245,6 +280,11 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                 "(token-id APIs such as runtime.generate_ids work without it)")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
         write_runtime_json(tmp, cfg, dtype, **tok_ids)
+        log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
+        sessions = {f: _session(tmp / f, provider, out_dir) for f in ("model.onnx", "model_unfused.onnx")}
+        prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
+        parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
+        del sessions
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch,
             "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded,
@@ -257,6 +297,12 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                                                  "total": round(time.perf_counter() - t0, 2)},
         }
         (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
+        for name in foreign:  # the user's files in a previous output: kept, not deleted by the swap
+            if not os.path.lexists(tmp / name):
+                _carry(out_dir / name, tmp / name)
+        if foreign:
+            log(f"kept {len(foreign)} file(s) of yours in {out_dir}: {', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}")
     return report
 
 

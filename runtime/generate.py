@@ -337,7 +337,33 @@ class Generator:
 
 # -- CLI -------------------------------------------------------------------------------------------------
 
+def _check_cli_values(args) -> None:
+    """Refuse bad `generate` flag values with one line before any model is loaded."""
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raw = args.prompt.encode("utf-8", "surrogateescape")
+        try:
+            raw.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as e:
+            where = f" (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        raise ValueError(f"--prompt is not valid UTF-8 text{where}; pass UTF-8 (check the terminal's locale "
+                         "or the file the prompt came from)") from None
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be >= 1 (leave it out to use every core)")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+
+
+def _check_stop_tokens(stop_tokens, vocab_size: int) -> None:
+    bad = [t for t in stop_tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"--stop-token {bad[0]} is not a token id of this model (its vocabulary is 0..{vocab_size - 1})")
+
+
 def _cmd_generate(args) -> int:
+    _check_cli_values(args)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:  # provider fallback: one line, not a source echo
         warnings.simplefilter("always", RuntimeWarning)
@@ -345,6 +371,7 @@ def _cmd_generate(args) -> int:
                         provider=args.provider, threads=args.threads)
     for w in caught:
         print(f"tapernorm generate: warning: {w.message}", file=sys.stderr)
+    _check_stop_tokens(args.stop_token, int(gen.session.config.vocab_size))
     holder: dict = {}
     pieces = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
                         stop_ids=gen.stop_ids(args.stop_token), result=holder)

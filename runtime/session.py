@@ -43,6 +43,32 @@ class ModelDirError(ValueError):
     """A path is not a loadable compiled tapernorm model."""
 
 
+MAX_CONTEXT = 1 << 20  # tokens; a larger max_seq_len is a corrupt value, not a model this runtime serves
+_INT_RANGES = {"n_layers": (1, 4096), "n_heads": (1, 65536), "head_dim": (1, 65536), "vocab_size": (1, 1 << 24),
+               "max_seq_len": (1, MAX_CONTEXT)}
+
+
+def check_runtime_fields(data: dict, where: Path) -> None:
+    """One-line ModelDirError for a runtime.json (or config.json) value of the wrong type or out of range."""
+    fix = "re-run `tapernorm compile` to rewrite it"
+    for k, (lo, hi) in _INT_RANGES.items():
+        v = data.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ModelDirError(f"{where}: {k} is {v!r} ({type(v).__name__}) but must be an integer; {fix}")
+        if not lo <= v <= hi:
+            raise ModelDirError(f"{where}: {k} = {v} is outside [{lo}, {hi}]; {fix}")
+    if "dtype" in data and data["dtype"] not in ("float32", "float16", "bfloat16"):
+        raise ModelDirError(f"{where}: dtype {data['dtype']!r} is not float32, float16 or bfloat16; {fix}")
+    for k in ("eos_id", "bos_id"):
+        v = data.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < -1
+                              or (isinstance(data.get("vocab_size"), int) and v >= data["vocab_size"])):
+            raise ModelDirError(f"{where}: {k} is {v!r} but must be null, -1 or a token id below vocab_size "
+                                f"{data.get('vocab_size')}; {fix}")
+
+
 @dataclass
 class RuntimeConfig:
     """What the decode loop needs to know about a compiled model (runtime.json, checked against the graph)."""
@@ -214,16 +240,23 @@ class DecoderSession:
                 raise ModelDirError(f"{rt_path} is not valid JSON ({e}); re-run `tapernorm compile`") from None
             if not isinstance(data, dict):
                 raise ModelDirError(f"{rt_path} must hold a JSON object; re-run `tapernorm compile`")
+            check_runtime_fields(data, rt_path)
             for k, v in inferred.items():
                 if v is not None and k in data and data[k] is not None and data[k] != v:
                     raise ModelDirError(f"{rt_path}: {k}={data[k]!r} but {self.model_path.name} has {v!r}; "
                                         f"the directory mixes files from different compiles, re-run `tapernorm compile`")
         cfg_path = self.model_dir / "config.json"
-        if "max_seq_len" not in data and cfg_path.is_file():
+        if data.get("max_seq_len") is None and cfg_path.is_file():
             try:
-                data.setdefault("max_seq_len", json.loads(cfg_path.read_text()).get("tapernorm", {}).get("max_seq_len"))
+                ctx = json.loads(cfg_path.read_text()).get("tapernorm", {}).get("max_seq_len")
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                pass
+                ctx = None
+            check_runtime_fields({"max_seq_len": ctx}, cfg_path)
+            data["max_seq_len"] = ctx
+        if data.get("max_seq_len") is None:  # never guess: decoding past the context gives garbage silently
+            raise ModelDirError(f"cannot tell the context limit of {self.model_path}: neither {rt_path.name} nor "
+                                f"config.json in {self.model_dir} gives max_seq_len; re-run `tapernorm compile`, or "
+                                f"add \"max_seq_len\" to {rt_path}")
         merged = {**{k: v for k, v in inferred.items() if v is not None}, **{k: v for k, v in data.items()
                                                                              if k in RuntimeConfig.__dataclass_fields__}}
         missing = [k for k in ("n_layers", "n_heads", "head_dim", "vocab_size") if merged.get(k) is None]

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode", "recover_dir",
-           "remove_dir", "exchange", "dir_lock", "LockedError", "STAGING_TAGS"]
+           "remove_dir", "exchange", "dir_lock", "LockedError", "STAGING_TAGS", "recovery_candidate"]
 
 STAGING_TAGS = ("tmp", "build", "old", "lnk", "v")  # .NAME.<tag>-XXXX siblings this module creates
 
@@ -192,6 +192,17 @@ def _newest(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: p.lstat().st_mtime_ns, reverse=True)
 
 
+def recovery_candidate(out: str | os.PathLike) -> Path | None:
+    """The complete directory `recover_dir` would put at a missing `out` (read-only; None if `out` exists or
+    nothing is recoverable): the newest committed link, else the previous directory moved aside."""
+    out = Path(out)
+    if out.exists():
+        return None
+    left = _leftovers(out)
+    links = [p for p in _newest(left["lnk"]) if p.is_dir()]  # committed swaps (target complete)
+    return links[0] if links else next(iter(_newest([p for p in left["old"] if p.is_dir()])), None)
+
+
 def recover_dir(out: str | os.PathLike) -> list[str]:
     """Repair what a killed swap of `out` left: put a complete directory back at `out` if there is none
     (the new one when its swap was committed, else the previous one), then remove stale staging entries.
@@ -202,8 +213,7 @@ def recover_dir(out: str | os.PathLike) -> list[str]:
     if out.is_symlink() and not out.exists():  # dangling pointer: treat as missing
         out.unlink()
     if not os.path.lexists(out):
-        links = [p for p in _newest(left["lnk"]) if p.is_dir()]  # committed swaps (target complete)
-        pick = links[0] if links else next(iter(_newest([p for p in left["old"] if p.is_dir()])), None)
+        pick = recovery_candidate(out)
         if pick is not None:
             os.replace(pick, out)
             done.append(f"restored {out} from {pick.name}")

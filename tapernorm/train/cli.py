@@ -95,7 +95,9 @@ def config_from_args(args: argparse.Namespace):
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     base = {}
     if given.get("resume"):
-        saved = Path(given.get("out_dir", TrainConfig.out_dir)) / "checkpoint" / "trainer_state.json"
+        from tapernorm.fileio import recovery_candidate  # torch-free
+        ckpt = Path(given.get("out_dir", TrainConfig.out_dir)) / "checkpoint"
+        saved = (recovery_candidate(ckpt) or ckpt) / "trainer_state.json"  # a killed swap is repaired by train()
         if saved.is_file():  # a missing file is reported by train() itself
             try:
                 base = {k: v for k, v in json.loads(saved.read_text())["train_config"].items()

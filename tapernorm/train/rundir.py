@@ -93,7 +93,7 @@ def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate
                  f"{taper[1]}), too abrupt for this model: use more --steps, a later --taper-end, or a lower --lr")
     else:
         cause = f"the learning rate {lr:g} is likely too high for this model: lower --lr or raise --warmup-steps"
-    kept = (f"{ckpt} (step {_ckpt_step(ckpt)}) is kept" if (ckpt / "trainer_state.json").is_file()
+    kept = (f"{ckpt} (the state after {_ckpt_step(ckpt)} steps) is kept" if (ckpt / "trainer_state.json").is_file()
             else "no checkpoint had been written yet")
     return f"training diverged at step {step}: {what} ({cause}); nothing non-finite was written, {kept}"
 

@@ -119,10 +119,15 @@ def test_runtime_json_mismatch(compiled_dir, tmp_path):
 
 
 def test_config_inferred_without_runtime_json(compiled_dir, tmp_path):
+    """Without runtime.json the shapes come from the graph and the context limit from config.json; with
+    neither file the context limit is unknown, and the session refuses rather than guess (issue 11)."""
     shutil.copy(compiled_dir / "model.onnx", tmp_path / "model.onnx")
+    with pytest.raises(ModelDirError, match="cannot tell the context limit"):
+        DecoderSession(tmp_path, intra_op_threads=1)
+    shutil.copy(compiled_dir / "config.json", tmp_path / "config.json")
     s = DecoderSession(tmp_path, intra_op_threads=1)
     assert (s.config.n_layers, s.config.n_heads, s.config.head_dim, s.config.vocab_size) == (2, 4, 8, 256)
-    assert s.config.max_seq_len is None
+    assert s.config.max_seq_len == 64
 
 
 def test_external_data_dir_runs_and_missing_data_is_named(compiled_dir, tmp_path):
