@@ -36,7 +36,7 @@ import torch.nn as nn
 from bench_common import RESULTS, library_versions, loadavg, machine_info, spread, write_results
 from tapernorm import build_model, calibrate, set_gate
 from tapernorm.checkpoint import save_checkpoint
-from tapernorm.compiler.export_onnx import KVCacheLM, export_onnx
+from tapernorm.compiler.export_onnx import KVCacheLM, export_onnx, write_runtime_json
 from tapernorm.compiler.pipeline import compile_checkpoint
 from tapernorm.runtime import DecoderSession, OrtDecoder
 from tapernorm.runtime.torch_ref import TorchRefDecoder
@@ -90,7 +90,7 @@ def build_variants(width: int, args, cache: Path) -> dict:
         shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
         save_checkpoint(taper, d / "taper_ckpt")
-        compile_checkpoint(d / "taper_ckpt", d / "taper", parity_tokens=4)
+        compile_checkpoint(d / "taper_ckpt", d / "taper", parity_tokens=4, graph="generic")  # lean: bench_peers.py
         export_onnx(KVCacheLM(base).eval(), base.config, paths["onnx_rmsnorm"])
         div = build_model(base.config)
         div.load_state_dict(base.state_dict())
@@ -99,6 +99,8 @@ def build_variants(width: int, args, cache: Path) -> dict:
                 if isinstance(child, nn.RMSNorm):
                     setattr(mod, cn, DivRMSNorm(child))
         export_onnx(KVCacheLM(div.eval()).eval(), base.config, paths["onnx_rmsnorm_fused"])
+        for key in ("onnx_rmsnorm", "onnx_rmsnorm_fused"):  # the runtime reads the context limit from it
+            write_runtime_json(paths[key].parent, base.config)
         print(f"[bench] built w{width} ONNX variants in {time.perf_counter() - t0:.0f} s -> {d}", file=sys.stderr)
     return paths, base, taper
 

@@ -42,6 +42,7 @@ def _cmd_compile(args) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch pytree deprecation noise during capture
     rep = compile_checkpoint(args.checkpoint, args.out, dtype=args.dtype, allow_unfolded=args.allow_unfolded,
                              parity_tokens=args.parity_tokens, prompt=args.prompt, provider=args.provider,
+                             graph=args.graph, fallback_generic=args.fallback_generic,
                              log=lambda m: print(f"[compile] {m}", file=sys.stderr))
     print(summary_text(rep))
     return 0
@@ -93,6 +94,12 @@ def add_compile_cli(subparsers) -> None:
                    help="greedy tokens that must match PyTorch")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="parity prompt text")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="onnxruntime provider for parity")
+    p.add_argument("--graph", choices=("lean", "generic"), default="lean",
+                   help="lean: GroupQueryAttention, shared KV buffer, fused Skip norms, last-position logits (also "
+                        "runs under onnxruntime-genai); generic: the torch.onnx dynamo export")
+    p.add_argument("--fallback-generic", action="store_true",
+                   help="with --graph lean: use the generic export when the lean builder cannot express the model "
+                        "(otherwise that is an error naming the layer)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=_cmd_compile)
 

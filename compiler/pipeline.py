@@ -39,6 +39,8 @@ from .export_onnx import (
 from .defaults import DEFAULT_PROMPT, PARITY_TOKENS
 from .onnx_fold import check_statistics
 from .onnx_io import load_onnx
+from .lean import LeanError, write_genai_config
+from .lean.export import export_lean_pair, optimized_counts
 
 __all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy", "summary_text",
            "DEFAULT_PROMPT", "PARITY_TOL"]
@@ -46,7 +48,9 @@ __all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "t
 PARITY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}  # max |logit diff| / max(1, max |logit|)
 _OUT_FILES = ("model.onnx", "model_unfused.onnx", "runtime.json", "config.json", "compile_report.json")
 # everything a compile may write into its output directory; anything else there belongs to the user
-OWNED_FILES = (*_OUT_FILES, "model.onnx.data", "model_unfused.onnx.data", "tokenizer.model")
+OWNED_FILES = (*_OUT_FILES, "model.onnx.data", "model_unfused.onnx.data", "tokenizer.model", "genai_config.json",
+               "tokenizer_config.json")
+GRAPH_KINDS = ("lean", "generic")  # compile_checkpoint(graph=...): compiler.lean builder or the dynamo export
 
 
 class CompileError(ValueError):
@@ -110,8 +114,9 @@ def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: st
                  "position_ids": np.arange(len(prompt), dtype=np.int64)[None],
                  **{n: np.zeros((1, sess.config.n_heads, 0, sess.config.head_dim), sess.np_dtype)
                     for n in sess.past_names}}  # empty past (1, H, 0, D)
-        full = sess.session.run(["logits"], feeds)[0][0].astype(np.float32)  # (T, V), every prompt position
-        prompt_diff = float(np.abs(full - ref_full).max())
+        feeds = {k: v for k, v in feeds.items() if k in sess.input_names}  # lean graphs take no position_ids
+        full = sess.session.run(["logits"], feeds)[0][0].astype(np.float32)  # (T, V); lean: (1, V), the last one
+        prompt_diff = float(np.abs(full - ref_full[-full.shape[0]:]).max())
         tokens, logits = ort_greedy(sess, prompt, n_new)
         agree = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
         steps = min(len(logits), agree if agree is not None else len(logits))
@@ -215,10 +220,14 @@ def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
 @_holding_out_lock
 def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                        allow_unfolded: bool = False, parity_tokens: int = PARITY_TOKENS, prompt: str = DEFAULT_PROMPT,
-                       provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT) -> dict:
+                       provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT, graph: str = "lean",
+                       fallback_generic: bool = False) -> dict:
     """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report.
 
     `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB).
+    `graph`: "lean" (compiler.lean: GroupQueryAttention, shared KV buffer, fused Skip norms; also writes
+    genai_config.json) or "generic" (the torch.onnx dynamo export). A model the lean builder cannot express
+    is a CompileError naming the layer, unless `fallback_generic` (then the generic export is used).
     """
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
@@ -227,6 +236,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         raise CompileError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if parity_tokens < 1:
         raise CompileError(f"parity_tokens must be >= 1, got {parity_tokens}")
+    if graph not in GRAPH_KINDS:
+        raise CompileError(f"graph {graph!r} is not one of {list(GRAPH_KINDS)}")
     foreign = _prepare_out(out_dir)
     model, info = load_checkpoint(ckpt)
     cfg = model.config
@@ -257,18 +268,29 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
 
     with staged_dir(out_dir, "build") as tmp:
         meta = {"tapernorm.source": str(ckpt), "tapernorm.taper_mode": cfg.taper_mode}
-        log("export model.onnx (folded)")
-        exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype, metadata={**meta, "tapernorm.graph": "folded"},
-                            annotate=annotate_folded, inline_limit=inline_limit)
-        stats = stats_holder["stats"]
+        if graph == "lean":
+            log("build lean model.onnx (folded) and model_unfused.onnx")
+            try:
+                exp_f, exp_u, stats = export_lean_pair(model, gm_fold, rep_fold, gm_unf, rep_unf, tmp,
+                                                       DTYPES[dtype], meta, inline_limit)
+            except LeanError as e:
+                if not fallback_generic:
+                    raise CompileError(f"{ckpt}: lean graph: {e}") from None
+                log(f"lean graph not possible ({e}); using --graph generic as asked")
+                graph = "generic"
+        if graph == "generic":
+            log("export model.onnx (folded)")
+            exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype, metadata={**meta, "tapernorm.graph": "folded"},
+                                annotate=annotate_folded, inline_limit=inline_limit)
+            stats = stats_holder["stats"]
+            log("export model_unfused.onnx")
+            exp_u = export_onnx(gm_unf, cfg, tmp / "model_unfused.onnx", dtype,
+                                metadata={**meta, "tapernorm.graph": "unfused"}, inline_limit=inline_limit)
+            for f in ("model.onnx", "model_unfused.onnx"):
+                load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
         if not stats["ok"]:
             raise ParityError(f"statistics check failed (nothing written): {stats['reason']}")
-        log("export model_unfused.onnx")
-        exp_u = export_onnx(gm_unf, cfg, tmp / "model_unfused.onnx", dtype,
-                            metadata={**meta, "tapernorm.graph": "unfused"}, inline_limit=inline_limit)
         t_export = time.perf_counter()
-        for f in ("model.onnx", "model_unfused.onnx"):
-            load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
         # runtime.json first: the runtime sessions of the parity check read the context limit from it
         tok_ids = {"eos_id": None, "bos_id": None}
         if info.get("tokenizer_path"):
@@ -285,8 +307,11 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
         parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
         del sessions
+        if graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
+            write_genai_config(tmp, cfg, eos_id=tok_ids["eos_id"], bos_id=tok_ids["bos_id"], provider=provider)
         report = {
-            "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch,
+            "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch, "graph": graph,
+            "ort_optimized": optimized_counts(tmp),
             "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded,
             "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": bool(info.get("tokenizer_path")),
             "passes": {"fold": rep_fold, "materialize": rep_unf}, "statistics_check": stats,
@@ -312,6 +337,9 @@ def summary_text(rep: dict) -> str:
     g = p["graphs"]
     return (f"compiled {rep['checkpoint']} -> {rep['out_dir']} ({rep['dtype']}, opset {rep['opset'].get('ai.onnx')}, "
             f"IR {rep['ir_version']}, providers {rep['providers']})\n"
+            f"  graph {rep.get('graph', 'generic')}: "
+            + ", ".join(f"{f} {c['nodes']} ORT nodes" for f, c in (rep.get("ort_optimized") or {}).items())
+            + " (after onnxruntime's optimization)\n"
             f"  folded {len(rep['folded_layers'])} norm(s); statistics check: "
             f"{'ok' if rep['statistics_check']['ok'] else rep['statistics_check']['reason']} "
             f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"

@@ -63,8 +63,11 @@ def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True
         return [], [], reason
     for c in consumers:
         w = get_attr_tensor(gm, c.weight.target)
-        if w.dim() != 2 or (w.shape[1] if c.layout == "out_in" else w.shape[0]) != d:
+        if w.dim() not in (2, 3) or w.shape[-1 if c.layout == "out_in" else -2] != d:
             return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} has shape {tuple(w.shape)}, not (*, {d})"
+        if w.dim() == 3 and site.kind == "ln":
+            return [], [], (f"{site.name}: {c.node.name} is a grouped matmul over experts {tuple(w.shape)}: the LN "
+                            "shift would need a per-expert bias it does not have; keeping the explicit map")
         if not w.is_floating_point():
             return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} is {w.dtype}, not floating point"
     untied: list = []

@@ -65,6 +65,15 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor
     """
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"layout {layout!r} is not 'out_in' or 'in_out'")
+    if weight.dim() == 3:  # stacked MoE experts (E, out, in) / (E, in, out): every expert reads the same map
+        if beta is not None or bias is not None:
+            raise ValueError("an LN shift / a bias cannot fold into stacked expert weights (grouped matmul)")
+        dim = 2 if layout == "out_in" else 1
+        if weight.shape[dim] != s.numel():
+            raise ValueError(f"scale s has {s.numel()} entries, the experts' input dim is {weight.shape[dim]}")
+        view = [1, 1, 1]
+        view[dim] = -1
+        return (weight.detach().double() * s.to(weight.device, torch.float64).view(view)).to(weight.dtype), bias
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     w = weight.detach().double()

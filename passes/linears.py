@@ -6,6 +6,7 @@ Three forms compute y = x W^T + b with W, b stored parameters (get_attr nodes):
     aten.addmm(b, x2d, W)                          HF Conv1D (GPT-2)         W (in, out)  "in_out"
     aten.matmul(x, T(W)) [+ add(., b)]             x @ W.T (Falcon)          W (out, in)  "out_in"
     aten.matmul(x, W)    [+ add(., b)]             x @ W                     W (in, out)  "in_out"
+    grouped_mm(x, T(W3), offs)                     MoE experts               W3 (E, out, in) "out_in"
 
 (T = numpy_T / t / permute([1, 0]) / transpose(0, 1) of the parameter). `as_linear` matches a node
 reading an activation as such a linear's input; `linear_output` matches a node that IS such a
@@ -26,6 +27,7 @@ aten = torch.ops.aten
 __all__ = ["Consumer", "as_linear", "linear_output", "get_attr_tensor", "storage_uses", "is_embedding_use",
            "read_linear", "write_linear", "weight_readers"]
 
+_METADATA_ONLY = {op for op in (getattr(getattr(aten, "_assert_tensor_metadata", None), "default", None),) if op}
 _TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
 
 
@@ -109,6 +111,36 @@ def _matmul_linear(user: fx.Node, src: fx.Node | None):
                     weight_view=view, bias_add=add)
 
 
+def _grouped_linear(user: fx.Node, src: fx.Node):
+    """MoE experts: grouped_mm(x_sorted, W (E, in, out) or transpose(W (E, out, in)), offsets), no bias."""
+    desc = f"{user.name} ({user.target})"
+    if not user.args or user.args[0] is not src or any(a is src for a in user.args[1:]):
+        return f"{desc} does not read it as the tokens of a grouped matmul"
+    w = user.args[1]
+    if _param(w):
+        view, layout, wnode = None, "in_out", w
+    elif isinstance(w, fx.Node) and w.target == aten.transpose.int and _param(w.args[0]) and \
+            sorted(a % 3 for a in w.args[1:3]) == [1, 2]:
+        view, layout, wnode = w, "out_in", w.args[0]
+    else:
+        return f"{desc}: expert weights are computed in the graph, not a stored (E, ., .) parameter"
+    wv = wnode.meta.get("val")
+    if not (isinstance(wv, torch.Tensor) and wv.dim() == 3):
+        return f"{desc}: expert weights {wnode.target} are not 3-D"
+    return Consumer(node=user, layout=layout, weight=wnode, bias=None, module_path=_path(user), weight_view=view)
+
+
+_CASTS = {op for op in (getattr(aten.to, "dtype", None), getattr(aten._to_copy, "default", None)) if op is not None}
+
+
+def _same_dtype_cast(w) -> bool:
+    """w = param.to(its own dtype) (e.g. a router's self.weight.float() on a float32 model)."""
+    if not (isinstance(w, fx.Node) and w.op == "call_function" and w.target in _CASTS and _param(w.args[0])):
+        return False
+    a, b = w.args[0].meta.get("val"), w.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
+
+
 def as_linear(user: fx.Node, src: fx.Node):
     """Match `user` as a linear reading `src` as its input: Consumer, a reason (str), or None (not a linear)."""
     desc = f"{user.name} ({user.target})"
@@ -124,13 +156,18 @@ def as_linear(user: fx.Node, src: fx.Node):
         layout = "in_out"
     elif user.target == aten.matmul.default:
         return _matmul_linear(user, src)
+    elif "grouped_mm" in str(user.target):
+        return _grouped_linear(user, src)
     else:
         return None  # not a linear at all
+    view = None
+    if _same_dtype_cast(w):
+        view, w = w, w.args[0]
     if not _param(w):
         return f"{desc}: weight is computed in the graph, not a stored parameter"
     if b is not None and not _param(b):
         return f"{desc}: bias is computed in the graph, not a stored parameter"
-    return Consumer(node=user, layout=layout, weight=w, bias=b, module_path=_path(user))
+    return Consumer(node=user, layout=layout, weight=w, bias=b, module_path=_path(user), weight_view=view)
 
 
 def linear_output(node: fx.Node) -> Consumer | None:
@@ -165,7 +202,8 @@ def storage_uses(gm: fx.GraphModule) -> dict[int, list[tuple[fx.Node, fx.Node]]]
             continue
         key = t.untyped_storage().data_ptr()
         for u in n.users:
-            uses.setdefault(key, []).append((n, u))
+            if u.target not in _METADATA_ONLY:  # reads dtype / shape only, which a fold keeps
+                uses.setdefault(key, []).append((n, u))
     return uses
 
 
@@ -244,7 +282,7 @@ def _set_weight(gm, c: Consumer, w_node: fx.Node) -> None:
         with gm.graph.inserting_before(c.node):
             v = gm.graph.call_function(c.weight_view.target, (w_node, *c.weight_view.args[1:]), c.weight_view.kwargs)
         v.meta.update(c.weight_view.meta)
-        c.node.args = (c.node.args[0], v, *c.node.args[2:])
+        c.node.args = tuple(v if a is c.weight_view else a for a in c.node.args)
         c.weight_view = v
     else:
         args = list(c.node.args)

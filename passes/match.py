@@ -43,7 +43,10 @@ _STAT_OPS = _ops("mean.dim", "mean.default", "rsqrt.default", "sqrt.default", "p
 # ops that only move / drop whole tokens (rows); a per-feature affine map commutes with them
 _ROW_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _ROW_IDENTITY = _ops("alias.default", "clone.default", "detach.default", "lift_fresh_copy.default")
+_CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout")
 _ROW_DIM_OPS = {aten.slice.Tensor, aten.select.int, aten.index_select.default}
+# readers that check only metadata (dtype, shape), unchanged by a fold
+HARMLESS_READERS = _ops("_assert_tensor_metadata.default")
 
 
 def stat_ops(gm: fx.GraphModule) -> int:
@@ -158,8 +161,9 @@ def _last_dim(node: fx.Node) -> int | None:
     return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
 
-def _is_row_op(node: fx.Node, d: int) -> bool:
-    """True if `node` (reading its first arg) only moves / drops whole rows of width d."""
+def _is_row_op(node: fx.Node, d: int, kind: str = "ln") -> bool:
+    """True if `node` (reading its first arg) only moves / drops whole rows of width d (for an RMS map, also
+    a scale by a constant number, which commutes with x * s)."""
     t, src = node.target, node.args[0] if node.args else None
     if not isinstance(src, fx.Node):
         return False
@@ -168,6 +172,14 @@ def _is_row_op(node: fx.Node, d: int) -> bool:
         return False
     if t in _ROW_IDENTITY:
         return True
+    if t in _CASTS:  # a cast to the dtype it already has
+        nv = node.meta.get("val")
+        return isinstance(nv, torch.Tensor) and nv.dtype == sv.dtype and nv.device == sv.device
+    if t in (aten.mul.Tensor, aten.div.Tensor) and kind == "rms":
+        return len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs
+    if t == aten.index.Tensor:  # a gather of tokens (MoE dispatch): indexes leading dims only
+        idx = node.args[1] if len(node.args) > 1 else None
+        return isinstance(idx, (list, tuple)) and len(idx) < sv.dim() and _last_dim(node) == d
     if t == aten.dropout.default:
         return len(node.args) >= 3 and node.args[2] is False
     if t in _ROW_VIEWS:
@@ -184,6 +196,8 @@ def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Nod
     while stack:
         src, path = stack.pop()
         for user in list(src.users):
+            if user.target in HARMLESS_READERS:  # reads only dtype / shape, which the fold keeps
+                continue
             if user.op == "output":
                 return [], [], f"{site.name}: its output is a graph output; keeping the explicit map"
             match = as_linear(user, src) if user.op == "call_function" else None
@@ -192,7 +206,7 @@ def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Nod
                 consumers.append(match)
             elif isinstance(match, str):
                 return [], [], f"{site.name}: consumer {match}; keeping the explicit map"
-            elif user.op == "call_function" and _is_row_op(user, d):
+            elif user.op == "call_function" and _is_row_op(user, d, site.kind):
                 via.append(user)
                 stack.append((user, path + [user]))
             else:

@@ -53,6 +53,13 @@ class OrtDecoder:
       ~100-200 us per step; DESIGN.md section 3).
     """
 
+    def __new__(cls, session: DecoderSession, *args, **kwargs):
+        """A lean graph (shared KV buffer) gets its own loop, runtime.shared_kv.SharedKVDecoder."""
+        if cls is OrtDecoder and getattr(session, "kv_shared", False):
+            from .shared_kv import SharedKVDecoder
+            return SharedKVDecoder(session, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, session: DecoderSession, max_len: int | None = None, io_binding: bool | None = None):
         self.session = session
         self.max_len = max_len or session.config.max_seq_len  # None: no context limit known
@@ -363,6 +370,9 @@ def _check_stop_tokens(stop_tokens, vocab_size: int) -> None:
 
 
 def _cmd_generate(args) -> int:
+    if getattr(args, "engine", "ort") == "genai":  # onnxruntime-genai's C++ loop on the same directory
+        from .genai_engine import cmd_generate
+        return cmd_generate(args)
     _check_cli_values(args)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:  # provider fallback: one line, not a source echo
@@ -403,6 +413,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     p.add_argument("--unfused", action="store_true", help="run model_unfused.onnx instead of the folded model.onnx")
+    p.add_argument("--engine", choices=("ort", "genai"), default="ort",
+                   help="ort: tapernorm's decode loop; genai: onnxruntime-genai's C++ loop (lean compile, own venv)")
     p.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=_cmd_generate)

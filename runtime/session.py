@@ -203,7 +203,14 @@ class DecoderSession:
     def _check_interface(self) -> None:
         ins = {i.name: i for i in self.session.get_inputs()}
         outs = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in ins]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # lean graphs (compiler.lean): one max-length KV buffer shared by past and present (GroupQueryAttention),
+        # positions derived from the mask, logits of the last position only; decoded by SharedKVDecoder
+        self.kv_shared = meta.get("tapernorm.kv_cache") == "shared"
+        self.graph_kind = meta.get("tapernorm.graph_kind", "generic")
+        self.input_names = list(ins)
+        required = ("input_ids", "attention_mask") + (() if self.kv_shared else ("position_ids",))
+        missing = [n for n in required if n not in ins]
         if "logits" not in outs:
             missing.append("logits (output)")
         n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
@@ -303,4 +310,5 @@ class DecoderSession:
         """Providers, threads and model facts, for logs and benchmark reports."""
         return {"model": str(self.model_path), "providers": self.providers, "device": self.device,
                 "requested_provider": self.requested_provider, "intra_op_threads": self.intra_op_threads,
-                "inter_op_threads": self.inter_op_threads, "onnxruntime": ort.__version__, **self.config.to_dict()}
+                "inter_op_threads": self.inter_op_threads, "onnxruntime": ort.__version__,
+                "graph_kind": self.graph_kind, "kv_shared": self.kv_shared, **self.config.to_dict()}

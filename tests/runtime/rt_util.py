@@ -24,14 +24,14 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
     return path
 
 
-def compile_tiny(model, out_dir: Path, tokenizer: Path) -> Path:
+def compile_tiny(model, out_dir: Path, tokenizer: Path, graph: str = "lean") -> Path:
     """A compiled dir for `model` through the real product: save_checkpoint -> compile_checkpoint
     (capture, fold + materialize, ONNX export of both, parity, report)."""
     from tapernorm.checkpoint import save_checkpoint
     from tapernorm.compiler.pipeline import compile_checkpoint
     ckpt = out_dir.parent / (out_dir.name + "-ckpt")
     save_checkpoint(model, ckpt, tokenizer_path=tokenizer)
-    compile_checkpoint(ckpt, out_dir, parity_tokens=4)
+    compile_checkpoint(ckpt, out_dir, parity_tokens=4, graph=graph)
     return out_dir
 
 
@@ -64,6 +64,8 @@ def tiny_model_cached(arch: str = "tiny", mode: str = "internal"):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_tiny_dir(arch: str = "tiny", mode: str = "internal") -> Path:
-    """A compiled dir for tiny_model_cached(arch, mode) (built once per process)."""
-    return compile_tiny(tiny_model_cached(arch, mode), _TMP / f"compiled-{arch}-{mode}", tiny_tokenizer_path())
+def compiled_tiny_dir(arch: str = "tiny", mode: str = "internal", graph: str = "lean") -> Path:
+    """A compiled dir for tiny_model_cached(arch, mode) (built once per process); graph "lean" or "generic"."""
+    suffix = "" if graph == "lean" else f"-{graph}"
+    return compile_tiny(tiny_model_cached(arch, mode), _TMP / f"compiled-{arch}-{mode}{suffix}", tiny_tokenizer_path(),
+                        graph)

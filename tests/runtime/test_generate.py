@@ -107,8 +107,10 @@ def test_folded_and_unfused_graphs_decode_identically(compiled_dir, tiny_model):
     assert a == b == c
 
 
-def test_iobinding_path_equals_plain_path(session):
-    """The IOBinding path (the one CUDA uses) decodes exactly like the CPU feed-dict path."""
+def test_iobinding_path_equals_plain_path():
+    """The IOBinding path (the one CUDA uses) decodes exactly like the CPU feed-dict path (generic graph)."""
+    from rt_util import compiled_tiny_dir
+    session = DecoderSession(compiled_tiny_dir(graph="generic"), provider="cpu", intra_op_threads=1)
     prompts = [[1, 5, 6, 7, 8, 9], [1, 40, 41]]
     plain = OrtDecoder(session, io_binding=False)
     bound = OrtDecoder(session, io_binding=True)

@@ -1,0 +1,56 @@
+"""genai_config.json: lets onnxruntime-genai (`og.Model(DIR)`) run a compiled lean directory as it is.
+
+The lean graph already has genai's decoder interface (input_ids, attention_mask, past_key_values.%d.key|value
+-> logits, present.%d.key|value) and a GroupQueryAttention KV buffer that genai shares between past and
+present (`past_present_share_buffer`). The schema below is the one onnxruntime-genai 0.18's model builder
+writes (model.decoder.{inputs, outputs, head_size, ...}, search.{max_length, ...}); runtime/genai_engine.py
+names the key when an installed genai rejects it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tapernorm.fileio import atomic_write_text
+
+__all__ = ["genai_config", "write_genai_config", "GENAI_MODEL_TYPE"]
+
+GENAI_MODEL_TYPE = {"llama": "llama", "gpt2": "llama"}  # both are plain decoders over the same interface
+
+
+def genai_config(cfg, *, filename: str = "model.onnx", eos_id: int | None = None, bos_id: int | None = None,
+                 provider: str = "cpu") -> dict:
+    """The genai_config.json dict for a lean graph of `cfg` (eos falls back to 0 when the model has none)."""
+    eos = eos_id if eos_id is not None and 0 <= eos_id < cfg.vocab_size else 0  # genai refuses out-of-vocab eos
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else
+                            [{"cuda": {}}]},
+        "filename": filename, "head_size": cfg.head_dim, "hidden_size": cfg.dim,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "num_attention_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers, "num_key_value_heads": cfg.n_heads,
+    }
+    return {
+        "model": {"bos_token_id": bos_id if bos_id is not None and bos_id >= 0 else eos,
+                  "context_length": cfg.max_seq_len, "decoder": decoder, "eos_token_id": eos, "pad_token_id": eos,
+                  "type": GENAI_MODEL_TYPE[cfg.arch], "vocab_size": cfg.vocab_size},
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": cfg.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def write_genai_config(out_dir: str | Path, cfg, **kw) -> Path:
+    """Write `out_dir/genai_config.json` atomically (and tokenizer_config.json beside a tokenizer.model)."""
+    out_dir = Path(out_dir)
+    conf = genai_config(cfg, **kw)
+    atomic_write_text(out_dir / "genai_config.json", json.dumps(conf, indent=2))
+    if (out_dir / "tokenizer.model").is_file():  # SentencePiece: genai's tokenizer reads it as a Llama tokenizer
+        eos, bos = conf["model"]["eos_token_id"], conf["model"]["bos_token_id"]
+        atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+             "bos_token_id": bos, "eos_token_id": eos, "model_max_length": cfg.max_seq_len}, indent=2))
+    return out_dir / "genai_config.json"
