@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tapernorm.model_config import PRESETS
 
-from .config import MODES, TrainConfig
+from .config import MODES, SCALE_FORMS, TrainConfig
 
 __all__ = ["add_cli", "config_from_args"]
 
@@ -26,6 +26,7 @@ _HELP = {
             "all (the final norm too: a fully norm-free model); internal-taper / all-taper are aliases",
     "scale_loss": "fixed-target scale loss on the pre-logit residual (default: on when tapering, off for baseline)",
     "scale_lambda": "weight lambda of the scale loss",
+    "scale_form": "scale-loss form: paper = lambda (s - s_tgt)^2 (Eq. 5), relative = lambda (s / s_tgt - 1)^2 (unit-free)",
     "dim": "model width (overrides the preset)",
     "n_layers": "number of blocks (overrides the preset)",
     "n_heads": "attention heads; must divide --dim (overrides the preset)",
@@ -67,7 +68,8 @@ def _flag(name: str) -> str:
 
 def _choices(name: str):
     """The values a flag accepts, where the set is closed."""
-    return {"mode": sorted(MODES), "preset": list(PRESETS), "device": ["auto", "cpu", "cuda"]}.get(name)
+    return {"mode": sorted(MODES), "preset": list(PRESETS), "device": ["auto", "cpu", "cuda"],
+            "scale_form": list(SCALE_FORMS)}.get(name)
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from tapernorm.model_config import ConfigError, preset
 from tapernorm.typecheck import field_type_error
 
-__all__ = ["TrainConfig", "MODES", "RESUME_FREE"]
+__all__ = ["TrainConfig", "MODES", "RESUME_FREE", "SCALE_FORMS"]
+
+SCALE_FORMS = ("paper", "relative")  # the forms of tapernorm.train.scale_loss.scale_loss
 
 MODES = {"baseline": "baseline", "internal": "internal", "internal-taper": "internal", "all": "all",
           "all-taper": "all"}
@@ -27,6 +29,7 @@ class TrainConfig:
     mode: str = "internal"                # baseline | internal(-taper) | all(-taper)
     scale_loss: bool | None = None        # fixed-target scale loss; default: on when tapering, off for baseline
     scale_lambda: float = 0.1
+    scale_form: str = "paper"             # paper: (s - s_tgt)^2 | relative: (s / s_tgt - 1)^2 (unit-free)
     dim: int | None = None                # model overrides of the preset
     n_layers: int | None = None
     n_heads: int | None = None
@@ -70,6 +73,8 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {sorted(MODES)}")
         mode = MODES[self.mode]
+        if self.scale_form not in SCALE_FORMS:
+            raise ValueError(f"scale_form {self.scale_form!r} is not one of {list(SCALE_FORMS)}")
         aux = (mode != "baseline") if self.scale_loss is None else bool(self.scale_loss)
         c = dataclasses.replace(self, mode=mode, betas=tuple(self.betas), scale_loss=aux)
         for k in ("steps", "batch_size", "seq_len", "vocab_size"):

@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     centered = model.config.arch == "gpt2"
     log = JsonlLog(run / "log.jsonl", truncate_after_step=start) if rank == 0 else None
     extra = {"training": {k: getattr(cfg, k) for k in ("corpus", "max_docs", "max_chars", "val_frac", "seq_len",
-                                                       "steps", "mode", "scale_loss", "scale_lambda", "seed")}}
+                                                       "steps", "mode", "scale_loss", "scale_lambda", "scale_form", "seed")}}
 
     def save(step_done: int, out: Path, with_state: bool) -> None:
         if rank != 0:
@@ -224,13 +224,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
                   "tensors": {**otens, **pack_rng()}}
         save_checkpoint(model, out, tokenizer_path=tok_path, extra=extra, trainer_state=ts)
 
-    def run_eval(step_done: int) -> float:
-        v = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, cfg.bf16)
+    def run_eval(step_done: int, full: bool = False) -> float:
+        # periodic evals are cheap (eval_batches); the first and the final cover the whole validation split
+        v = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, None if full else cfg.eval_batches, cfg.bf16)
         if log:
-            log.write({"kind": "eval", "step": step_done, "val_loss": v, "gate": _gate(model)})
+            log.write({"kind": "eval", "step": step_done, "val_loss": v, "gate": _gate(model), "full_split": full})
         return v
 
-    initial_val = run_eval(0) if (rank == 0 and start == 0 and cfg.eval_every > 0) else None
+    initial_val = run_eval(0, full=True) if (rank == 0 and start == 0 and cfg.eval_every > 0) else None
     if state is not None:
         initial_val = state["json"].get("initial_val_loss")  # measured before the run was interrupted
     end = cfg.stop_after or cfg.steps
@@ -254,7 +255,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         s = scale_stat(h, centered)  # (B, T)
         aux = torch.zeros((), device=device)
         if cfg.scale_loss and target.frozen is not None:
-            aux = scale_loss(h, target.frozen, cfg.scale_lambda, centered)
+            aux = scale_loss(h, target.frozen, cfg.scale_lambda, centered, form=cfg.scale_form)
         loss = ce + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,17 +291,23 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if not all(m.calibrated for _, m in taper_layers(model)):
             _finish_calibration(model, world)
         set_gate(model, sched.final_gate())
-    val = run_eval(cfg.steps) if rank == 0 else float("nan")
+    val = run_eval(cfg.steps, full=True) if rank == 0 else float("nan")
     save(cfg.steps, run / "model", False)
     if rank == 0:
         summary = {"val_loss": val, "initial_val_loss": initial_val, "steps": cfg.steps, "final_gate": _gate(model),
-                   "mode": cfg.mode, "scale_loss": cfg.scale_loss, "seconds": prior_s + time.time() - t_start, "world_size": world}
+                   "mode": cfg.mode, "scale_loss": cfg.scale_loss, "val_tokens": _val_tokens(data.val, cfg.seq_len),
+                   "seconds": prior_s + time.time() - t_start, "world_size": world}
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.close()
     if world > 1:
         dist.barrier()
     return TrainResult(str(run), str(run / "model"), val, initial_val, cfg.steps, _gate(model),
                        prior_s + time.time() - t_start, str(run / "log.jsonl"))
+
+
+def _val_tokens(stream: torch.Tensor, seq_len: int) -> int:
+    """Tokens scored by a full-split evaluation (every whole validation window)."""
+    return (len(stream) - 1) // seq_len * seq_len
 
 
 def _stop_if_diverged(step: int, loss: torch.Tensor, grad_norm: float, lr: float, model: DecoderLM, sched,

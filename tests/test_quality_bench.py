@@ -1,0 +1,48 @@
+"""The quality benchmark (benchmarks/quality.py) runs end to end on a smoke setting and records versions,
+seeds, settings and the machine; its hand-written paired t-test matches textbook values. No quality
+threshold is asserted: quality figures live in benchmarks/results/quality.md."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from quality_stats import paired_test, t_sf_two_sided  # noqa: E402
+
+
+@pytest.mark.parametrize("t, df, p", [(2.776, 4, 0.05), (12.706, 1, 0.05), (2.228, 10, 0.05), (1.0, 2, 0.42265),
+                                      (-4.303, 2, 0.05)])
+def test_t_distribution_two_sided_p(t, df, p):
+    assert t_sf_two_sided(t, df) == pytest.approx(p, abs=2e-4)
+
+
+def test_paired_test_on_relative_gaps():
+    r = paired_test([1.01, 1.02, 1.015], [1.0, 1.0, 1.0])
+    assert r["gap_mean"] == pytest.approx(0.015) and r["gap_sd"] == pytest.approx(0.005)
+    assert r["t"] == pytest.approx(5.19615, rel=1e-4) and r["df"] == 2 and r["p"] == pytest.approx(0.0351, abs=2e-4)
+    assert paired_test([1.0], [2.0])["p"] is None
+    with pytest.raises(ValueError, match="equally many"):
+        paired_test([1.0, 2.0], [1.0])
+
+
+def test_quality_quick_writes_results(tmp_path):
+    cmd = [sys.executable, str(BENCH / "quality.py"), "--quick", "--steps", "20", "--widths", "16", "--seeds", "2",
+           "--sweep-seeds", "1", "--max-chars", "3000", "--no-horizon", "--workers", "1", "--eval-points", "2",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "q")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert res["machine"]["cores"] and res["versions"]["torch"] and res["seeds"]["table"] == [0, 1]
+    assert res["settings"]["steps"] == 20 and res["settings"]["aux_default"]["scale_form"] in ("paper", "relative")
+    arms = res["table1"]["16"]
+    assert set(arms) == {"baseline", "internal+aux", "all+aux", "all-noaux"}
+    assert arms["all+aux"]["vs_baseline"]["n"] == 2 and arms["baseline"]["val_loss"]["n"] == 2
+    assert {(r["mode"], r["form"]) for r in res["sweep"]["rows"]} >= {("internal", "paper"), ("all", "relative")}
+    assert all(r["val_tokens"] > 0 for r in res["runs"].values())
+    for f in res["figures"]:
+        assert (tmp_path / f).stat().st_size > 0
+    assert "Table 1 analogue" in (tmp_path / "q.md").read_text()
