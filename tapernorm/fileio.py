@@ -195,7 +195,7 @@ def _newest(paths: list[Path]) -> list[Path]:
 def recovery_candidate(out: str | os.PathLike) -> Path | None:
     """The complete directory `recover_dir` would put at a missing `out` (read-only; None if `out` exists or
     nothing is recoverable): the newest committed link, else the previous directory moved aside."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     if out.exists():
         return None
     left = _leftovers(out)
@@ -207,7 +207,7 @@ def recover_dir(out: str | os.PathLike) -> list[str]:
     """Repair what a killed swap of `out` left: put a complete directory back at `out` if there is none
     (the new one when its swap was committed, else the previous one), then remove stale staging entries.
     Call it holding the directory's lock. Returns what was done, one phrase per action."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # abspath, not resolve: `out` may be a pointer symlink
     left = _leftovers(out)
     done = []
     if out.is_symlink() and not out.exists():  # dangling pointer: treat as missing
@@ -256,7 +256,7 @@ def dir_lock(target: str | os.PathLike, what: str = "tapernorm"):
         yield None
         return
     target = Path(target)
-    path = _lock_path(target)
+    path = _lock_path(Path(os.path.abspath(target)))  # "." has no name to put beside
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

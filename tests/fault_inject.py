@@ -3,7 +3,8 @@
     python tests/fault_inject.py SPEC -- tapernorm ARGS...     the real CLI, killed at SPEC
     python tests/fault_inject.py SPEC -- swap OUT CONTENT      staged_dir(OUT) writing CONTENT into a.txt, b.txt
 
-SPEC = FN:SUBSTR:N[:after]: kill right before (or with `after`, right after) the Nth call of FN whose
+SPEC = none (no hook; e.g. under `strace -e inject=SYSCALL:signal=KILL:when=N`), or
+FN:SUBSTR:N[:after]: kill right before (or with `after`, right after) the Nth call of FN whose
 path arguments contain SUBSTR. FN is one of rename, replace, symlink, exchange (tapernorm.fileio's
 atomic swap), rmtree. The fault-injection tests use it to stop a process in each window of a
 directory swap, the way `kill -9` or a power cut would, and then check what a later process finds.
@@ -17,6 +18,8 @@ import sys
 
 
 def _install(spec: str) -> None:
+    if spec == "none":  # the kill comes from outside (strace -e inject=...:signal=KILL)
+        return
     fn, substr, n, *when = spec.split(":")
     after, count = bool(when and when[0] == "after"), [0]
     from tapernorm import fileio

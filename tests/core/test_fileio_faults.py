@@ -6,6 +6,7 @@ rmtree. A later process (recover_dir, as `train` and `compile` run it under thei
 complete directory, old or new, never a mix or nothing, and no staging leftovers.
 """
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,41 @@ def test_kill_in_each_swap_window_leaves_one_complete_dir(tmp_path, monkeypatch,
     with staged_dir(out) as tmp:  # and the next save works
         _write(tmp, "next")
     assert _content(out) == "next"
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-qq", "-o", os.devnull, "true"], capture_output=True).returncode == 0
+
+
+SYSCALLS = ("rename", "renameat", "renameat2", "symlink", "symlinkat", "unlink", "unlinkat", "rmdir")
+
+
+@pytest.mark.skipif(not _strace_works(), reason="strace missing or ptrace not permitted")
+@pytest.mark.parametrize("no_exchange", [False, True], ids=["exchange", "fallback"])
+def test_strace_kill_at_every_rename_and_unlink(tmp_path, no_exchange):
+    """The issue's method: strace injects SIGKILL at the Nth call of one rename / symlink / unlink system call,
+    for every such call of the swap (strace counts each syscall separately); each time a later process
+    recovers one complete directory, old or new."""
+    env = {**os.environ, "TAPERNORM_NO_EXCHANGE": "1" if no_exchange else "0"}
+    seen, kills = set(), 0
+    for sc in SYSCALLS:
+        for n in range(1, 50):
+            out = tmp_path / f"{sc}-{n}" / "out"
+            _write(out, "old")
+            r = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={sc}",
+                                "-e", f"inject={sc}:signal=KILL:when={n}",
+                                sys.executable, str(INJECT), "none", "--", "swap", str(out), "new"],
+                               env=env, capture_output=True, text=True, timeout=120)
+            recover_dir(out)
+            seen.add(_content(out))
+            assert [p for p in _leftovers(out) if not (out.is_symlink() and os.path.realpath(out).endswith(p))] == []
+            if r.returncode == 0:
+                break
+            assert r.returncode in (-9, 137), r.stderr
+            kills += 1
+    assert seen == {"old", "new"} and kills >= 3, (seen, kills)  # kills before and after the commit point
 
 
 def test_recovers_the_two_rename_leftovers_of_older_versions(tmp_path):
