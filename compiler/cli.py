@@ -16,6 +16,7 @@ from pathlib import Path
 from tapernorm import __version__
 from tapernorm.runtime import generate as runtime_generate
 from tapernorm.train import cli as train_cli
+from tapernorm.train import finetune_cli
 
 from .defaults import DEFAULT_PROMPT, DTYPE_NAMES, PARITY_TOKENS
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tapernorm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train_cli.add_cli(sub)
+    finetune_cli.add_cli(sub)
     add_compile_cli(sub)
     runtime_generate.add_cli(sub)
     return parser

@@ -99,3 +99,18 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Full-sequence logits (B, T, V) without a cache."""
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+FT_ARGS = ["--steps", "12", "--taper-start", "3", "--taper-end", "9", "--warmup-steps", "2", "--seq-len", "32",
+           "--batch-size", "4", "--lr", "3e-3", "--max-docs", "40", "--eval-batches", "2"]
+
+
+@functools.lru_cache(maxsize=None)
+def finetuned_dir(kind: str, mode: str) -> Path:
+    """`tapernorm finetune` (through the CLI, in process) of a tiny HF model of `kind` in `mode`; the run dir."""
+    from tapernorm.compiler.cli import main
+    root = Path(tempfile.mkdtemp(prefix=f"tapernorm-ft-{kind}-{mode}-"))
+    src = hf_dir(kind, root / "src")
+    out = root / "ft"
+    assert main(["finetune", str(src), "--out", str(out), "--mode", mode, *FT_ARGS]) == 0
+    return out

@@ -1,0 +1,158 @@
+"""`tapernorm finetune`: flags, the FinetuneConfig they fill, and the paper's GPT-2 schedules (torch-free).
+
+    tapernorm finetune HF_DIR_OR_NAME --out runs/ft --schedule gpt2-s     Table 3's GPT-2 S schedule
+    tapernorm finetune HF_DIR --out runs/ft --steps 40 --taper-start 5 --taper-end 30
+    torchrun --nproc_per_node 2 -m tapernorm.compiler.cli finetune ...    DDP through HF's Trainer
+
+The implementation (HF Trainer + TaperCallback) is tapernorm/train/finetune.py, imported by the handler.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+
+__all__ = ["FinetuneConfig", "SCHEDULES", "add_cli", "config_from_args"]
+
+# Table 3 of the paper (DESIGN.md section 1): total steps, LR-warmup end, taper start, taper end (gate 0 from there)
+SCHEDULES: dict[str, tuple[int, int, int, int]] = {
+    "gpt2-s": (300, 25, 25, 100),
+    "gpt2-m": (500, 10, 20, 200),
+    "gpt2-l": (600, 30, 30, 500),
+    "gpt2-xl": (800, 20, 50, 700),
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run with tapering; steps default to the schedule preset, else to the explicit flags."""
+    model: str = ""                   # HF directory or hub name
+    out_dir: str = "runs/finetune"
+    mode: str = "internal"            # internal | all
+    schedule: str | None = None       # a SCHEDULES name; explicit step flags override its entries
+    steps: int | None = None
+    warmup_steps: int | None = None
+    taper_start: int | None = None    # default: the end of LR warmup
+    taper_end: int | None = None      # default: the last step
+    corpus: str = "builtin"
+    max_docs: int | None = None
+    max_chars: int | None = None
+    val_frac: float = 0.1
+    seq_len: int = 128
+    batch_size: int = 8               # global batch (split over torchrun processes)
+    lr: float = 1e-4
+    scale_loss: bool = True
+    scale_lambda: float = 0.1
+    beta_ema: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_batches: int = 16            # held-out chunks of seq_len tokens, batch_size per batch, before and after
+    seed: int = 0
+    bf16: bool = False
+    overwrite: bool = False
+
+    def resolved_steps(self) -> tuple[int, int, int, int]:
+        """(total, warmup, taper start, taper end): the preset's, with explicit flags taking precedence."""
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {sorted(SCHEDULES)}")
+        T, W, t0, t1 = SCHEDULES[self.schedule] if self.schedule else (None, None, None, None)
+        T = self.steps if self.steps is not None else T
+        if T is None:
+            raise ValueError("pass --steps N or --schedule NAME (one of " + ", ".join(SCHEDULES) + ")")
+        W = self.warmup_steps if self.warmup_steps is not None else (W if W is not None else max(1, round(0.05 * T)))
+        t0 = self.taper_start if self.taper_start is not None else (t0 if t0 is not None else W)
+        t1 = self.taper_end if self.taper_end is not None else (t1 if t1 is not None else T - 1)
+        return int(T), int(W), int(t0), int(t1)
+
+    def check(self) -> "FinetuneConfig":
+        """Validate (one line naming the flag); returns self."""
+        if not self.model:
+            raise ValueError("pass the model to fine-tune: an HF directory or hub name")
+        if self.mode not in ("internal", "all"):
+            raise ValueError(f"--mode {self.mode!r} is not 'internal' or 'all'")
+        for k in ("seq_len", "batch_size", "eval_batches"):
+            if int(getattr(self, k)) <= 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.scale_lambda >= 0 and 0 < self.beta_ema <= 1):
+            raise ValueError("--lr and --grad-clip must be > 0, --scale-lambda >= 0, --beta-ema in (0, 1]")
+        T, W, t0, t1 = self.resolved_steps()
+        if not (T >= 2 and 0 <= W < T and 1 <= t0 <= t1 <= T and t0 < T):
+            raise ValueError(f"schedule total {T}, warmup {W}, taper {t0}..{t1} is not valid: need 0 <= warmup < total, "
+                             "1 <= taper start <= taper end <= total and taper start < total")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+_HELP = {
+    "out_dir": "output directory (model/ is the tapered HF model, summary.json the before/after evaluation)",
+    "mode": "internal: every norm inside the blocks tapers, the final norm stays; all: the final norm too",
+    "schedule": "the paper's GPT-2 fine-tuning schedule (Table 3): " + "; ".join(
+        f"{k}: {v[0]} steps, warmup {v[1]}, taper {v[2]}..{v[3]}" for k, v in SCHEDULES.items()),
+    "steps": "optimizer steps (overrides the schedule's)",
+    "warmup_steps": "LR warmup steps (default: the schedule's, else 5%% of the steps)",
+    "taper_start": "step where c is calibrated and the cosine taper starts (default: end of warmup)",
+    "taper_end": "step from which the gate is exactly 0 (default: the schedule's, else the last step)",
+    "corpus": "builtin | a.txt,b.txt | a directory | hf:NAME[:SPLIT]",
+    "max_docs": "use at most this many documents",
+    "max_chars": "truncate the corpus to this many characters",
+    "val_frac": "fraction of the token stream held out for evaluation",
+    "seq_len": "tokens per training sequence and per evaluation chunk",
+    "batch_size": "global batch in sequences (split over torchrun processes)",
+    "lr": "peak learning rate (AdamW; linear warmup, cosine decay)",
+    "scale_loss": "fixed-target scale loss on the pre-logit residual",
+    "scale_lambda": "weight of the scale loss",
+    "beta_ema": "new-sample weight of the calibration and scale-target EMAs",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clipping threshold",
+    "eval_batches": "evaluation batches of held-out chunks, before and after",
+    "seed": "seed of data order and initialization",
+    "bf16": "bf16 mixed precision",
+    "overwrite": "replace an existing output directory",
+}
+
+
+def add_cli(subparsers) -> None:
+    """Register `tapernorm finetune`."""
+    p = subparsers.add_parser(
+        "finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="fine-tune a Hugging Face causal LM with tapering (HF Trainer; torchrun for DDP)",
+        description="Taperize an HF causal LM, fine-tune it with HF's Trainer: the gate is held at 1 through warmup, "
+                    "c is calibrated at the taper start, the gate decays by cosine to exactly 0 and stays there. "
+                    "Writes OUT/model (reload with tapernorm.from_pretrained, compile with tapernorm compile) and "
+                    "OUT/summary.json (held-out loss before and after).")
+    p.add_argument("model", metavar="MODEL", help="HF model directory or hub name")
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name == "model":
+            continue
+        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        kw = dict(dest=f.name, help=_HELP[f.name], default=f.default)
+        base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name in ("mode", "schedule"):
+            p.add_argument(flag, choices=("internal", "all") if f.name == "mode" else sorted(SCHEDULES), **kw)
+        else:
+            p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """FinetuneConfig from parsed flags."""
+    return FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import finetune  # loaded on use: building the parser imports no torch
+    res = finetune(config_from_args(args))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({k: res[k] for k in ("val_loss_before", "val_loss_after", "final_gate", "steps",
+                                              "model_dir", "seconds")}))
+    return 0
