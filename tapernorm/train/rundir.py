@@ -95,7 +95,8 @@ def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate
         cause = f"the learning rate {lr:g} is likely too high for this model: lower --lr or raise --warmup-steps"
     kept = (f"{ckpt} (the state after {_ckpt_step(ckpt)} steps) is kept" if (ckpt / "trainer_state.json").is_file()
             else "no checkpoint had been written yet")
-    return f"training diverged at step {step}: {what} ({cause}); nothing non-finite was written, {kept}"
+    return (f"training diverged at step {step}: {what} ({cause}); nothing non-finite was written, {kept}; "
+            "start over with that change and --overwrite")
 
 
 def _ckpt_step(ckpt: Path) -> str:

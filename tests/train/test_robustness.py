@@ -141,6 +141,8 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_keeps_the_last_good_ch
     model, _ = load_checkpoint(run / "checkpoint")  # the last good state, finite
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not (run / "model").exists()
+    assert "start over with that change and --overwrite" in msg
+    assert main(_flags(run, tokenizer, lr=3e-3, ckpt_every=1) + ["--overwrite"]) == 0  # the advice works
 
 
 def test_nonfinite_weights_are_never_written(tmp_path):
