@@ -257,6 +257,7 @@ def dir_lock(target: str | os.PathLike, what: str = "tapernorm"):
         return
     target = Path(target)
     path = _lock_path(Path(os.path.abspath(target)))  # "." has no name to put beside
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # removed again if left empty
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -284,3 +285,6 @@ def dir_lock(target: str | os.PathLike, what: str = "tapernorm"):
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+        for p in made:  # innermost first; a directory the holder filled stays
+            with contextlib.suppress(OSError):
+                p.rmdir()

@@ -199,3 +199,12 @@ def test_lock_is_reentrant_across_sequential_holders(tmp_path):
     t0 = time.time()
     with dir_lock(tmp_path / "x"):
         assert time.time() - t0 < 5
+
+
+def test_lock_leaves_no_directories_it_had_to_create(tmp_path):
+    with dir_lock(tmp_path / "a" / "b" / "run"):
+        assert (tmp_path / "a" / "b" / ".run.lock").is_file()
+    assert os.listdir(tmp_path) == []  # a refused command leaves nothing behind
+    with dir_lock(tmp_path / "a" / "run"):
+        (tmp_path / "a" / "run").mkdir()
+    assert os.listdir(tmp_path / "a") == ["run"]

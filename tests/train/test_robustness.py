@@ -107,10 +107,14 @@ def test_killed_before_first_checkpoint_the_advice_works(tmp_path, tokenizer, ca
     assert _stale(run) == []
 
 
-def test_second_process_on_a_run_gets_one_line_naming_the_first(tmp_path, tokenizer, capsys):
+def test_two_resumes_of_one_run_the_second_gets_one_line_naming_the_first(tmp_path, tokenizer, capsys):
+    """The issue's case: two `train --resume` on one run directory. The second fails at once naming the
+    first's PID; the checkpoint stays consistent, and once the first is gone (kill -9) the run resumes."""
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "tapernorm.compiler.cli",
-                              *_flags(run, tokenizer, ckpt_every=0, steps=100000)], stderr=subprocess.PIPE, text=True)
+    assert main(_flags(run, tokenizer, steps=100000, ckpt_every=2, stop_after=2, eval_every=0)) == 0
+    capsys.readouterr()
+    first = subprocess.Popen([sys.executable, "-m", "tapernorm.compiler.cli", "train", "--out", str(run), "--resume",
+                              "--no-progress"], stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".run.lock"
     try:
         deadline = time.time() + 120
@@ -120,12 +124,15 @@ def test_second_process_on_a_run_gets_one_line_naming_the_first(tmp_path, tokeni
         assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
         msg = _one_line(capsys)
         assert f"PID {first.pid}" in msg and "in use by another tapernorm process" in msg
-        assert main(_flags(run, tokenizer) + ["--overwrite"]) == 2
+        assert main(_flags(run, tokenizer) + ["--overwrite"]) == 2  # nor may anyone clear it meanwhile
         assert f"PID {first.pid}" in _one_line(capsys)
     finally:
         first.kill()
         first.wait()
-    assert main(_flags(run, tokenizer) + ["--overwrite"]) == 0  # the lock died with its holder
+    _, _, state = load_resume(run / "checkpoint")  # weights and trainer state of one save
+    done = state["json"]["step"]
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--stop-after", str(done + 2)]) == 0
+    assert load_resume(run / "checkpoint")[2]["json"]["step"] == done + 2
 
 
 def test_divergence_stops_at_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer, capsys):
