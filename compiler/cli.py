@@ -18,6 +18,7 @@ from tapernorm.runtime import generate as runtime_generate
 from tapernorm.train import cli as train_cli
 from tapernorm.train import finetune_cli
 
+from . import bench_cli
 from .defaults import DEFAULT_PROMPT, DTYPE_NAMES, PARITY_TOKENS
 
 __all__ = ["main", "build_parser", "CliError"]
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_cli(sub)
     finetune_cli.add_cli(sub)
     add_compile_cli(sub)
+    bench_cli.add_cli(sub)
     runtime_generate.add_cli(sub)
     return parser
 

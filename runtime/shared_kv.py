@@ -15,6 +15,8 @@ position. Equal-length rows (batch 1 included) need no per-step mask writes at a
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
@@ -35,6 +37,8 @@ class SharedKVDecoder:
         self._past_names, self._present_names = session.past_names, session.present_names
         self._batch = None
         self.length = 0
+        self.time_runs = False  # benchmarks: accumulate run_with_iobinding seconds of decode steps in run_s
+        self.run_s = 0.0
 
     def _alloc(self, B: int) -> None:
         """KV buffers (B, H, max_len, D) on the device, host mask/token/logits buffers; once per batch size."""
@@ -103,5 +107,10 @@ class SharedKVDecoder:
             self._mask2d[np.arange(self._batch), self._lens] = 1
             self._lens += 1
         self._bind_mask(self.length)
-        self._sess.run_with_iobinding(self._io)
+        if self.time_runs:
+            t0 = time.perf_counter()
+            self._sess.run_with_iobinding(self._io)
+            self.run_s += time.perf_counter() - t0
+        else:
+            self._sess.run_with_iobinding(self._io)
         return self._logits[:, 0].copy()

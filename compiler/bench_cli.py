@@ -1,0 +1,36 @@
+"""`tapernorm bench`: the decode benchmark against the onnxruntime peers (benchmarks/bench_peers.py).
+
+The parser only forwards the arguments (`tapernorm bench --help` shows the benchmark's own flags); the
+benchmark lives in the repository's benchmarks/ directory, beside this package in a source checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_cli"]
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _cmd_bench(args) -> int:
+    script = BENCH_DIR / "bench_peers.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} is missing; `tapernorm bench` runs from a source checkout of tapernorm "
+                                "(the benchmarks/ directory is not installed with the package)")
+    sys.path.insert(0, str(BENCH_DIR))
+    import bench_peers  # loaded on use: torch, onnx, the compiler
+
+    return int(bench_peers.main(args.bench_args) or 0)
+
+
+def add_cli(subparsers) -> None:
+    """Register `tapernorm bench [BENCH FLAGS...]`."""
+    p = subparsers.add_parser(
+        "bench", add_help=False, prefix_chars="+", help="decode speed of the lean graph against its onnxruntime peers",
+        description="Runs benchmarks/bench_peers.py: lean folded / unfused / baseline, generic, onnxruntime-genai "
+                    "(builder graph and ours), eager and torch.compile on the same weights; writes "
+                    "benchmarks/results/peers.{json,md,png}. `tapernorm bench --help` lists its flags.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags passed to bench_peers.py")
+    p.set_defaults(func=_cmd_bench)
