@@ -5,40 +5,47 @@ Two rules, tried LN first (its Mul would otherwise look like an RMS map feeding 
     ln:   Add(Mul(Sub(x, ReduceMean(x, axes=[-1])), s), beta)  -> consumers   (Mul / Add optional)
     rms:  Mul(x, s)                                            -> consumers
 
-where s (d,) and beta (d,) are constants and every consumer of the map's output is a linear with a
-constant weight: MatMul(y, W (d, out)) or Gemm(y, B, C) (transA=0). In ONNX layout (W is (in, out)):
+where s (d,) and beta (d,) are constants. Forward: every reader of the map's output, through
+row-keeping Reshape / Flatten / Identity (HF GPT-2's Conv1D exports as Reshape -> Gemm), is a
+linear with a constant weight, MatMul(y, W (d, out)) [+ Add b] or Gemm(y, B, C) (transA=0).
+In ONNX layout (W is (in, out)):
 
     rms:  W' = s[:, None] * W
     ln:   M  = s[:, None] * W;  W' = M - M.mean(axis=0);  b' = b + beta @ W
 
-(the transpose of DESIGN.md section 2's torch-layout table). Arithmetic in float64, cast to W's dtype.
-A site folds into every consumer or none (the refusal names the reason). A weight read by other
-nodes gets its own folded copy (reported as untied). The map's nodes become dead and cleanup()
-removes them. `cleanup_onnx` is the plain cleanup + toposort pass (run on every
-tapernorm export). `check_statistics` verifies that folded layers keep no normalization statistics.
+(the transpose of DESIGN.md section 2's torch-layout table). Backward, when no linear follows
+(post-norms, QK-norms): x is a linear's output h W + b, optionally reshaped to (..., G, d) heads;
+output feature f sits at position f % d of group f // d, and
+
+    rms:  W'[:, f] = s[f % d] W[:, f]                            b'_f = s[f % d] b_f
+    ln:   W'[:, f] = s[f % d] (W[:, f] - mean_group W)           b'_f = s[f % d] (b_f - mean_group b) + beta[f % d]
+
+Arithmetic in float64, cast to W's dtype. A site folds entirely or not at all (the refusal names the
+reason). Norm sites (LN patterns, per-feature vector scales over the input's last dim) are reported
+apart from other constant Muls (scalars such as attention scales, broadcasts such as RoPE's
+frequencies), which fold when a linear follows and are otherwise listed, not refused.
+`fold_onnx_file` checks the result against the original with onnxruntime before writing anything.
 """
 from __future__ import annotations
 
-import ast
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .onnx_io import load_onnx, save_onnx
+from .onnx_linear import FLOAT as _FLOAT
+from .onnx_linear import const as _const
+from .onnx_linear import linear_consumers, matmul_bias_add, producing_linear, read_linear, write_linear
+from .onnx_stats import STAT_OPS, check_statistics
+from .onnx_verify import VerifyError, compare_files
 
-__all__ = ["fold_onnx", "fold_onnx_file", "cleanup_onnx", "check_statistics", "STAT_OPS"]
-
-STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
-            "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization")
-_FLOAT = (np.float16, np.float32, np.float64)
-
+__all__ = ["fold_onnx", "fold_onnx_file", "cleanup_onnx", "check_statistics", "STAT_OPS", "VerifyError"]
 
 # -- matching helpers (each returns a value or None; callers turn None into a reason) -----------------
-def _const(t) -> np.ndarray | None:
-    return t.values if isinstance(t, gs.Constant) else None
-
-
 def _producer(t, op: str):
     if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
         return t.inputs[0]
@@ -75,92 +82,6 @@ def _reduces_last_axis(rm, rank: int | None) -> bool:
     return axes == [-1] or (rank is not None and axes == [rank - 1])
 
 
-# -- consumers ---------------------------------------------------------------------------------------
-def _linear_consumers(graph, y, d: int):
-    """([(node, W (in, out) float64 view info)], None) if every consumer of y is a foldable linear, else ([], reason)."""
-    if y in graph.outputs:
-        return [], f"{y.name} is a graph output"
-    if not y.outputs:
-        return [], f"{y.name} has no consumers"
-    found = []
-    for n in y.outputs:
-        if n.op == "MatMul" and n.inputs[0] is y:
-            w = _const(n.inputs[1])
-            if w is None or w.ndim != 2:
-                return [], f"consumer {n.name} (MatMul) has no constant 2-D weight"
-            if w.shape[0] != d:
-                return [], f"consumer {n.name} weight {n.inputs[1].name} is {w.shape}, not ({d}, out)"
-        elif n.op == "Gemm" and n.inputs[0] is y:
-            w = _const(n.inputs[1])
-            if n.attrs.get("transA", 0):
-                return [], f"consumer {n.name} (Gemm) has transA=1"
-            if w is None or w.ndim != 2:
-                return [], f"consumer {n.name} (Gemm) has no constant weight B"
-            if (w.shape[1] if n.attrs.get("transB", 0) else w.shape[0]) != d:
-                return [], f"consumer {n.name} weight {n.inputs[1].name} is {w.shape}, in-dim not {d}"
-            if len(n.inputs) > 2 and n.inputs[2].name and _const(n.inputs[2]) is None:
-                return [], f"consumer {n.name} (Gemm) has a non-constant C"
-        else:
-            return [], f"consumer {n.name} is {n.op}, not MatMul/Gemm reading it as the activation"
-        if w.dtype.type not in _FLOAT:
-            return [], f"consumer {n.name} weight is {w.dtype}, not floating point"
-        found.append(n)
-    return found, None
-
-
-# -- rewrite -----------------------------------------------------------------------------------------
-def _new_const(name: str, value: np.ndarray, taken: set) -> gs.Constant:
-    base, i = name, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return gs.Constant(name, np.ascontiguousarray(value))
-
-
-def _rewrite_consumer(graph, n, x, s64, beta64, center: bool, taken: set, untied: list) -> None:
-    """Make linear `n` read x with folded weights (and bias for beta)."""
-    w_t = n.inputs[1]
-    w = w_t.values
-    trans = n.op == "Gemm" and n.attrs.get("transB", 0)
-    w_io = w.T.astype(np.float64) if trans else w.astype(np.float64)  # (in, out)
-    m = s64[:, None] * w_io
-    if center:
-        m = m - m.mean(axis=0, keepdims=True)
-    shared = len(w_t.outputs) > 1
-    if shared:
-        untied.append(w_t.name)
-    n.inputs[1] = _new_const(f"{w_t.name}_tnfold", (m.T if trans else m).astype(w.dtype), taken)
-    n.inputs[0] = x
-    if beta64 is None:
-        return
-    db = beta64 @ w_io  # (out,) = beta @ W
-    if n.op == "Gemm":
-        alpha, beta_attr = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
-        if len(n.inputs) > 2 and n.inputs[2].name:
-            c = n.inputs[2].values  # beta_attr != 0 here: _try_site refuses Gemm beta=0 with a C input
-            c_new = c.astype(np.float64) + alpha / beta_attr * db
-            n.inputs[2] = _new_const(f"{n.inputs[2].name}_tnfold", c_new.astype(c.dtype), taken)
-        else:
-            n.attrs["beta"] = 1.0
-            n.inputs.append(_new_const(f"{n.name}_tnfold_bias", (alpha * db).astype(w.dtype), taken))
-        return
-    out = n.outputs[0]  # MatMul: fold into a following constant-bias Add, else insert one
-    add = out.outputs[0] if len(out.outputs) == 1 and out not in graph.outputs else None
-    if add is not None and add.op == "Add":
-        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-        b = _const(other)
-        if b is not None and b.dtype == w.dtype and b.shape[-1:] == (w_io.shape[1],) and b.size == w_io.shape[1]:
-            idx = list(add.inputs).index(other)
-            add.inputs[idx] = _new_const(f"{other.name}_tnfold", (b.astype(np.float64) + db.reshape(b.shape)).astype(b.dtype), taken)
-            return
-    mid = gs.Variable(f"{out.name}_tnfold_mm", dtype=out.dtype, shape=out.shape)
-    n.outputs[0] = mid
-    graph.nodes.append(gs.Node("Add", f"{n.name}_tnfold_bias", inputs=[mid, _new_const(f"{n.name}_tnfold_b", db.astype(w.dtype), taken)],
-                               outputs=[out]))
-
-
-# -- rules: pattern + check (None or a reason) + rewrite ---------------------------------------------
 def _match_ln(node):
     """For an Add/Mul node: (x, s, beta, map output) of the gate-zero LN pattern ending there, else None."""
     beta = None
@@ -203,50 +124,155 @@ def _check_vectors(s, beta):
 
 
 def _infer_d(graph, y, s) -> int | None:
-    """Feature size from the first consumer's weight when the scale is a scalar."""
-    for n in y.outputs:
-        w = _const(n.inputs[1]) if n.op in ("MatMul", "Gemm") and len(n.inputs) > 1 else None
-        if w is not None and w.ndim == 2:
-            return w.shape[1] if n.op == "Gemm" and n.attrs.get("transB", 0) else w.shape[0]
+    """Feature size from the first consumer's weight (through pass-through ops) when the scale is a scalar."""
+    todo = [y]
+    while todo:
+        t = todo.pop()
+        for n in t.outputs:
+            if n.op in ("Reshape", "Flatten", "Identity"):
+                todo.append(n.outputs[0])
+                continue
+            w = _const(n.inputs[1]) if n.op in ("MatMul", "Gemm") and len(n.inputs) > 1 else None
+            if w is not None and w.ndim == 2:
+                return w.shape[1] if n.op == "Gemm" and n.attrs.get("transB", 0) else w.shape[0]
     return None
 
 
+def _shape(t):
+    return list(t.shape) if isinstance(t, gs.Variable) and t.shape is not None else None
+
+
+def _is_norm(x, s: np.ndarray, rule: str) -> bool:
+    """An LN pattern, or a per-feature vector scale over x's last dim (not a scalar, not a broadcast)."""
+    if rule == "ln":
+        return True
+    if s.size <= 1 or any(n != 1 for n in s.shape[:-1]):
+        return False
+    shape = _shape(x)
+    last = shape[-1] if shape else None
+    return not isinstance(last, int) or last == s.size
+
+
+def _reroute(y, x) -> None:
+    """Every node reading y reads x instead."""
+    for n in list(y.outputs):
+        for i, t in enumerate(list(n.inputs)):
+            if t is y:
+                n.inputs[i] = x
+
+
+def _fold_forward(graph, x, y, s64, b64, center, d, taken):
+    """Fold the map into every linear reading y (through pass-through ops); None or the reason it cannot."""
+    consumers, reason = linear_consumers(graph, y, d)
+    if reason:
+        return None, reason
+    for n in consumers:
+        if b64 is not None and n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name and not n.attrs.get("beta", 1.0):
+            return None, f"consumer {n.name} (Gemm) has beta=0 with a C input"
+    untied: list[str] = []
+    for n in consumers:
+        add = matmul_bias_add(graph, n)
+        w, b = read_linear(n, add)  # (in, out), effective bias
+        m = s64[:, None] * w
+        if center:
+            m = m - m.mean(axis=0, keepdims=True)
+        if b64 is not None:
+            b = (b if b is not None else 0.0) + b64 @ w
+        write_linear(graph, n, m, b, taken, untied, add)
+    _reroute(y, x)  # the first readers (linears or pass-through ops) now read x
+    return {"consumers": [n.name for n in consumers], "untied": sorted(set(untied))}, None
+
+
+def _fold_backward(graph, x, y, map_nodes, s64, b64, center, d, taken):
+    """Fold the map into the rows of the linear producing x (through a head-splitting Reshape); None or why not."""
+    if y in graph.outputs:
+        return None, f"{y.name} is a graph output"
+    if any(id(n) not in map_nodes for n in x.outputs) or x in graph.outputs:
+        return None, f"{x.name} is also read outside the map"
+    t, r = x, _producer(x, "Reshape")
+    if r is not None:
+        t = r.inputs[0]
+        if len(t.outputs) != 1 or t in graph.outputs:
+            return None, f"{t.name} is also read outside the map"
+    found, why = producing_linear(t)
+    if found is None:
+        return None, why
+    lin, add = found
+    w, b = read_linear(lin, add)
+    out = w.shape[1]
+    if r is not None:
+        src, dst = _shape(t), _shape(x)
+        ok = src is not None and dst is not None and len(dst) == len(src) + 1 and dst[:-2] == src[:-1] and \
+            src[-1] == out and dst[-1] == d and (not isinstance(dst[-2], int) or dst[-2] * d == out)
+        if not ok:
+            return None, f"{r.name} (Reshape {src} -> {dst}) does not split {out} features into heads of {d}"
+    if out % d:
+        return None, f"linear {lin.name} has {out} outputs, not a multiple of the norm's {d}"
+    f = np.arange(out)
+    pos, grp = f % d, f // d
+    wn, bn = w.copy(), (b.copy() if b is not None else None)
+    if center:
+        g = out // d
+        wn = wn - wn.reshape(w.shape[0], g, d).mean(axis=2).repeat(d, axis=1)
+        bn = (bn if bn is not None else np.zeros(out)) - (bn.reshape(g, d).mean(axis=1)[grp] if bn is not None else 0.0)
+    wn = wn * s64[pos][None, :]
+    if bn is not None:
+        bn = bn * s64[pos] + (b64[pos] if b64 is not None else 0.0)
+    untied: list[str] = []
+    write_linear(graph, lin, wn, bn, taken, untied, add)
+    _reroute(y, x)
+    return {"producer": lin.name, "untied": sorted(set(untied))}, None
+
+
 def _try_site(graph, node, rule: str, taken: set):
-    """Apply `rule` at `node`: ('folded', info) | ('refused', reason) | (None, None) when no pattern."""
+    """Apply `rule` at `node`: (status, info, is_norm) with status 'folded' | 'refused' | None (no pattern)."""
     if rule == "ln":
         m = _match_ln(node)
         if m is None:
-            return None, None
+            return None, None, False
         x, s, beta, y = m
         center = True
     else:
         if node.op != "Mul":
-            return None, None
+            return None, None, False
         x, s, _ = _split_const(node)
         if x is None:
-            return None, None
+            return None, None, False
         beta, y, center = None, node.outputs[0], False
+    norm = _is_norm(x, s, rule)
     if s.size == 1 and (beta is None or beta.size == 1):
         d = _infer_d(graph, y, s)
         if d is None:
-            return "refused", f"{node.name}: scalar scale and no MatMul/Gemm consumer with a constant weight"
+            return "refused", f"{node.name}: scalar scale and no MatMul/Gemm consumer with a constant weight", norm
         s = np.full(d, s.reshape(-1)[0], dtype=s.dtype)
     s_vec, b_vec, d, reason = _check_vectors(s, beta)
     if reason:
-        return "refused", f"{node.name}: {reason}"
-    consumers, reason = _linear_consumers(graph, y, d)
-    if reason:
-        return "refused", f"{node.name}: {reason}"
-    for n in consumers:
-        if b_vec is not None and n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name and not n.attrs.get("beta", 1.0):
-            return "refused", f"{node.name}: consumer {n.name} (Gemm) has beta=0 with a C input"
-    untied: list[str] = []
+        return "refused", f"{node.name}: {reason}", norm
     s64 = s_vec.astype(np.float64)
     b64 = b_vec.astype(np.float64) if b_vec is not None else None
-    for n in consumers:
-        _rewrite_consumer(graph, n, x, s64, b64, center, taken, untied)
-    return "folded", {"rule": rule, "node": node.name, "input": x.name, "consumers": [n.name for n in consumers],
-                      "untied": sorted(set(untied))}
+    info, fwd = _fold_forward(graph, x, y, s64, b64, center, d, taken)
+    direction = "forward"
+    if info is None and norm:
+        info, bwd = _fold_backward(graph, x, y, _map_nodes(x, y), s64, b64, center, d, taken)
+        direction = "backward"
+        if info is None:
+            return "refused", f"{node.name}: {fwd}; backward: {bwd}", norm
+    if info is None:
+        return "refused", f"{node.name}: {fwd}", norm
+    return "folded", {"rule": rule, "node": node.name, "input": x.name, "direction": direction,
+                      "consumers": info.get("consumers", []), **info}, norm
+
+
+def _map_nodes(x, y) -> set:
+    """ids of the nodes between x and y (the map's own ops)."""
+    nodes, todo = set(), [y]
+    while todo:
+        t = todo.pop()
+        for n in t.inputs:
+            if id(n) not in nodes:
+                nodes.add(id(n))
+                todo += [i for i in n.inputs if isinstance(i, gs.Variable) and i is not x]
+    return nodes
 
 
 def _export_like(graph, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -279,94 +305,85 @@ def cleanup_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
                  "toposorted": True}
 
 
-def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """Fold every per-feature constant Mul (and LN centering + Add) into following MatMul/Gemm weights.
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - >2 GB protos, unknown domains: fold with the shapes the file declares
+        return model
 
-    Returns (new model, report {"folded": n, "sites": [...], "refused": [{"node", "reason"}]}).
-    The input model is not modified; IR version, opsets and metadata_props are kept.
+
+def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """Fold every gate-zero map (per-feature constant Mul, LN centering + Add) into neighbouring linear weights.
+
+    Returns (new model, report {"folded": n norm sites folded, "sites": [...], "refused": [{"node", "reason"}]
+    (norm sites kept), "other_muls": {"folded": [...], "kept": [...]} (scalar / broadcast constant Muls),
+    "stat_ops_after": n}). The input model is not modified; IR version, opsets and metadata_props are kept.
     """
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_infer_shapes(model))
     graph.fold_constants(fold_shapes=False)
     graph.cleanup()
     taken = {t for t in graph.tensors()}
     for i, node in enumerate(graph.nodes):  # reports name sites; give unnamed nodes a name
         node.name = node.name or f"{node.op}_{i}"
-    sites, refused, used = [], [], set()
+    sites, refused, other, other_folded, used = [], [], [], [], set()
     for rule in ("ln", "rms"):
         # longest pattern first: an LN site ending in Add owns its Mul, so visit Adds before Muls
         for node in sorted(graph.nodes, key=lambda n: n.op != "Add"):
             if id(node) in used or node.op not in ("Add", "Mul"):
                 continue
-            status, info = _try_site(graph, node, rule, taken)
+            status, info, norm = _try_site(graph, node, rule, taken)
             if status is None:
                 continue
             used.add(id(node))
             if rule == "ln" and node.op == "Add":  # its Mul must not be folded alone (half an LN map)
                 used.add(id(_producer(_split_const(node)[0], "Mul")))
             if status == "folded":
-                sites.append(info)
+                (sites if norm else other_folded).append(info)
             else:
-                refused.append({"node": node.name, "reason": info})
+                (refused if norm else other).append({"node": node.name, "reason": info})
         graph.cleanup()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = _export_like(graph, model)
-    return out, {"folded": len(sites), "sites": sites, "refused": refused}
+    return out, {"folded": len(sites), "sites": sites, "refused": refused,
+                 "other_muls": {"folded": other_folded, "kept": other},
+                 "stat_ops_after": sum(1 for n in out.graph.node if n.op_type in STAT_OPS)}
 
 
-def fold_onnx_file(src: str, dst: str) -> dict:
-    """Fold `src` into `dst` (written atomically, inline weights); returns the report."""
-    model, report = fold_onnx(load_onnx(src))
-    onnx.checker.check_model(model)
-    save_onnx(model, dst)
-    return report
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-# -- statistics checker -------------------------------------------------------------------------------
-def _scope(node) -> str | None:
-    """Innermost module path from the torch exporter's name_scopes metadata (None when absent)."""
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(p.value)  # a Python list literal of str
-            except (ValueError, SyntaxError):
-                return None
-            mods = [s for s in scopes[:-1] if s]
-            return mods[-1] if mods else ""
-    return None
+def fold_onnx_file(src: str | Path, dst: str | Path, *, verify: bool = True, feeds: dict | None = None,
+                   external_data: bool | None = None) -> dict:
+    """Fold `src` into `dst`; returns the report (with "verify": ORT max abs diff on random inputs).
 
-
-def _matches(scope: str, layer: str) -> bool:
-    return scope == layer or scope.endswith("." + layer) or f".{layer}." in f".{scope}." or scope.startswith(layer + ".")
-
-
-def check_statistics(model: onnx.ModelProto, folded_layers: list[str], expect_total: int | None = None) -> dict:
-    """Check no normalization-statistic op (STAT_OPS) belongs to a folded layer.
-
-    Nodes are attributed to layers through the torch exporter's name_scopes metadata. `expect_total`
-    (optional) bounds the statistic ops allowed in the whole graph (e.g. 0 for a fully folded model),
-    which also covers nodes without metadata. Returns {"ok", "offending": {layer: [node names]},
-    "total": n, "by_op": {...}, "unattributed": n, "reason"}.
+    The folded model is written to a temporary file beside `dst`, run against `src` with onnxruntime
+    (`feeds`, default random inputs, see onnx_verify.random_feeds), and moved into place only if every
+    output matches; on a mismatch nothing is written and VerifyError says by how much.
+    `external_data` None keeps the source's choice (weights in `<dst>.data` when `src` had external data
+    or the model is over ~1.8 GB); True / False force it.
     """
-    offending: dict[str, list[str]] = {}
-    by_op: dict[str, int] = {}
-    total = unattributed = 0
-    for n in model.graph.node:
-        if n.op_type not in STAT_OPS:
-            continue
-        total += 1
-        by_op[n.op_type] = by_op.get(n.op_type, 0) + 1
-        scope = _scope(n)
-        if scope is None:
-            unattributed += 1
-            continue
-        for layer in folded_layers:
-            if _matches(scope, layer):
-                offending.setdefault(layer, []).append(f"{n.name} ({n.op_type})")
-    reason = None
-    if offending:
-        first = next(iter(offending))
-        reason = f"folded layer {first} still computes statistics: {', '.join(offending[first][:3])}"
-    elif expect_total is not None and total > expect_total:
-        reason = f"{total} statistic ops remain ({by_op}), at most {expect_total} expected"
-    return {"ok": reason is None, "offending": offending, "total": total, "by_op": by_op,
-            "unattributed": unattributed, "folded_layers": list(folded_layers), "reason": reason}
+    src, dst = Path(src), Path(dst)
+    raw = onnx.load(str(src), load_external_data=False) if src.is_file() else None
+    model = load_onnx(src)
+    folded, report = fold_onnx(model)
+    if folded.ByteSize() < 2_000_000_000:  # bigger ones are checked from the file by save_onnx
+        onnx.checker.check_model(folded)
+    if external_data is None:
+        external_data = bool(raw is not None and _has_external_data(raw)) or folded.ByteSize() > 1_800_000_000
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".tmp-fold-") as td:
+        tmp = Path(td) / dst.name
+        save_onnx(folded, tmp, external_data=external_data)
+        report["verify"] = compare_files(src, tmp, feeds) if verify else None
+        if verify and not report["verify"]["ok"]:
+            bad = [o for o in report["verify"]["outputs"] if not o["ok"]]
+            raise VerifyError(f"fold_onnx_file: folded graph differs from {src.name}: output {bad[0]['name']} "
+                              f"max abs diff {bad[0].get('max_abs_diff', float('nan')):.3g} > tol "
+                              f"{bad[0].get('tol', 0.0):.3g}; nothing written to {dst}")
+        data = Path(td) / (dst.name + ".data")
+        if data.exists():
+            os.replace(data, dst.parent / data.name)
+        os.replace(tmp, dst)
+    report["external_data"] = external_data
+    return report

@@ -158,7 +158,9 @@ def test_refusals_keep_graph_exact(case):
     m = _model(nodes, inits, inputs, outputs)
     f, rep = fold_onnx(m)
     assert rep["folded"] == 0
-    assert any(want in r["reason"] for r in rep["refused"]), rep["refused"]
+    # a constant that varies over tokens is no norm map: listed with the other constant Muls, not refused
+    kept = rep["other_muls"]["kept"] if case == "not_per_feature" else rep["refused"]
+    assert any(want in r["reason"] for r in kept), rep
     assert "Mul" in _ops(f)
     if case != "dynamic_weight":
         _same(m, f, shape=(2, 3, D))

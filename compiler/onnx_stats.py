@@ -1,0 +1,62 @@
+"""Normalization-statistic ops in an ONNX graph, attributed to layers through the torch exporter's metadata."""
+from __future__ import annotations
+
+import ast
+
+import onnx
+
+__all__ = ["check_statistics", "STAT_OPS"]
+
+STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
+            "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization")
+
+
+# -- statistics checker -------------------------------------------------------------------------------
+def _scope(node) -> str | None:
+    """Innermost module path from the torch exporter's name_scopes metadata (None when absent)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)  # a Python list literal of str
+            except (ValueError, SyntaxError):
+                return None
+            mods = [s for s in scopes[:-1] if s]
+            return mods[-1] if mods else ""
+    return None
+
+
+def _matches(scope: str, layer: str) -> bool:
+    return scope == layer or scope.endswith("." + layer) or f".{layer}." in f".{scope}." or scope.startswith(layer + ".")
+
+
+def check_statistics(model: onnx.ModelProto, folded_layers: list[str], expect_total: int | None = None) -> dict:
+    """Check no normalization-statistic op (STAT_OPS) belongs to a folded layer.
+
+    Nodes are attributed to layers through the torch exporter's name_scopes metadata. `expect_total`
+    (optional) bounds the statistic ops allowed in the whole graph (e.g. 0 for a fully folded model),
+    which also covers nodes without metadata. Returns {"ok", "offending": {layer: [node names]},
+    "total": n, "by_op": {...}, "unattributed": n, "reason"}.
+    """
+    offending: dict[str, list[str]] = {}
+    by_op: dict[str, int] = {}
+    total = unattributed = 0
+    for n in model.graph.node:
+        if n.op_type not in STAT_OPS:
+            continue
+        total += 1
+        by_op[n.op_type] = by_op.get(n.op_type, 0) + 1
+        scope = _scope(n)
+        if scope is None:
+            unattributed += 1
+            continue
+        for layer in folded_layers:
+            if _matches(scope, layer):
+                offending.setdefault(layer, []).append(f"{n.name} ({n.op_type})")
+    reason = None
+    if offending:
+        first = next(iter(offending))
+        reason = f"folded layer {first} still computes statistics: {', '.join(offending[first][:3])}"
+    elif expect_total is not None and total > expect_total:
+        reason = f"{total} statistic ops remain ({by_op}), at most {expect_total} expected"
+    return {"ok": reason is None, "offending": offending, "total": total, "by_op": by_op,
+            "unattributed": unattributed, "folded_layers": list(folded_layers), "reason": reason}
