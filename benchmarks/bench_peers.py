@@ -81,7 +81,8 @@ def bench_config(width: int, batch: int, paths: dict, taper, genai: GenaiWorker 
         decs["torch_compile"].start(warm)
         decs["torch_compile"].step(np.zeros(batch, dtype=np.int64))
         t_compile = time.perf_counter() - t0
-    blocks = list(decs) + ([f"genai:{n}" for n in ("genai_builder", "lean_folded_genai")] if genai else [])
+    blocks = list(decs) + ([f"genai:{n}" for n in ("genai_builder", "lean_folded_genai",
+                                                   "lean_folded_ourloop_genai_ort")] if genai else [])
     rng = np.random.default_rng(args.seed + 1000 * width + batch)
     rounds, overhead = [], []  # overhead: (our lean folded step s, bare run_with_iobinding s) per round
     for r in range(args.warmup + args.rounds):
@@ -129,6 +130,9 @@ def run(args) -> dict:
                 facts["ort_nodes"]["genai_builder"] = ort_nodes({"g": g_dir / "model.onnx"})["g"]
                 for name, path in (("genai_builder", g_dir), ("lean_folded_genai", paths["lean_folded"].parent)):
                     genai.call({"cmd": "load", "name": name, "dir": str(path), "threads": args.threads})
+                genai.call({"cmd": "load_ours", "name": "lean_folded_ourloop_genai_ort",
+                            "dir": str(paths["lean_folded"].parent), "threads": args.threads,
+                            "max_len": args.prompt_len + args.new_tokens})
             for batch in args.batches:
                 cfg = bench_config(width, batch, paths, taper, genai, args, tmp)
                 cfg.update(facts)

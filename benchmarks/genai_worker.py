@@ -1,9 +1,12 @@
-"""onnxruntime-genai side of the peer benchmark; runs in the genai venv (no torch, no tapernorm needed).
+"""onnxruntime-genai side of the peer benchmark; runs in the genai venv (no torch).
 
 Reads one JSON command per line on stdin, answers one JSON line on stdout:
     {"cmd": "load", "name": N, "dir": D, "threads": T}          -> {"ok": true, "seconds": s}
     {"cmd": "run", "name": N, "prompt": [[ids]], "new": K}       -> {"prefill_s", "decode_s", "steps", "tokens"}
+    {"cmd": "load_ours", "name": N, "dir": D, "threads": T, "max_len": L}   our runtime's loop in this venv
     {"cmd": "quit"}
+`load_ours` (tapernorm installed --no-deps in this venv) runs our own decode loop on this venv's onnxruntime, so
+the benchmark can tell the loop from the onnxruntime version (genai pins its own onnxruntime).
 `run` appends the (B, T) prompt (the prefill) and calls generate_next_token() K times (each call after the
 first runs the model on the previous token, so K tokens cost K - 1 decode runs, as in our loop);
 min_length = max_length, so an eos never ends a row early and every variant decodes the same K tokens.
@@ -15,7 +18,25 @@ import time
 import numpy as np
 import onnxruntime_genai as og
 
-models = {}
+models, ours = {}, {}
+
+
+def load_ours(name, path, threads, max_len):
+    from tapernorm.runtime import DecoderSession, OrtDecoder
+    t0 = time.perf_counter()
+    sess = DecoderSession(path, provider="cpu", intra_op_threads=int(threads), inter_op_threads=1, spinning=False)
+    ours[name] = OrtDecoder(sess, max_len=int(max_len))
+    return {"ok": True, "seconds": time.perf_counter() - t0}
+
+
+def run_ours(name, prompt, new):
+    dec = ours[name]
+    tok = dec.start(np.asarray(prompt, dtype=np.int64)).argmax(-1)
+    seq, t0 = [tok], time.perf_counter()
+    for _ in range(new - 1):
+        tok = dec.step(tok).argmax(-1)
+        seq.append(tok)
+    return {"decode_s": time.perf_counter() - t0, "tokens": np.stack(seq, 0).tolist()}
 
 
 def load(name, path, threads):
@@ -55,8 +76,14 @@ def main():
         try:
             if msg["cmd"] == "quit":
                 break
-            out = load(msg["name"], msg["dir"], msg["threads"]) if msg["cmd"] == "load" else run(
-                msg["name"], msg["prompt"], msg["new"])
+            if msg["cmd"] == "load":
+                out = load(msg["name"], msg["dir"], msg["threads"])
+            elif msg["cmd"] == "load_ours":
+                out = load_ours(msg["name"], msg["dir"], msg["threads"], msg["max_len"])
+            elif msg["name"] in ours:
+                out = run_ours(msg["name"], msg["prompt"], msg["new"])
+            else:
+                out = run(msg["name"], msg["prompt"], msg["new"])
         except Exception as e:  # noqa: BLE001 - report to the driver, keep serving
             out = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
         sys.stdout.write(json.dumps(out) + "\n")

@@ -18,6 +18,7 @@ from bench_common import spread
 NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
             "SkipLayerNormalization", "RMSNormalization"}
 SAME_WEIGHTS = ("lean_folded", "lean_unfused", "generic_folded", "lean_folded_aa", "lean_folded_genai",
+                "lean_folded_ourloop_genai_ort",
                 "genai_builder", "eager", "torch_compile")  # lean_baseline is another model (RMSNorm gains)
 COMPARISONS = [  # (name, numerator variant, denominator variant): x = tok/s of numerator / tok/s of denominator
     ("lean_folded / generic_folded", "lean_folded", "generic_folded"),
@@ -25,6 +26,10 @@ COMPARISONS = [  # (name, numerator variant, denominator variant): x = tok/s of 
     ("lean_folded / eager", "lean_folded", "eager"),
     ("lean_folded (our loop) / genai_builder (genai loop)", "lean_folded", "genai_builder"),
     ("lean_folded_genai (genai loop) / genai_builder (genai loop)", "lean_folded_genai", "genai_builder"),
+    ("lean_folded, our loop on genai's onnxruntime / genai_builder (genai loop)", "lean_folded_ourloop_genai_ort",
+     "genai_builder"),
+    ("lean_folded, our loop on genai's onnxruntime / our loop on ours", "lean_folded_ourloop_genai_ort",
+     "lean_folded"),
     ("lean_folded / lean_baseline (fold gain)", "lean_folded", "lean_baseline"),
     ("lean_unfused / lean_baseline", "lean_unfused", "lean_baseline"),
     ("lean_folded / lean_unfused", "lean_folded", "lean_unfused"),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ORDER = ["lean_folded", "lean_unfused", "lean_baseline", "generic_folded", "lean_folded_genai", "genai_builder",
+ORDER = ["lean_folded", "lean_unfused", "lean_baseline", "generic_folded", "lean_folded_genai",
+         "lean_folded_ourloop_genai_ort", "genai_builder",
          "torch_compile", "eager", "lean_folded_aa"]
 
 
@@ -31,7 +32,8 @@ def markdown(res: dict) -> str:
                 "| variant | tok/s | ms/step | GB/s | % of read BW | ORT nodes | greedy agree |", "|---|---|---|---|---|---|---|"]
         for name in [n for n in ORDER if n in c["variants"]]:
             d = c["variants"][name]
-            nodes = c["ort_nodes"].get(name.replace("_aa", "").replace("_genai", ""), {}).get("nodes", "")
+            key = "lean_folded" if name.startswith("lean_folded") else name
+            nodes = c["ort_nodes"].get(key, {}).get("nodes", "")
             ag = "" if d["greedy_agreement_with_lean_folded"] is None else f"{d['greedy_agreement_with_lean_folded']:.2f}"
             out.append(f"| {name} | {d['tok_s']:.0f} | {d['ms_per_step']:.3f} | {d['gb_s']:.1f} | "
                        f"{100 * d['gb_s'] / bw['read_gb_s']:.0f}% | {nodes} | {ag} |")
