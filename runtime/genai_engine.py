@@ -60,18 +60,19 @@ class GenaiEngine:
             self.genai_config = json.loads(conf_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{conf_path} is not valid JSON ({e}); re-run `tapernorm compile`") from None
-        config = og.Config(str(self.model_dir))
-        if provider == "cpu":
-            config.clear_providers()
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads),
-                                                                                  "inter_op_num_threads": 1}}}}))
         try:
+            config = og.Config(str(self.model_dir))
+            if provider == "cpu":
+                config.clear_providers()
+            if threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
             self.model = og.Model(config)
-        except Exception as e:  # noqa: BLE001 - genai raises RuntimeError with the offending key in the text
+        except Exception as e:  # noqa: BLE001 - genai raises RuntimeError naming the offending key
             raise ValueError(f"onnxruntime-genai cannot load {self.model_dir} ({' '.join(str(e).split())[:300]}); "
-                             "genai_config.json was written for onnxruntime-genai 0.18's schema - the key named "
-                             "here differs in the installed version") from None
+                             "genai_config.json follows onnxruntime-genai 0.18's schema - the installed version "
+                             "differs at the key named there; re-run `tapernorm compile` or install "
+                             "onnxruntime-genai 0.18") from None
         self.og, self.threads, self.provider = og, threads, provider
         self.max_len = int(self.genai_config["search"]["max_length"])
         self.vocab_size = int(self.genai_config["model"]["vocab_size"])

@@ -44,3 +44,18 @@ def test_engine_genai_without_genai_is_one_line(capsys):
     rc = cli.main(["generate", str(compiled_tiny_dir()), "--prompt", "hi", "--engine", "genai"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "onnxruntime-genai is not installed" in err and "venv" in err
+
+
+@pytest.mark.skipif(GENAI_PY is None, reason="no onnxruntime-genai venv (set TAPERNORM_GENAI_PYTHON or create "
+                                             ".venv-genai, see README: onnxruntime-genai engine)")
+def test_genai_schema_mismatch_names_the_key(tmp_path):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(compiled_tiny_dir(), d)
+    conf = json.loads((d / "genai_config.json").read_text())
+    conf["model"]["decoder"]["bogus_key"] = 1  # what a genai with another schema would refuse
+    (d / "genai_config.json").write_text(json.dumps(conf))
+    proc = subprocess.run([GENAI_PY, "-m", "tapernorm.compiler.cli", "generate", str(d), "--prompt", "hi",
+                           "--engine", "genai"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "bogus_key" in proc.stderr and "onnxruntime-genai 0.18" in proc.stderr
