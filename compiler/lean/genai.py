@@ -44,13 +44,12 @@ def genai_config(cfg, *, filename: str = "model.onnx", eos_id: int | None = None
 
 
 def write_genai_config(out_dir: str | Path, cfg, **kw) -> Path:
-    """Write `out_dir/genai_config.json` atomically (and tokenizer_config.json beside a tokenizer.model)."""
+    """Write `out_dir/genai_config.json` atomically.
+
+    No tokenizer files for genai: its tokenizer reads an HF tokenizer.json, and turning our SentencePiece BPE model
+    into one needs protobuf and transformers' converter at compile time. `tapernorm generate --engine genai`
+    tokenizes with tokenizer.model itself; og.Model(DIR) with token ids needs nothing else.
+    """
     out_dir = Path(out_dir)
-    conf = genai_config(cfg, **kw)
-    atomic_write_text(out_dir / "genai_config.json", json.dumps(conf, indent=2))
-    if (out_dir / "tokenizer.model").is_file():  # SentencePiece: genai's tokenizer reads it as a Llama tokenizer
-        eos, bos = conf["model"]["eos_token_id"], conf["model"]["bos_token_id"]
-        atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(
-            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-             "bos_token_id": bos, "eos_token_id": eos, "model_max_length": cfg.max_seq_len}, indent=2))
+    atomic_write_text(out_dir / "genai_config.json", json.dumps(genai_config(cfg, **kw), indent=2))
     return out_dir / "genai_config.json"
