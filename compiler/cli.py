@@ -87,7 +87,8 @@ def add_compile_cli(subparsers) -> None:
                     "parity holds.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (new, empty, or a previous compile output, which is replaced)")
+                   help="output directory (new, empty, or a previous compile output: the files compile owns are "
+                        "replaced, any others you put there are kept)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="export dtype (bfloat16 does not run on ORT CPU; needs --provider cuda)")
     p.add_argument("--allow-unfolded", action="store_true",
