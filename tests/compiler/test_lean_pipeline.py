@@ -52,3 +52,13 @@ def test_graph_flag_validated():
         cli.build_parser().parse_args(["compile", "ckpt", "--out", "o", "--graph", "fast"])
     with pytest.raises(CompileError, match="graph 'fast' is not one of"):
         compile_checkpoint("ckpt", "o", graph="fast")
+
+
+def test_lean_external_data_decodes_like_inline(lean_compiled, tmp_path):
+    from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
+    root, rep = lean_compiled
+    rep2 = compile_checkpoint(root / "ckpt", tmp_path / "out", parity_tokens=3, inline_limit=0)
+    assert rep2["export"]["model.onnx"]["external_data"] and (tmp_path / "out" / "model.onnx.data").is_file()
+    toks = [generate_ids(OrtDecoder(DecoderSession(d, provider="cpu", intra_op_threads=1)), [[1, 5, 9, 4]],
+                         max_new_tokens=6).tokens for d in (root / "out", tmp_path / "out")]
+    assert toks[0] == toks[1]
