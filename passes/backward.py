@@ -23,7 +23,7 @@ from .fold_math import fold_linear_rows, taper_map
 from .fold import module_path, sharing_refusal
 from .graph_utils import erase_site_nodes
 from .linears import Consumer, get_attr_tensor, linear_output, read_linear, weight_readers, write_linear
-from .match import HARMLESS_READERS, TaperSite
+from .match import TaperSite, reads_metadata_only
 
 aten = torch.ops.aten
 
@@ -136,7 +136,7 @@ def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = 
         for i, n in enumerate(path):  # other readers of the linear's output must see none of the norm's features
             nxt = path[i + 1] if i + 1 < len(path) else None
             for u in n.users:
-                if u is nxt or (n is site.input and u in inside) or u.target in HARMLESS_READERS:
+                if u is nxt or (n is site.input and u in inside) or reads_metadata_only(u, n):
                     continue
                 if not _replayable(u) or u.args[0] is not n:
                     return None, (f"{where}'s output also reaches {u.name} ({u.target}) outside the norm; "

@@ -26,12 +26,12 @@ class CaptureError(RuntimeError):
 
 
 def _passes_use_cache(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """True if forward takes `use_cache` and the call leaves it unset (None or absent)."""
+    """True if forward takes `use_cache` (or **kwargs) and the call leaves it unset (None or absent)."""
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return False
-    if "use_cache" not in sig.parameters:
+    if "use_cache" not in sig.parameters and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return False
     try:
         bound = sig.bind_partial(*args, **kwargs).arguments

@@ -7,6 +7,8 @@ Three forms compute y = x W^T + b with W, b stored parameters (get_attr nodes):
     aten.matmul(x, T(W)) [+ add(., b)]             x @ W.T (Falcon)          W (out, in)  "out_in"
     aten.matmul(x, W)    [+ add(., b)]             x @ W                     W (in, out)  "in_out"
     grouped_mm(x, T(W3), offs)                     MoE experts               W3 (E, out, in) "out_in"
+    aten.linear(x, W3[e])                          one expert of a stack     W3 (E, out, in) "out_in"
+    aten.bmm(x (E, T, in), W3)                     experts as a batch        W3 (E, in, out) "in_out"
 
 (T = numpy_T / t / permute([1, 0]) / transpose(0, 1) of the parameter). `as_linear` matches a node
 reading an activation as such a linear's input; `linear_output` matches a node that IS such a
@@ -141,6 +143,29 @@ def _same_dtype_cast(w) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
 
 
+def _expert_select(w) -> bool:
+    """w = stacked_param[e] (aten.select on dim 0 of a 3-D parameter): one expert's (out, in) weight."""
+    if not (isinstance(w, fx.Node) and w.op == "call_function" and w.target == aten.select.int and _param(w.args[0])):
+        return False
+    pv = w.args[0].meta.get("val")
+    return isinstance(pv, torch.Tensor) and pv.dim() == 3 and w.args[1] == 0
+
+
+def _bmm_linear(user: fx.Node, src: fx.Node):
+    """Experts as one batched matmul: bmm(x (E, T, in), W (E, in, out)) with W a stored parameter."""
+    desc = f"{user.name} ({user.target})"
+    if user.args[0] is not src or user.args[1] is src:
+        return f"{desc} does not read it as the left operand"
+    w = user.args[1]
+    view = None
+    if _same_dtype_cast(w):
+        view, w = w, w.args[0]
+    wv = w.meta.get("val") if _param(w) else None
+    if not (isinstance(wv, torch.Tensor) and wv.dim() == 3):
+        return f"{desc}: right operand is not a stored 3-D parameter"
+    return Consumer(node=user, layout="in_out", weight=w, bias=None, module_path=_path(user), weight_view=view)
+
+
 def as_linear(user: fx.Node, src: fx.Node):
     """Match `user` as a linear reading `src` as its input: Consumer, a reason (str), or None (not a linear)."""
     desc = f"{user.name} ({user.target})"
@@ -158,10 +183,12 @@ def as_linear(user: fx.Node, src: fx.Node):
         return _matmul_linear(user, src)
     elif "grouped_mm" in str(user.target):
         return _grouped_linear(user, src)
+    elif user.target == aten.bmm.default:
+        return _bmm_linear(user, src)
     else:
         return None  # not a linear at all
     view = None
-    if _same_dtype_cast(w):
+    if _same_dtype_cast(w) or _expert_select(w):
         view, w = w, w.args[0]
     if not _param(w):
         return f"{desc}: weight is computed in the graph, not a stored parameter"
@@ -286,7 +313,7 @@ def _set_weight(gm, c: Consumer, w_node: fx.Node) -> None:
         c.weight_view = v
     else:
         args = list(c.node.args)
-        args[1 if c.node.target in (aten.linear.default, aten.matmul.default) else 2] = w_node
+        args[2 if c.node.target == aten.addmm.default else 1] = w_node
         c.node.args = tuple(args)
     c.weight = w_node
 

@@ -7,6 +7,7 @@ eval state are read from the source module (Python attributes, not the graph).
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, sto
 aten = torch.ops.aten
 
 __all__ = ["TaperSite", "Consumer", "find_sites", "site_refusal", "find_consumers", "get_attr_tensor",
-           "storage_uses", "is_embedding_use", "stat_ops"]
+           "storage_uses", "is_embedding_use", "stat_ops", "reads_metadata_only", "HARMLESS_READERS"]
 
 
 
@@ -41,12 +42,15 @@ _STAT_OPS = _ops("mean.dim", "mean.default", "rsqrt.default", "sqrt.default", "p
                  "var_mean.correction", "native_layer_norm.default", "layer_norm.default", "rms_norm.default",
                  "_fused_rms_norm.default", "sum.dim_IntList", "norm.ScalarOpt_dim")
 # ops that only move / drop whole tokens (rows); a per-feature affine map commutes with them
-_ROW_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_ROW_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default} | _ops("flatten.using_ints")
 _ROW_IDENTITY = _ops("alias.default", "clone.default", "detach.default", "lift_fresh_copy.default")
-_CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout")
+_CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout", "type_as.default")
+_ROW_SPLITS = _ops("split.Tensor", "split_with_sizes.default", "chunk.default")
 _ROW_DIM_OPS = {aten.slice.Tensor, aten.select.int, aten.index_select.default}
 # readers that check only metadata (dtype, shape), unchanged by a fold
-HARMLESS_READERS = _ops("_assert_tensor_metadata.default")
+HARMLESS_READERS = _ops("_assert_tensor_metadata.default", "new_zeros.default", "new_ones.default", "new_empty.default",
+                        "new_full.default", "zeros_like.default", "ones_like.default", "empty_like.default",
+                        "full_like.default", "sym_size.int")
 
 
 def stat_ops(gm: fx.GraphModule) -> int:
@@ -161,22 +165,40 @@ def _last_dim(node: fx.Node) -> int | None:
     return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
 
+def reads_metadata_only(user: fx.Node, src: fx.Node) -> bool:
+    """True if `user` reads only src's dtype / shape (asserts, new_zeros, `other.type_as(src)`)."""
+    if user.target in HARMLESS_READERS:
+        return True
+    return user.target == aten.type_as.default and user.args[0] is not src and user.args[1] is src
+
+
 def _is_row_op(node: fx.Node, d: int, kind: str = "ln") -> bool:
     """True if `node` (reading its first arg) only moves / drops whole rows of width d (for an RMS map, also
     a scale by a constant number, which commutes with x * s)."""
     t, src = node.target, node.args[0] if node.args else None
     if not isinstance(src, fx.Node):
         return False
+    if t is operator.getitem:  # one piece of a token split
+        return src.target in _ROW_SPLITS and isinstance(node.args[1], int)
     sv = src.meta.get("val")
     if not isinstance(sv, torch.Tensor) or any(a is src for a in node.args[1:]):
         return False
+    if t in _ROW_SPLITS:  # split / chunk along a token dim
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % sv.dim() != sv.dim() - 1
     if t in _ROW_IDENTITY:
         return True
     if t in _CASTS:  # a cast to the dtype it already has
         nv = node.meta.get("val")
         return isinstance(nv, torch.Tensor) and nv.dtype == sv.dtype and nv.device == sv.device
-    if t in (aten.mul.Tensor, aten.div.Tensor) and kind == "rms":
-        return len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs
+    if t in (aten.mul.Tensor, aten.div.Tensor) and kind == "rms" and len(node.args) == 2 and not node.kwargs:
+        other = node.args[1]  # a number, or a per-token factor (..., 1) such as Llama 4's router scores
+        ov = other.meta.get("val") if isinstance(other, fx.Node) else None
+        return isinstance(other, (int, float)) or (isinstance(ov, torch.Tensor) and ov.dim() >= 1 and ov.shape[-1] == 1
+                                                   and _last_dim(node) == d)
+    if t == aten.repeat.default:  # tokens repeated (Llama 4's experts), features not
+        reps = node.args[1] if len(node.args) > 1 else None
+        return isinstance(reps, (list, tuple)) and len(reps) == sv.dim() and reps[-1] == 1 and _last_dim(node) == d
     if t == aten.index.Tensor:  # a gather of tokens (MoE dispatch): indexes leading dims only
         idx = node.args[1] if len(node.args) > 1 else None
         return isinstance(idx, (list, tuple)) and len(idx) < sv.dim() and _last_dim(node) == d
@@ -196,7 +218,7 @@ def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Nod
     while stack:
         src, path = stack.pop()
         for user in list(src.users):
-            if user.target in HARMLESS_READERS:  # reads only dtype / shape, which the fold keeps
+            if reads_metadata_only(user, src):  # dtype / shape, which the fold keeps
                 continue
             if user.op == "output":
                 return [], [], f"{site.name}: its output is a graph output; keeping the explicit map"

@@ -42,6 +42,13 @@ class FoldState:
         return r
 
 
+def _retarget(sites, old: fx.Node, new: fx.Node) -> None:
+    """Sites whose input was `old` (a rewritten site's output, e.g. BLOOM's embedding LN feeding layer 0's) read `new`."""
+    for s in sites:
+        if s.input is old:
+            s.input = new
+
+
 class _Pass:
     """A pass on a GraphModule returning PassResult; records its name, count, time and node count."""
     name = "pass"
@@ -87,7 +94,9 @@ class MaterializePass(_Pass):
 
     def run(self, gm):
         for site in self.state.accepted:
+            old = site.output
             self.state.released |= materialize_site(gm, site)
+            _retarget(self.state.sites, old, site.output)
             self.state.released |= {f"{site.path}.{n}" for n, _ in site.module.named_parameters()}
             self.state.released |= {f"{site.path}.{n}" for n, _ in site.module.named_buffers()}
             self.state.row(site.name, status="materialized")
@@ -114,6 +123,7 @@ class FoldPass(_Pass):
             else:
                 released, created = apply_fold(gm, site, consumers)
                 st.row(site.name, direction="forward")
+            _retarget(st.sites, site.output, site.input)  # a norm reading this one's output reads its input now
             st.released |= released
             st.row(site.name, status="folded", consumers=paths,
                    untied=[f"{t} (storage shared with an embedding; the head now reads "

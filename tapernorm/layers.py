@@ -282,12 +282,15 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
     if eps is None:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
         eps = torch.finfo(dtype).eps
     cls = TaperNorm if rms else TaperLayerNorm
-    offsets = (0.0, 1.0) if rms and w is not None else (0.0,)
     if device.type == "meta":  # nothing to probe: trust the name
         return _build(cls, d, eps, m, 1.0 if rms and kind.startswith("Gemma") else 0.0, dtype, device)
+    # what the name says first, then (1 + w) gains (Gemma, Nemotron's LayerNorm1P), then the other kind
+    other = TaperLayerNorm if rms else (TaperNorm if b is None else None)
+    offsets = (0.0, 1.0) if w is not None else (0.0,)
+    candidates = [(cls, o) for o in offsets] + ([(other, o) for o in offsets] if other is not None else [])
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
     diffs = []
-    for offset in offsets:
+    for cls, offset in candidates:
         new = _build(cls, d, eps, m, offset, dtype, device)
         try:
             diffs.append(_probe_diff(m, new, d, dtype, device))
@@ -296,10 +299,8 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
                              "tapernorm cannot taper it") from e
         if diffs[-1] <= tol:
             return new
-    want = "x / rms(x) * w or x / rms(x) * (1 + w)" if len(offsets) == 2 else \
-        ("x / rms(x) * w" if rms else "(x - mean) / std(x) * w + b")
-    raise TaperError(f"{name}: {kind} does not compute {want} (relative diff {min(diffs):.2g} on a probe input); "
-                     "TaperNorm cannot represent it")
+    raise TaperError(f"{name}: {kind} computes neither an RMSNorm nor a LayerNorm with gain w or 1 + w (relative "
+                     f"diff {min(diffs):.2g} on a probe input); tapernorm cannot represent it")
 
 
 def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = None) -> list[str]:
