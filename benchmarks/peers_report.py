@@ -67,7 +67,7 @@ def chart(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     cfgs = res["configs"]
     names = [n for n in ORDER if any(n in c["variants"] for c in cfgs) and n != "lean_folded_aa"]
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cfgs)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(cfgs)), 5.2))
     w = 0.8 / len(names)
     for i, n in enumerate(names):
         ys = [c["variants"].get(n, {}).get("tok_s", 0) for c in cfgs]
@@ -77,7 +77,18 @@ def chart(res: dict, path: Path) -> None:
     ax.set_ylabel("decode tok/s (batch total)")
     ax.set_yscale("log")
     ax.set_title("Decode throughput, same weights (CPU, fp32, %d thread)" % res["settings"]["threads"])
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-render the page and chart from a results JSON: peers_report.py results/peers.json
+    import json
+    import sys
+
+    from bench_common import write_results
+    src = Path(sys.argv[1])
+    result = json.loads(src.read_text())
+    write_results(src.with_suffix(""), result, markdown(result))
+    chart(result, src.with_suffix(".png"))
