@@ -37,6 +37,7 @@ from .export_onnx import (
     DTYPES, INLINE_LIMIT, KVCacheLM, dynamic_shapes, example_inputs, export_onnx, write_runtime_json,
 )
 from .defaults import DEFAULT_PROMPT, PARITY_TOKENS
+from .hf_compile import load_for_compile
 from .onnx_fold import check_statistics
 from .onnx_io import load_onnx
 from .lean import LeanError, write_genai_config
@@ -239,7 +240,10 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
     if graph not in GRAPH_KINDS:
         raise CompileError(f"graph {graph!r} is not one of {list(GRAPH_KINDS)}")
     foreign = _prepare_out(out_dir)
-    model, info = load_checkpoint(ckpt)
+    model, info = load_for_compile(ckpt, log)  # a run dir, a tapered HF dir or a FakeLN HF dir (hf_compile.py)
+    if info.get("hf") and graph == "lean":  # the lean builder maps our DecoderLM only
+        log(f"{info['hf']['class']}: the lean graph builder does not map Hugging Face models; using --graph generic")
+        graph = "generic"
     cfg = model.config
     if parity_tokens >= cfg.max_seq_len:
         raise CompileError(f"--parity-tokens {parity_tokens} does not fit {ckpt}'s {cfg.max_seq_len}-token context; "
@@ -257,7 +261,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
 
     folded = sorted(n for n, r in rep_fold["layers"].items() if r["status"] == "folded")
     n_norms = len(taper_layers(model)) + sum(1 for m in model.modules()
-                                             if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))
+                                             if (isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))
+                                                 or type(m).__name__.endswith("RMSNorm"))  # HF's own RMSNorms
                                              and not isinstance(m, TAPER_TYPES))
     stats_holder: dict = {}
 
@@ -312,7 +317,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch, "graph": graph,
             "ort_optimized": optimized_counts(tmp),
-            "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded,
+            "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded, "hf": info.get("hf"),
             "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": bool(info.get("tokenizer_path")),
             "passes": {"fold": rep_fold, "materialize": rep_unf}, "statistics_check": stats,
             "export": {"model.onnx": exp_f, "model_unfused.onnx": exp_u},

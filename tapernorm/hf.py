@@ -5,9 +5,9 @@
 
 Directory kinds (`dir_kind`):
     "tapered"  written by save_pretrained here: the model's own config.json (+ a "tapernorm_hf" section naming
-               every TaperNorm layer, its kind and eps, the mode and the gate) and the safetensors weights that
-               transformers' save_pretrained writes (TaperNorm's gamma, gamma_t, c and gate buffers included),
-               renamed model.safetensors -> tapernorm.safetensors (sharded: the index file is renamed).
+               every TaperNorm layer, its kind and eps, the mode and the gate), generation_config.json, and
+               tapernorm.safetensors: the state dict under the model's own module names (TaperNorm's gamma,
+               gamma_t, c and gate buffers included; tied weights once). No model.safetensors on purpose.
     "run"      a `tapernorm train` model/ or checkpoint/ directory (our DecoderLM); loaded as the equivalent
                HF LlamaForCausalLM / GPT2LMHeadModel with the same TaperNorm state (hf_convert.py).
     "hf"       anything else: a plain HF directory or a hub name, loaded by AutoModelForCausalLM.
@@ -37,7 +37,7 @@ __all__ = ["save_pretrained", "from_pretrained", "dir_kind", "taper_spec", "TOKE
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
 _FORMAT = 1
-WEIGHTS, INDEX = "tapernorm.safetensors", "tapernorm.safetensors.index.json"  # transformers' names, renamed
+WEIGHTS = "tapernorm.safetensors"  # the state dict under the model's own module names
 
 
 def _read_json(path: Path) -> dict:
@@ -101,11 +101,21 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
         spec["extra"] = extra
     out = Path(out_dir)
     cfg = model.config
+    from safetensors.torch import save_file
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # our module names exactly; tied weights stored once
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[k] = v.detach().cpu().contiguous()
     with staged_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for a, b in (("model.safetensors", WEIGHTS), ("model.safetensors.index.json", INDEX)):
-            if (tmp / a).is_file():
-                os.replace(tmp / a, tmp / b)  # plain transformers now finds no weights: it raises, never loads wrong
+        model.config.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        # not model.safetensors: plain transformers then finds no weights and raises, never loads them wrong
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tapernorm_hf": str(_FORMAT)})
         raw = _read_json(tmp / "config.json")
         raw[HF_SECTION] = spec
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
@@ -155,10 +165,6 @@ def apply_taper_layout(model: nn.Module, layers: dict, where: str) -> None:
 
 
 def _weight_files(d: Path) -> list[Path]:
-    index = d / INDEX
-    if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        return [d / s for s in shards]
     return [d / WEIGHTS]
 
 

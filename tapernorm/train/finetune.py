@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +75,12 @@ class TaperCallback(_callback_base()):
         if t >= self.schedule.taper_start:
             self._calibrate(model)
         set_gate(model, self.schedule.gate(t))
+
+    def on_log(self, args, state, control, logs=None, model=None, **kw):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            print(f"[finetune] step {state.global_step}/{state.max_steps} loss {float(logs['loss']):.4f} "
+                  f"gate {self.schedule.gate(max(0, state.global_step - 1)):.4f} lr {float(logs.get('learning_rate', 0)):.3g}",
+                  file=sys.stderr, flush=True)
 
     def on_train_end(self, args, state, control, model=None, **kw):
         self._calibrate(model)
