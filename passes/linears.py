@@ -290,7 +290,8 @@ def write_linear(gm: fx.GraphModule, group: list[Consumer], w2: torch.Tensor, b2
     if c0.bias is not None:
         b_node = _store(gm, c0.bias, b2, b_old, readers, uses, created)
     elif b2 is not None:
-        b_node = _new_attr(gm, c0.weight.target.rpartition(".")[0] + ".bias", b2, w_old, created)
+        owner, _, leaf = c0.weight.target.rpartition(".")
+        b_node = _new_attr(gm, f"{owner}.bias" if owner else f"{leaf}_bias", b2, w_old, created)
     else:
         b_node = None
     for c in group:

@@ -22,6 +22,8 @@ FAMILIES = {
     "gemma3": ("gemma3_text", {"head_dim": 8}, "(1 + w), sandwich norms, per-head QK-norms"),
     "qwen3": ("qwen3", {"head_dim": 8}, "per-head QK-norms fold into q_proj / k_proj rows"),
     "olmo2": ("olmo2", {}, "QK-norms over all heads, post-norms"),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+                  "QK-norms, MoE experts (grouped matmul over stacked weights, token gather)"),
     "olmo": ("olmo", {}, "LayerNorm without weight or bias"),
     "cohere": ("cohere", {}, "bias-free LayerNorm, one norm feeds attention and MLP"),
     "falcon": ("falcon", {"bias": True}, "x @ W.T linears, LN feeding attention and MLP"),

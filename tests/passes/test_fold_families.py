@@ -14,10 +14,10 @@ from tapernorm.passes.capture import capture  # noqa: E402
 from tapernorm.passes.match import stat_ops  # noqa: E402
 
 # family -> (norms tapered, of them folded backwards, statistic ops left after the fold)
-# (gpt2 / phi keep one aten.pow: gelu_new's x^3, not a norm)
+# (gpt2 / phi keep one aten.pow: gelu_new's x^3; qwen3_moe one sum: the router renormalizing top-k weights)
 EXPECT = {
     "llama": (3, 0, 0), "mistral": (3, 0, 0), "qwen2": (3, 0, 0), "phi3": (3, 0, 0), "gemma": (3, 0, 0),
-    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "olmo": (3, 0, 0),
+    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "qwen3_moe": (5, 2, 1), "olmo": (3, 0, 0),
     "cohere": (2, 0, 0), "falcon": (2, 0, 0), "falcon_new": (3, 0, 0), "gpt_neox": (3, 0, 0),
     "stablelm": (3, 0, 0), "phi": (2, 0, 1), "opt": (3, 0, 0), "gpt2": (3, 0, 1),
 }
@@ -55,3 +55,36 @@ def test_family_all_taper_folds_every_norm(family):
     torch.testing.assert_close(_logits(gm, other), _logits(model, other), rtol=1e-5, atol=1e-5)
     assert report["verify"]["ok"] and report["verify"]["argmax_agree"] == 1.0
     json.dumps(report)
+
+
+def test_kept_site_says_exactly_why():
+    """BLOOM's embedding LayerNorm feeds the residual stream and reads the embedding: no linear on either side."""
+    import transformers
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(cfg).eval()
+    ids = token_batches(1)[0]
+    assert len(taperize(model, "all")) == 4
+    calibrate(model, token_batches(2, seed=1), forward=lambda m, b: m(b))
+    set_gate(model, 0.0)
+    gm, report = fold(model.eval(), (ids,))
+    kept = {k: r for k, r in report["layers"].items() if r["status"] != "folded"}
+    assert list(kept) == ["transformer.word_embeddings_layernorm"] and report["folded"] == 3
+    reason = kept["transformer.word_embeddings_layernorm"]["reason"]
+    assert reason.startswith("transformer.word_embeddings_layernorm: consumer add") and "is not a linear" in reason
+    assert "backward fold: its input comes from embedding (aten.embedding.default), not from a linear" in reason
+    assert report["graph"]["stat_ops_after"] == 1  # that LayerNorm's centering mean: the explicit map
+    torch.testing.assert_close(_logits(gm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_per_head_gain_matrix_is_refused_by_taperize():
+    """Cohere's QK-norm holds a (heads, head_dim) gain: one line, and the model is left as it was."""
+    import transformers
+    from tapernorm import TaperError
+    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True)
+    model = transformers.CohereForCausalLM(cfg).eval()
+    with pytest.raises(TaperError, match=r"^model\.layers\.0\.self_attn\.q_norm: CohereLayerNorm has a gain of shape "
+                                         r"\(4, 8\), not a 1-D per-feature vector"):
+        taperize(model, "all")
+    assert type(model.model.norm).__name__ == "CohereLayerNorm"
