@@ -1,0 +1,158 @@
+"""Survey: the All-Taper fold on every causal-LM family the installed transformers ships.
+
+Each family is built from one generic tiny config (vocab 128, hidden 32, 2 layers, 4 heads, 2 KV heads,
+head_dim 8), taperized in All-Taper mode, norm gains randomised, calibrated on random tokens, set to
+gate 0 and folded with `fold(model, (ids,))`. A row records: norms tapered / folded (of them backwards),
+statistic ops left, the verify max abs diff, the reason of every site kept, or the error (a family the
+generic config cannot build, a norm taperize refuses, ...). Not a speed benchmark; no timings asserted.
+
+    .venv/bin/python benchmarks/fold_survey.py                      # all families (~20-40 min on 2 cores)
+    .venv/bin/python benchmarks/fold_survey.py --families llama,gemma2,qwen3
+    .venv/bin/python benchmarks/fold_survey.py --render rows.jsonl  # markdown/JSON from saved rows
+
+Writes benchmarks/results/fold_survey.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import signal
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import library_versions, machine_info, write_results  # noqa: E402
+
+BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(*_):
+    raise _Timeout("timeout")
+
+
+def survey_family(fam: str, timeout_s: int = 90) -> dict:
+    """One row: build, taperize (all), calibrate, gate 0, fold; see the module docstring."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from tapernorm import calibrate, set_gate, taperize
+    from tapernorm.passes import fold
+    from tapernorm.passes.match import stat_ops
+    rec = {"family": fam}
+    t0 = time.time()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout_s)
+    stage = "config"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                cfg = AutoConfig.for_model(fam, **BASE)
+            except Exception:  # noqa: BLE001 - configs that refuse head_dim
+                cfg = AutoConfig.for_model(fam, **{k: v for k, v in BASE.items() if k != "head_dim"})
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg).eval()
+        rec["class"] = type(model).__name__
+        stage = "taperize"
+        names = taperize(model, "all")
+        rec["tapered"] = len(names)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, m in model.named_modules():
+                if n in names:
+                    m.weight.uniform_(0.5, 1.5)
+        ids = [torch.randint(3, 128, (2, 8), generator=g) for _ in range(2)]
+        stage = "calibrate"
+        calibrate(model, ids, forward=lambda mm, b: mm(b))
+        set_gate(model, 0.0)
+        model.eval()
+        stage = "fold"
+        gm, rep = fold(model, (ids[0],))
+        rec.update(folded=rep["folded"], backward=sum(r.get("direction") == "backward" for r in rep["layers"].values()),
+                   stat_ops_after=stat_ops(gm), max_abs_diff=rep["verify"]["max_abs_diff"],
+                   kept={k: v["reason"] for k, v in rep["layers"].items() if v["status"] != "folded"})
+        rec["status"] = "all folded" if rep["folded"] == len(names) else "some kept"
+    except Exception as e:  # noqa: BLE001 - a survey row records the failure and moves on
+        rec["status"] = f"error at {stage}"
+        rec["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    finally:
+        signal.alarm(0)
+    rec["seconds"] = round(time.time() - t0, 1)
+    return rec
+
+
+def _kinds(kept: dict) -> list[str]:
+    """One reason per norm kind (the last path component), layer index dropped."""
+    seen, out = set(), []
+    for name, reason in kept.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in seen:
+            seen.add(kind)
+            out.append(reason.replace("|", "/"))
+    return out
+
+
+def render(rows: list[dict]) -> tuple[dict, str]:
+    """(JSON result, markdown) for survey rows."""
+    import transformers
+    counts = Counter(r["status"] for r in rows)
+    result = {"machine": machine_info(), "versions": {**library_versions(("torch", "transformers")),
+                                                        "transformers": transformers.__version__},
+              "config": BASE, "counts": dict(counts), "rows": rows}
+    md = [f"# All-Taper fold across transformers {transformers.__version__} causal-LM families\n",
+          f"{len(rows)} families (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), one generic tiny config each "
+          f"(`benchmarks/fold_survey.py`).\n", "| status | families |", "| --- | --- |"]
+    md += [f"| {k} | {v} |" for k, v in sorted(counts.items())]
+    folded = [r for r in rows if r["status"] == "all folded"]
+    md += ["", f"## Every norm folded ({len(folded)})", "",
+           ", ".join(f"{r['family']} ({r['folded']}{', ' + str(r['backward']) + ' backward' if r['backward'] else ''})"
+                     for r in folded), "", "## Some sites kept, with the report's reasons", "",
+           "| family | folded / tapered | why (one per norm kind) |", "| --- | --- | --- |"]
+    md += [f"| {r['family']} | {r['folded']} / {r['tapered']} | {'<br>'.join(_kinds(r['kept']))} |"
+           for r in rows if r["status"] == "some kept"]
+    md += ["", "## Not surveyed (error)", "", "| family | stage | error |", "| --- | --- | --- |"]
+    md += [f"| {r['family']} | {r['status'][9:]} | {r['error'].replace('|', '/')[:200]} |"
+           for r in rows if r["status"].startswith("error")]
+    return result, "\n".join(md) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", help="comma-separated model types (default: every causal-LM family)")
+    ap.add_argument("--render", metavar="JSONL", help="only render saved rows (one JSON object a line)")
+    ap.add_argument("--rows", metavar="JSONL", help="also append each row here as it completes")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fold_survey"))
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.render:
+        rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()]
+    else:
+        import torch
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(1)
+        fams = args.families.split(",") if args.families else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        rows = []
+        for fam in fams:
+            rows.append(survey_family(fam))
+            print(fam, rows[-1]["status"], rows[-1].get("error", "")[:120], flush=True)
+            if args.rows:
+                with open(args.rows, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    result, md = render(rows)
+    js, mdp = write_results(Path(args.out), result, md)
+    print(f"wrote {js} and {mdp}")
+
+
+if __name__ == "__main__":
+    main()
