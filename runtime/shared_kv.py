@@ -32,6 +32,10 @@ class SharedKVDecoder:
         if not self.max_len:
             raise ValueError(f"{session.model_path}: a shared-KV graph needs the context length (max_seq_len in "
                              "runtime.json) to size its cache; re-run `tapernorm compile`")
+        ctx = session.config.max_seq_len
+        if ctx and self.max_len > ctx:  # the graph's rotary / position tables end at the model's context
+            raise ValueError(f"max_len {self.max_len} exceeds {session.model_path.name}'s {ctx}-token context; "
+                             f"pass max_len <= {ctx}")
         self.io_binding = True  # the shared buffer only exists through IOBinding
         self._sess = session.session
         self._past_names, self._present_names = session.past_names, session.present_names

@@ -75,6 +75,14 @@ def test_decoder_binds_once(tmp_path):
         dec.step(np.asarray([t]))
     assert all(x is y for x, y in zip(kv, dec._kv)) and dec._logits is logits and dec.length == 14
     assert np.abs(dec._kv_host[0][0, :, :14]).sum() > 0 and not dec._kv_host[0][0, :, 14:].any()
+    with pytest.raises(ValueError, match="max_len 65 exceeds model.onnx's 64-token context"):
+        OrtDecoder(sess, max_len=65)
+    short = OrtDecoder(sess, max_len=12)
+    short.start(np.asarray([prompt_ids(256)]))  # 10 tokens
+    short.step(np.asarray([1]))
+    short.step(np.asarray([1]))  # 12: the buffer is full
+    with pytest.raises(ValueError, match="12-token context is full"):
+        short.step(np.asarray([1]))
 
 
 def test_fp16_lean_runs_on_cpu(tmp_path):
