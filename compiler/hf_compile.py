@@ -4,6 +4,8 @@
     a tapernorm run dir          -> load_checkpoint (DecoderLM)
     a tapered HF dir             -> tapernorm.from_pretrained, wrapped in HFDecoder
     a plain HF dir               -> the same; FakeLN eps-hack LayerNorms become gate-0 TaperLayerNorm first
+An HF Llama (MHA, no biases, tied) or GPT-2 whose taper layout is the standard one is then handed over as our
+reference DecoderLM (hf_convert.hf_to_decoder, checked on a probe batch), so compile's lean graph applies to it.
 
 HFDecoder gives an HF model DecoderLM's call shape and config, so KVCacheLM, capture, fold / materialize,
 the generic dynamo export (HF / genai I/O names, KV cache), parity and runtime.json are shared unchanged:
@@ -27,7 +29,7 @@ import torch.nn as nn
 from tapernorm.checkpoint import CheckpointError, load_checkpoint
 from tapernorm.hf import dir_kind, from_pretrained
 from tapernorm.hf_config import HF_SECTION
-from tapernorm.hf_convert import find_eps_hack, import_eps_hack
+from tapernorm.hf_convert import find_eps_hack, hf_to_decoder, import_eps_hack
 from tapernorm.layers import get_gate, taper_layers
 
 __all__ = ["HFDecoder", "HFCompileConfig", "load_for_compile", "is_hf_dir"]
@@ -139,9 +141,30 @@ def load_for_compile(path: str | Path, log=None) -> tuple[nn.Module, dict]:
     if not taper_layers(hf):
         log(f"note: {p} has no TaperNorm layers; nothing to fold (compiling it as it is)")
     mode = raw.get(HF_SECTION, {}).get("mode") or ("fakeln" if fakeln else "baseline")
-    model = HFDecoder(hf, mode).eval()
+    wrapped = HFDecoder(hf, mode).eval()
+    model, as_ref = _as_reference(hf, wrapped, log)
     tok = p / "tokenizer.model"
     info = {"dir": str(p), "config": model.config, "config_json": raw, "gate": get_gate(hf),
             "tokenizer_path": str(tok) if tok.is_file() else None,
-            "hf": {"kind": kind, "class": type(hf).__name__, "model_type": model.config.arch, "fakeln": fakeln}}
+            "hf": {"kind": kind, "class": type(hf).__name__, "model_type": wrapped.config.arch, "fakeln": fakeln,
+                   "decoderlm": as_ref}}
     return model, info
+
+
+@torch.no_grad()
+def _as_reference(hf: nn.Module, wrapped: HFDecoder, log) -> tuple[nn.Module, dict | None]:
+    """Our DecoderLM when it computes the same function (MHA Llama without biases, GPT-2; the lean graph then
+    applies), checked on a probe batch; else the HFDecoder wrapper (generic export)."""
+    ref, why = hf_to_decoder(hf)
+    if ref is None:
+        log(f"{type(hf).__name__}: compiled through the generic export ({why}: not the lean builder's reference model)")
+        return wrapped, None
+    c = ref.config
+    ids = torch.randint(0, c.vocab_size, (2, min(16, c.max_seq_len)), generator=torch.Generator().manual_seed(0))
+    want, got = wrapped(ids), ref(ids)  # (B, T, V) each
+    diff, scale = float((got.float() - want.float()).abs().max()), max(1.0, float(want.abs().max()))
+    if not diff <= 1e-4 * scale:
+        log(f"{type(hf).__name__}: the reference model differs by {diff:.2e}; using the generic export")
+        return wrapped, None
+    log(f"{type(hf).__name__} -> the reference DecoderLM ({c.arch}, {c.taper_mode}): max |logit diff| {diff:.2e}")
+    return ref, {"max_abs_diff": diff, "logit_scale": scale}

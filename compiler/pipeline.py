@@ -241,7 +241,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         raise CompileError(f"graph {graph!r} is not one of {list(GRAPH_KINDS)}")
     foreign = _prepare_out(out_dir)
     model, info = load_for_compile(ckpt, log)  # a run dir, a tapered HF dir or a FakeLN HF dir (hf_compile.py)
-    if info.get("hf") and graph == "lean":  # the lean builder maps our DecoderLM only
+    if info.get("hf") and not info["hf"].get("decoderlm") and graph == "lean":  # the lean builder maps DecoderLM
         log(f"{info['hf']['class']}: the lean graph builder does not map Hugging Face models; using --graph generic")
         graph = "generic"
     cfg = model.config

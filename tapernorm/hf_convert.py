@@ -26,7 +26,8 @@ from .checkpoint import load_checkpoint
 from .hf_config import ACT_FIELDS, run_dir_hf_fields
 from .layers import TaperLayerNorm, taper_layers
 
-__all__ = ["run_dir_to_hf", "run_state_to_hf", "find_eps_hack", "import_eps_hack", "EPS_HACK_MIN"]
+__all__ = ["run_dir_to_hf", "run_state_to_hf", "hf_state_to_run", "hf_to_decoder", "find_eps_hack", "import_eps_hack",
+           "EPS_HACK_MIN"]
 
 EPS_HACK_MIN = 1e6  # a LayerNorm eps at or above this is FakeLN's eps hack (real LayerNorms use ~1e-5)
 
@@ -148,3 +149,89 @@ def import_eps_hack(model: nn.Module, min_eps: float = EPS_HACK_MIN) -> dict:
     for n in names:
         model.get_submodule(n).set_gate(0.0)
     return {"layers": rows, "converted": len(names)}
+
+
+def _decoder_config(hf: nn.Module, mode: str):
+    """(ModelConfig, None) when our DecoderLM computes the same function as `hf`, else (None, reason)."""
+    from .model_config import ModelConfig
+    c, name = hf.config, type(hf).__name__
+    if not getattr(c, "tie_word_embeddings", False):
+        return None, "untied output head"
+    if name == "LlamaForCausalLM":
+        rope = (getattr(c, "rope_parameters", None) or {})
+        heads, d = c.num_attention_heads, c.hidden_size
+        bad = [why for ok, why in (
+            (c.num_key_value_heads == heads, "grouped-query attention"),
+            (not c.attention_bias and not c.mlp_bias, "linear biases"), (c.hidden_act == "silu", "activation"),
+            (rope.get("rope_type", "default") == "default", "RoPE scaling"),
+            (getattr(c, "head_dim", d // heads) == d // heads, "head_dim")) if not ok]
+        if bad:
+            return None, bad[0]
+        return ModelConfig(arch="llama", vocab_size=c.vocab_size, dim=d, n_layers=c.num_hidden_layers, n_heads=heads,
+                           max_seq_len=c.max_position_embeddings, hidden_dim=c.intermediate_size,
+                           norm_eps=c.rms_norm_eps, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                           taper_mode=mode), None
+    if name == "GPT2LMHeadModel":
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            return None, "activation"
+        if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
+            return None, "attention scaling"
+        return ModelConfig(arch="gpt2", vocab_size=c.vocab_size, dim=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
+                           max_seq_len=c.n_positions, hidden_dim=c.n_inner or 4 * c.n_embd,
+                           norm_eps=c.layer_norm_epsilon, taper_mode=mode), None
+    return None, f"{name} is not LlamaForCausalLM / GPT2LMHeadModel"
+
+
+def hf_state_to_run(state: dict[str, torch.Tensor], arch: str, n_layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of run_state_to_hf: an HF Llama / GPT-2 state dict -> our DecoderLM's."""
+    if arch == "llama":
+        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        for a, b in (("transformer.wte.", "embed_tokens."), ("transformer.wpe.", "embed_positions."),
+                     ("transformer.ln_f.", "norm."), ("lm_head.", "lm_head.")):
+            if k.startswith(a):
+                out[b + k[len(a):]] = v
+    for i in range(n_layers):
+        src, dst = f"transformer.h.{i}.", f"layers.{i}."
+        for k, v in state.items():
+            for a, b in (("ln_1.", "input_layernorm."), ("ln_2.", "post_attention_layernorm.")):
+                if k.startswith(src + a):
+                    out[dst + b + k[len(src + a):]] = v
+        w, bias = state[src + "attn.c_attn.weight"], state[src + "attn.c_attn.bias"]  # (d, 3d), (3d,)
+        for j, p in enumerate("qkv"):
+            d = w.shape[0]
+            out[f"{dst}self_attn.{p}_proj.weight"] = w[:, j * d:(j + 1) * d].T.contiguous()  # (out, in)
+            out[f"{dst}self_attn.{p}_proj.bias"] = bias[j * d:(j + 1) * d]
+        for a, b in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out")):
+            out[f"{dst}{b}.weight"] = state[f"{src}{a}.weight"].T.contiguous()
+            out[f"{dst}{b}.bias"] = state[f"{src}{a}.bias"]
+    return out
+
+
+@torch.no_grad()
+def hf_to_decoder(hf: nn.Module):
+    """(DecoderLM, None) computing the same function as an HF Llama (MHA, no biases, tied) or GPT-2 with a
+    standard taper layout (every block norm, plus the final norm in "all"), else (None, reason)."""
+    from .model import DecoderLM
+    names = {n for n, _ in taper_layers(hf)}
+    final = "model.norm" if type(hf).__name__ == "LlamaForCausalLM" else "transformer.ln_f"
+    mode = "baseline" if not names else ("all" if final in names else "internal")
+    cfg, why = _decoder_config(hf, mode)
+    if cfg is None:
+        return None, why
+    model = DecoderLM(cfg)
+    want = {_hf_name(cfg.arch, n) for n, _ in taper_layers(model)}
+    if want != names:
+        return None, "a taper layout other than every block norm (+ the final norm)"
+    state = hf_state_to_run({k: v for k, v in hf.state_dict().items() if not k.startswith("lm_head.")},
+                            cfg.arch, cfg.n_layers)
+    state["lm_head.weight"] = state["embed_tokens.weight"]
+    ours = model.state_dict()
+    if set(state) != set(ours) or any(tuple(state[k].shape) != tuple(ours[k].shape) for k in ours):
+        return None, "weights that do not map onto the reference model"
+    dtype = next(hf.parameters()).dtype
+    for p in model.parameters():  # parameters take the HF model's dtype; gate / EMA buffers stay float64
+        p.data = p.data.to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), None

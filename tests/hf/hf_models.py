@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 VOCAB = 256
-KINDS = ("llama", "gpt2", "mistral", "qwen2", "phi3", "gpt_neox", "opt")
+KINDS = ("llama", "llama_mha", "gpt2", "mistral", "qwen2", "phi3", "gpt_neox", "opt")
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,6 +36,8 @@ def hf_config(kind: str):
                       num_key_value_heads=2, max_position_embeddings=128, **common)
     if kind == "llama":
         return tf.LlamaConfig(**llama_like, tie_word_embeddings=True)
+    if kind == "llama_mha":  # what our reference DecoderLM computes exactly (lean graph)
+        return tf.LlamaConfig(**{**llama_like, "num_key_value_heads": 4}, tie_word_embeddings=True)
     if kind == "mistral":
         return tf.MistralConfig(**llama_like, sliding_window=None)
     if kind == "qwen2":

@@ -11,11 +11,11 @@ from hf_models import finetuned_dir, hf_dir, hf_model, logits, tapered, tok_dir,
 import tapernorm  # noqa: E402
 from tapernorm.compiler.cli import main  # noqa: E402
 from tapernorm.compiler.pipeline import compile_checkpoint  # noqa: E402
-from tapernorm.hf_convert import find_eps_hack, import_eps_hack  # noqa: E402
+from tapernorm.hf_convert import find_eps_hack, hf_to_decoder, import_eps_hack  # noqa: E402
 
 
-def _check_report(rep: dict, n_folded: int) -> None:
-    assert rep["graph"] == "generic" and rep["parity"]["ok"] and rep["statistics_check"]["ok"]
+def _check_report(rep: dict, n_folded: int, graph: str = "generic") -> None:
+    assert rep["graph"] == graph and rep["parity"]["ok"] and rep["statistics_check"]["ok"]
     assert len(rep["folded_layers"]) == n_folded
     for g in rep["parity"]["graphs"].values():
         assert g["tokens_identical"] and g["prompt_logits_max_abs_diff"] < 1e-4
@@ -27,8 +27,10 @@ def test_finetuned_dir_compiles_and_generates(tmp_path, capsys, kind, mode):
     out = tmp_path / "compiled"
     assert main(["compile", str(ft / "model"), "--out", str(out), "--parity-tokens", "4"]) == 0
     rep = json.loads((out / "compile_report.json").read_text())
-    _check_report(rep, 4 if mode == "internal" else 5)
+    # GPT-2 is handed over as our reference DecoderLM (lean graph); the tiny Llama has grouped-query attention
+    _check_report(rep, 4 if mode == "internal" else 5, "lean" if kind == "gpt2" else "generic")
     assert rep["hf"]["kind"] == "tapered" and rep["taper_mode"] == mode
+    assert (rep["hf"]["decoderlm"] is not None) == (kind == "gpt2")
     rt = json.loads((out / "runtime.json").read_text())
     assert (rt["bos_id"], rt["eos_id"]) == (1, 2) and (out / "tokenizer.model").is_file()
     capsys.readouterr()
@@ -36,6 +38,20 @@ def test_finetuned_dir_compiles_and_generates(tmp_path, capsys, kind, mode):
                  "--threads", "1", "--quiet-prompt"]) == 0
     got = capsys.readouterr()
     assert "6 tokens" in got.err or "stop: stop" in got.err
+
+
+@pytest.mark.parametrize("kind,mode", [("llama_mha", "internal"), ("llama_mha", "all"), ("gpt2", "internal"),
+                                       ("gpt2", "all")])
+def test_hf_llama_and_gpt2_hand_over_as_the_reference_model(kind, mode):
+    """What lets compile use the lean graph for them: our DecoderLM with the same weights and taper state."""
+    model = tapered(kind, mode)
+    ref, why = hf_to_decoder(model)
+    assert why is None and ref.config.taper_mode == mode and tapernorm.get_gate(ref) == 0.0
+    ids = token_batches(1, 2, 10, seed=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids), logits(model, ids), rtol=0, atol=2e-6)
+    assert hf_to_decoder(tapered("llama"))[1] == "grouped-query attention"
+    assert "Qwen2ForCausalLM" in hf_to_decoder(tapered("qwen2"))[1]
 
 
 @pytest.mark.slow
@@ -88,7 +104,7 @@ def test_fakeln_hf_dir_compiles_with_parity(tmp_path):
     for f in ("tokenizer.model", "tokenizer_config.json"):
         (d / f).write_bytes((tok_dir() / f).read_bytes())
     rep = compile_checkpoint(d, tmp_path / "c", parity_tokens=4)
-    _check_report(rep, 5)  # ln_1, ln_2 of both blocks and ln_f: no norm left
+    _check_report(rep, 5, "lean")  # ln_1, ln_2 of both blocks and ln_f: no norm left
     fk = rep["hf"]["fakeln"]
     assert fk["converted"] == 5 and fk["max_abs_diff"] < 1e-4, fk
     assert rep["statistics_check"]["total"] == 0
