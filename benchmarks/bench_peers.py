@@ -18,6 +18,7 @@ results/peers.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -116,36 +117,52 @@ def run(args) -> dict:
     genai = GenaiWorker(genai_py, Path(__file__).with_name("genai_worker.py")) if genai_py else None
     if genai:
         res["versions"]["onnxruntime_genai"] = genai.version
+    res["errors"] = []
     try:
         for width in args.widths:
-            paths, base, taper = compile_all(width, args, cache, log=lambda m: print(m, file=sys.stderr))
-            facts = {"weight_bytes_per_step": weight_bytes_per_step(taper), "twin_max_abs_logit_diff": None,
-                     "ort_nodes": ort_nodes(paths)}
-            if genai:
-                d = paths["lean_folded"].parent.parent
-                if not (d / "hf" / "config.json").is_file():
-                    facts["twin_max_abs_logit_diff"] = hf_llama(taper, d / "hf")
-                g_dir = genai_builder_graph(d / "hf", d / "genai", genai.builder_py,
-                                            log=lambda m: print(m, file=sys.stderr))
-                facts["ort_nodes"]["genai_builder"] = ort_nodes({"g": g_dir / "model.onnx"})["g"]
-                for name, path in (("genai_builder", g_dir), ("lean_folded_genai", paths["lean_folded"].parent)):
-                    genai.call({"cmd": "load", "name": name, "dir": str(path), "threads": args.threads})
-                genai.call({"cmd": "load_ours", "name": "lean_folded_ourloop_genai_ort",
-                            "dir": str(paths["lean_folded"].parent), "threads": args.threads,
-                            "max_len": args.prompt_len + args.new_tokens})
-            for batch in args.batches:
-                cfg = bench_config(width, batch, paths, taper, genai, args, tmp)
-                cfg.update(facts)
-                summarize_config(cfg, args)
-                res["configs"].append(cfg)
-                print(f"[bench] w{width} B{batch}: " + ", ".join(f"{v} {d['tok_s']:.0f}" for v, d in
-                                                                 cfg["variants"].items()) + " tok/s", file=sys.stderr)
+            try:
+                run_width(width, res, genai, args, cache, tmp)
+            except Exception as e:  # noqa: BLE001 - one width failing must not lose the others' results
+                res["errors"].append({"width": width, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"})
+                print(f"[bench] w{width} failed: {res['errors'][-1]['error']}", file=sys.stderr)
     finally:
         if genai:
             genai.close()
     res["machine"]["loadavg_end"] = loadavg()
     res["bandwidth_end"] = bandwidth_probe()
     return res
+
+
+def run_width(width: int, res: dict, genai, args, cache: Path, tmp: Path) -> None:
+    """Compile (cached) and benchmark every batch of one width; appends configs and writes partial results."""
+    paths, base, taper = compile_all(width, args, cache, log=lambda m: print(m, file=sys.stderr))
+    facts = {"weight_bytes_per_step": weight_bytes_per_step(taper), "twin_max_abs_logit_diff": None,
+             "ort_nodes": ort_nodes(paths)}
+    if genai:
+        d = paths["lean_folded"].parent.parent
+        if not (d / "hf" / "tapernorm_twin.json").is_file():
+            hf_llama(taper, d / "hf")
+        facts["twin_max_abs_logit_diff"] = json.loads((d / "hf" / "tapernorm_twin.json").read_text())[
+            "max_abs_logit_diff_vs_tapernorm"]
+        g_dir = genai_builder_graph(d / "hf", d / "genai", genai.builder_py,
+                                    log=lambda m: print(m, file=sys.stderr))
+        facts["ort_nodes"]["genai_builder"] = ort_nodes({"g": g_dir / "model.onnx"})["g"]
+        for name, path in (("genai_builder", g_dir), ("lean_folded_genai", paths["lean_folded"].parent)):
+            genai.call({"cmd": "load", "name": name, "dir": str(path), "threads": args.threads})
+        genai.call({"cmd": "load_ours", "name": "lean_folded_ourloop_genai_ort",
+                    "dir": str(paths["lean_folded"].parent), "threads": args.threads,
+                    "max_len": args.prompt_len + args.new_tokens})
+    for batch in args.batches:
+        cfg = bench_config(width, batch, paths, taper, genai, args, tmp)
+        cfg.update(facts)
+        summarize_config(cfg, args)
+        res["configs"].append(cfg)
+        print(f"[bench] w{width} B{batch}: " + ", ".join(f"{v} {d['tok_s']:.0f}" for v, d in
+                                                         cfg["variants"].items()) + " tok/s", file=sys.stderr)
+        out = Path(args.out)  # partial results after every config: a later failure loses nothing
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out / "peers", {**res, "partial": True}, markdown({**res, "bandwidth_end": res["bandwidth"],
+                                                                         "partial": True}))
 
 
 def main(argv=None) -> int:

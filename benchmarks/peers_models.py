@@ -1,6 +1,7 @@
 """The peer benchmark's models: one set of random weights, compiled every way the benchmark compares.
 
-- `taper`: an All-Taper DecoderLM at gate 0 (calibrated); compiled lean (model.onnx folded, model_unfused.onnx)
+- `taper`: an All-Taper DecoderLM at gate 0 (calibrated, then each map rescaled to unit output RMS on random
+  tokens so the norm-free random model stays finite); compiled lean (model.onnx folded, model_unfused.onnx)
   and generic (the dynamo export, folded);
 - `baseline`: the same linear / embedding weights with plain RMSNorms (gains from the taper model's gamma);
   compiled lean (fused SkipSimplifiedLayerNormalization);
@@ -42,15 +43,33 @@ def make_models(width: int, depth: int, heads: int, vocab: int, max_seq: int, se
     g = torch.Generator().manual_seed(seed)
     calibrate(taper, [torch.randint(0, vocab, (2, 64), generator=g) for _ in range(3)])
     set_gate(taper, 0.0)
+    _unit_rms_maps(taper, torch.randint(0, vocab, (2, 64), generator=g))
     base = build_model(taper.config.__class__(**{**taper.config.to_dict(), "taper_mode": "baseline"}))
     sd = {k: v for k, v in taper.state_dict().items() if k in base.state_dict()}
     base.load_state_dict(sd, strict=True)  # linears, embeddings and the norms' gamma
     return base.eval(), taper.eval()
 
 
+@torch.no_grad()
+def _unit_rms_maps(taper, ids) -> None:
+    """Rescale each gate-0 map's c, in forward order, so its output x * c * gamma_t has about unit RMS on `ids`.
+
+    With random weights the calibrated c (taken at gate 1) lets the norm-free residual stream grow layer after
+    layer; at width 512 the logits overflow. Trained models do not need this; the benchmark's random ones do."""
+    from tapernorm.layers import taper_layers
+    for name, layer in taper_layers(taper):
+        seen = {}
+        def grab(m, a, out, seen=seen):
+            seen.setdefault("rms", out.pow(2).mean().sqrt())  # returns None: the output is left as it is
+        hook = layer.register_forward_hook(grab)
+        taper(ids)
+        hook.remove()
+        layer.c.div_(seen["rms"].clamp_min(1e-6))
+
+
 def compile_all(width: int, args, cache: Path, log=print) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     """Compile (cached by settings) -> ({variant: onnx path}, baseline model, taper model)."""
-    key = f"w{width}-d{args.depth}-hd{args.head_dim}-v{args.vocab}-s{args.seed}-m{args.max_seq}"
+    key = f"w{width}-d{args.depth}-hd{args.head_dim}-v{args.vocab}-s{args.seed}-m{args.max_seq}-u1"
     d = cache / key
     base, taper = make_models(width, args.depth, width // args.head_dim, args.vocab, args.max_seq, args.seed)
     paths = {"lean_folded": d / "taper" / "model.onnx", "lean_unfused": d / "taper" / "model_unfused.onnx",

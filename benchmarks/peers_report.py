@@ -12,6 +12,7 @@ def markdown(res: dict) -> str:
     """The results page: settings, per-variant table, paired ratios, overhead, bandwidth, norm share."""
     s, m, v, bw = res["settings"], res["machine"], res["versions"], res["bandwidth"]
     out = ["# Decode peers (same weights, lockstep, greedy)", "",
+           "**Partial results: the run was still going or stopped early.**  " if res.get("partial") else "",
            f"{s['label']}  " if s.get("label") else "",
            f"Machine: {m['cpu']}, {m['cores']} cores (shared), {m['platform']}; load avg at start "
            f"{m['loadavg_start']}, end {m.get('loadavg_end')}.  ",
@@ -57,6 +58,8 @@ def markdown(res: dict) -> str:
         if c.get("torch_compile_s"):
             out.append(f"torch.compile warm-up (compile) {c['torch_compile_s']:.0f} s.")
         out.append("")
+    for e in res.get("errors", []):
+        out.append(f"Width {e['width']} failed: {e['error']}")
     return "\n".join(out) + "\n"
 
 
