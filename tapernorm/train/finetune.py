@@ -6,7 +6,15 @@ accelerate / torchrun as users already run them).
     TaperTrainer       Trainer + the fixed-target scale loss on the final norm's input (scale_loss.py)
     finetune(cfg)      corpus -> tokens -> taperize -> evaluate -> Trainer -> evaluate -> OUT/model, summary.json
 
-Evaluation is FakeLN's: token-weighted mean cross-entropy over fixed-length chunks of held-out text.
+With your own Trainer script: taperize the model, then
+
+    target = ScaleTarget()
+    trainer = TaperTrainer(model=model, args=TrainingArguments(..., ddp_broadcast_buffers=False,
+                           ddp_find_unused_parameters=True), train_dataset=ds, scale_target=target,
+                           callbacks=[TaperCallback(resolve_schedule(T, warmup=W, taper_start=t0, taper_end=t1), target)])
+
+(buffers must not be broadcast, or every rank calibrates on rank 0's statistics; the branch a gate skips leaves
+parameters unused, hence find_unused_parameters). Evaluation is FakeLN's: token-weighted mean cross-entropy over fixed-length chunks of held-out text.
 Output: OUT/model (tapernorm.save_pretrained: reload with tapernorm.from_pretrained, compile with
 `tapernorm compile`), OUT/summary.json, OUT/log_history.json (the Trainer's logs).
 """
@@ -222,6 +230,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"corpus too small: fewer than {cfg.batch_size} training chunks of {cfg.seq_len} tokens")
     _prepare_out(out, cfg.overwrite)
     torch.manual_seed(cfg.seed)
+    if torch.cuda.is_available():  # the Trainer would move it there anyway; evaluate there too
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     val_before = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     names = taperize(model, cfg.mode)
     for _, m in taper_layers(model):
