@@ -200,6 +200,17 @@ class _Chunks(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
 
 
+def _save_plain(model, out: Path, tokenizer_from: str | None) -> None:
+    """A baseline run's model: transformers' own save_pretrained (+ the source's tokenizer files), atomically."""
+    from ..fileio import staged_dir
+    from ..hf import TOKENIZER_FILES
+    with staged_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        for name in TOKENIZER_FILES if tokenizer_from else ():
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -233,10 +244,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if torch.cuda.is_available():  # the Trainer would move it there anyway; evaluate there too
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     val_before = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-    names = taperize(model, cfg.mode)
+    tapering = cfg.mode != "baseline"
+    names = taperize(model, cfg.mode) if tapering else []
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
-    target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss else None
+    target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=T, per_device_train_batch_size=cfg.batch_size // world,
@@ -246,26 +258,29 @@ def finetune(cfg: FinetuneConfig) -> dict:
         bf16=cfg.bf16, ddp_broadcast_buffers=False, ddp_find_unused_parameters=True,
         dataloader_num_workers=0, remove_unused_columns=False, ddp_backend="gloo" if use_cpu and world > 1 else None)
     trainer = TaperTrainer(model=model, args=args, train_dataset=_Chunks(data.train, cfg.seq_len),
-                           callbacks=[TaperCallback(sched, target)], scale_target=target,
+                           callbacks=[TaperCallback(sched, target)] if tapering else [], scale_target=target,
                            scale_lambda=cfg.scale_lambda)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # the logs go to OUT/log_history.json, not stdout
     trainer.train()
     model = trainer.model
-    final_gate = sched.gate(T)
+    final_gate = sched.gate(T) if tapering else None
     val_after = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TaperCallback))
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TaperCallback)), None)
     summary = {"model": cfg.model, "model_dir": str(out / "model"), "mode": cfg.mode, "tapered_layers": names,
                "val_loss_before": val_before, "val_loss_after": val_after, "final_gate": final_gate,
                "steps": T, "schedule": {"name": cfg.schedule, "total": T, "warmup": W, "taper_start": t0,
                                         "taper_end": t1},
-               "calibration": cb.calibration, "scale_target": target.frozen if target else None,
+               "calibration": cb.calibration if cb else {}, "scale_target": target.frozen if target else None,
                "eval_tokens": sum(y.numel() for _, y in val_batches(data.val, cfg.batch_size, cfg.seq_len,
                                                                       cfg.eval_batches)),
                "world_size": world, "seconds": round(time.time() - t_start, 2), "config": cfg.to_dict()}
     if _rank() == 0:
         src = cfg.model if Path(cfg.model).is_dir() else None
-        save_pretrained(model.cpu(), out / "model", tokenizer_from=src, extra={"finetune": summary["schedule"]})
+        if tapering:
+            save_pretrained(model.cpu(), out / "model", tokenizer_from=src, extra={"finetune": summary["schedule"]})
+        else:
+            _save_plain(model.cpu(), out / "model", src)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
         shutil.rmtree(out / "trainer", ignore_errors=True)

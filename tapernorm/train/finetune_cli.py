@@ -15,7 +15,9 @@ import os
 import typing
 from dataclasses import dataclass
 
-__all__ = ["FinetuneConfig", "SCHEDULES", "add_cli", "config_from_args"]
+__all__ = ["FinetuneConfig", "SCHEDULES", "MODES", "add_cli", "config_from_args"]
+
+MODES = ("internal", "all", "baseline")
 
 # Table 3 of the paper (DESIGN.md section 1): total steps, LR-warmup end, taper start, taper end (gate 0 from there)
 SCHEDULES: dict[str, tuple[int, int, int, int]] = {
@@ -31,7 +33,7 @@ class FinetuneConfig:
     """A fine-tuning run with tapering; steps default to the schedule preset, else to the explicit flags."""
     model: str = ""                   # HF directory or hub name
     out_dir: str = "runs/finetune"
-    mode: str = "internal"            # internal | all
+    mode: str = "internal"            # internal | all | baseline (no tapering: the comparison run)
     schedule: str | None = None       # a SCHEDULES name; explicit step flags override its entries
     steps: int | None = None
     warmup_steps: int | None = None
@@ -71,8 +73,8 @@ class FinetuneConfig:
         """Validate (one line naming the flag); returns self."""
         if not self.model:
             raise ValueError("pass the model to fine-tune: an HF directory or hub name")
-        if self.mode not in ("internal", "all"):
-            raise ValueError(f"--mode {self.mode!r} is not 'internal' or 'all'")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
         for k in ("seq_len", "batch_size", "eval_batches"):
             if int(getattr(self, k)) <= 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
@@ -91,7 +93,8 @@ class FinetuneConfig:
 
 _HELP = {
     "out_dir": "output directory (model/ is the tapered HF model, summary.json the before/after evaluation)",
-    "mode": "internal: every norm inside the blocks tapers, the final norm stays; all: the final norm too",
+    "mode": "internal: every norm inside the blocks tapers, the final norm stays; all: the final norm too; "
+            "baseline: no tapering (the same fine-tuning without it, for comparison; saved as a plain HF model)",
     "schedule": "the paper's GPT-2 fine-tuning schedule (Table 3): " + "; ".join(
         f"{k}: {v[0]} steps, warmup {v[1]}, taper {v[2]}..{v[3]}" for k, v in SCHEDULES.items()),
     "steps": "optimizer steps (overrides the schedule's)",
@@ -137,7 +140,7 @@ def add_cli(subparsers) -> None:
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name in ("mode", "schedule"):
-            p.add_argument(flag, choices=("internal", "all") if f.name == "mode" else sorted(SCHEDULES), **kw)
+            p.add_argument(flag, choices=MODES if f.name == "mode" else sorted(SCHEDULES), **kw)
         else:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

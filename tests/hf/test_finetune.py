@@ -94,3 +94,20 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_baseline_mode_is_the_same_run_without_tapering(tmp_path):
+    """The comparison run (FakeLN's / the paper's baseline): no TaperNorm, saved as a plain HF model."""
+    import transformers
+    from tapernorm.compiler.cli import main
+    src = hf_dir("llama", tmp_path)
+    out = tmp_path / "base"
+    assert main(["finetune", str(src), "--out", str(out), "--mode", "baseline", *FT_ARGS]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final_gate"] is None and s["tapered_layers"] == [] and s["val_loss_after"] < s["val_loss_before"]
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert not tapernorm.taper_layers(plain)
+    from tapernorm.data import load_corpus, tokenize_corpus
+    from tapernorm.train.finetune import evaluate_chunks, load_text_tokenizer
+    data = tokenize_corpus(load_corpus("builtin", 40), load_text_tokenizer(out / "model"), 32, 0.1)
+    assert evaluate_chunks(plain, data.val, 32, 4, 2) == pytest.approx(s["val_loss_after"], rel=1e-6)
