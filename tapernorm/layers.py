@@ -274,9 +274,12 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
     if rms and b is not None:
         raise TaperError(f"{name}: {kind} has a bias; TaperNorm (RMS) cannot represent it")
     d = _feature_dim(m, w)
+    if d is None and w is None:
+        raise TaperError(f"{name}: {kind} has no gain and names no feature size (normalized_shape / hidden_size / "
+                         "dim); tapernorm cannot size a TaperNorm for it")
     if d is None:
-        raise TaperError(f"{name}: {kind} normalizes over more than one dim (or its size is unknown); "
-                         "tapernorm tapers norms over the last dim only")
+        raise TaperError(f"{name}: {kind} normalizes over more than one dim; tapernorm tapers norms over the last "
+                         "dim only")
     dtype, device = (w.dtype, w.device) if w is not None else (model_dtype, model_device)
     eps = _norm_eps(m, 1e-6 if rms else 1e-5)
     if eps is None:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
