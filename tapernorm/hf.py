@@ -93,9 +93,10 @@ def _copy_tokenizer(src: Path, dst: Path, max_len: int | None) -> list[str]:
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,
                     extra: dict | None = None) -> Path:
-    """Save a tapered HF causal LM to `out_dir` atomically: transformers' save_pretrained files, plus the
-    "tapernorm_hf" section and the load guard in config.json, plus tokenizer files copied from `tokenizer_from`.
-    `extra` is stored in the section (e.g. the fine-tuning schedule). Reload with `from_pretrained(out_dir)`."""
+    """Save a tapered HF causal LM to `out_dir` atomically: its config.json (+ the "tapernorm_hf" section),
+    generation_config.json, tapernorm.safetensors (the state dict, tied weights once) and the tokenizer files of
+    `tokenizer_from`. `extra` is stored in the section (e.g. the fine-tuning schedule). Refuses non-finite
+    weights. Reload with `from_pretrained(out_dir)`."""
     spec = taper_spec(model)
     if extra:
         spec["extra"] = extra
@@ -109,6 +110,8 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
             continue
         seen.add(key)
         state[k] = v.detach().cpu().contiguous()
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise CheckpointError(f"refusing to write {out}: weight {k!r} contains NaN or inf (training diverged)")
     with staged_dir(out) as tmp:
         model.config.save_pretrained(str(tmp))
         gen = getattr(model, "generation_config", None)
