@@ -196,6 +196,8 @@ def _is_row_op(node: fx.Node, d: int, kind: str = "ln") -> bool:
         ov = other.meta.get("val") if isinstance(other, fx.Node) else None
         return isinstance(other, (int, float)) or (isinstance(ov, torch.Tensor) and ov.dim() >= 1 and ov.shape[-1] == 1
                                                    and _last_dim(node) == d)
+    if t == aten.expand.default:  # broadcast over token dims, features kept
+        return _last_dim(node) == d and sv.shape[-1] == d
     if t == aten.repeat.default:  # tokens repeated (Llama 4's experts), features not
         reps = node.args[1] if len(node.args) > 1 else None
         return isinstance(reps, (list, tuple)) and len(reps) == sv.dim() and reps[-1] == 1 and _last_dim(node) == d
