@@ -8,6 +8,7 @@ generic config cannot build, a norm taperize refuses, ...). Not a speed benchmar
 
     .venv/bin/python benchmarks/fold_survey.py                      # all families (~20-40 min on 2 cores)
     .venv/bin/python benchmarks/fold_survey.py --families llama,gemma2,qwen3
+    .venv/bin/python benchmarks/fold_survey.py --rows rows.jsonl    # append rows; re-run to resume
     .venv/bin/python benchmarks/fold_survey.py --render rows.jsonl  # markdown/JSON from saved rows
 
 Writes benchmarks/results/fold_survey.{json,md}.
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import io
 import json
+import resource
 import signal
 import sys
 import time
@@ -137,6 +139,7 @@ def main(argv=None) -> None:
     ap.add_argument("--render", metavar="JSONL", help="only render saved rows (one JSON object a line; the last row "
                                                       "of a family wins)")
     ap.add_argument("--rows", metavar="JSONL", help="also append each row here as it completes")
+    ap.add_argument("--max-gb", type=int, default=10, help="address-space cap: a family that needs more is an error row")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fold_survey"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -154,8 +157,14 @@ def main(argv=None) -> None:
         transformers.logging.set_verbosity_error()
         torch.set_num_threads(1)
         fams = args.families.split(",") if args.families else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        done = set()
+        if args.rows and Path(args.rows).exists() and not args.families:  # resume an interrupted survey
+            done = {json.loads(x)["family"] for x in Path(args.rows).read_text().splitlines() if x.strip()}
+        resource.setrlimit(resource.RLIMIT_AS, (args.max_gb << 30, resource.RLIM_INFINITY))  # MemoryError, not OOM
         rows = []
         for fam in fams:
+            if fam in done:
+                continue
             rows.append(survey_family(fam))
             print(fam, rows[-1]["status"], rows[-1].get("error", "")[:120], flush=True)
             if args.rows:
