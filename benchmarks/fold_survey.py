@@ -1,7 +1,7 @@
 """Survey: the All-Taper fold on every causal-LM family the installed transformers ships.
 
 Each family is built from one generic tiny config (vocab 128, hidden 32, 2 layers, 4 heads, 2 KV heads,
-head_dim 8), taperized in All-Taper mode, norm gains randomised, calibrated on random tokens, set to
+head_dim 8; latent-attention families get their own head dims, `OVERRIDES`), taperized in All-Taper mode, norm gains randomised, calibrated on random tokens, set to
 gate 0 and folded with `fold(model, (ids,))`. A row records: norms tapered / folded (of them backwards),
 statistic ops left, the verify max abs diff, the reason of every site kept, or the error (a family the
 generic config cannot build, a norm taperize refuses, ...). Not a speed benchmark; no timings asserted.
@@ -35,6 +35,19 @@ BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_lay
             eos_token_id=2)
 
 
+# multi-head latent attention (DeepSeek-V2/V3 style) wants its own head dims and as many KV heads as heads
+_MLA = dict(num_key_value_heads=4, head_dim=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+            kv_lora_rank=16, q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1, n_group=1, topk_group=1)
+OVERRIDES = {f: _MLA for f in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "longcat_flash",
+                               "glm4_moe_lite", "glm_moe_dsa", "sarvam_mla", "youtu", "axk1", "axk2")}
+
+
+def _config_kwargs(fam: str) -> dict:
+    kw = {**BASE, **OVERRIDES.get(fam, {})}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 class _Timeout(Exception):
     pass
 
@@ -58,10 +71,11 @@ def survey_family(fam: str, timeout_s: int = 90) -> dict:
     stage = "config"
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            kw = _config_kwargs(fam)
             try:
-                cfg = AutoConfig.for_model(fam, **BASE)
+                cfg = AutoConfig.for_model(fam, **kw)
             except Exception:  # noqa: BLE001 - configs that refuse head_dim
-                cfg = AutoConfig.for_model(fam, **{k: v for k, v in BASE.items() if k != "head_dim"})
+                cfg = AutoConfig.for_model(fam, **{k: v for k, v in kw.items() if k != "head_dim"})
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(cfg).eval()
         rec["class"] = type(model).__name__
