@@ -61,13 +61,17 @@ def _concrete(a):
     if isinstance(a, fx.Node):
         v = a.meta.get("val")
         if isinstance(v, torch.SymInt):
-            return int(v.node.hint)
+            return _concrete_dim(v)
         if isinstance(v, int):
             return v
         raise ValueError(f"{a.name} is not a shape value")
     if isinstance(a, (list, tuple)):
         return type(a)(_concrete(x) for x in a)
     return a
+
+
+def _concrete_dim(s) -> int:
+    return int(s.node.hint) if isinstance(s, torch.SymInt) else int(s)
 
 
 def _replayable(n: fx.Node) -> bool:
@@ -118,12 +122,13 @@ def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = 
     if not isinstance(out_val, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         return None, f"linear {lin.node.name} has no 2-D floating weight / known output shape"
     n_out = w.shape[0] if lin.layout == "out_in" else w.shape[1]
-    if out_val.shape[-1] != n_out:
+    if _concrete_dim(out_val.shape[-1]) != n_out:
         return None, f"linear {lin.node.name}'s output has {out_val.shape[-1]} features, its weight {n_out}"
     where = module_path(lin.node) or lin.node.name
     try:
         path = [lin.out, *chain]
-        vals = {lin.out: torch.arange(n_out).expand(out_val.shape).contiguous()}
+        shape = [_concrete_dim(s) for s in out_val.shape]  # dynamic dims: replay at the example's sizes
+        vals = {lin.out: torch.arange(n_out).expand(shape).contiguous()}
         for n in chain:
             vals[n] = _replay(n, vals[n.args[0]])
         J = vals[site.input]

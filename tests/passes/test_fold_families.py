@@ -88,3 +88,19 @@ def test_per_head_gain_matrix_is_refused_by_taperize():
                                          r"\(4, 8\), not a 1-D per-feature vector"):
         taperize(model, "all")
     assert type(model.model.norm).__name__ == "CohereLayerNorm"
+
+
+def test_backward_folds_with_dynamic_shapes():
+    """Gemma 3's QK- and post-norms fold backwards in a dynamic-shape capture; the result runs at other shapes."""
+    from torch.export import Dim
+    model = build("gemma3")
+    taperize(model, "all")
+    calibrate(model, token_batches(3, seed=1), forward=lambda m, b: m(b))
+    set_gate(model, 0.0)
+    ids = token_batches(1)[0]
+    dims = {"input_ids": {0: Dim("batch", min=1, max=8), 1: Dim("seq", min=2, max=32)}}
+    gm, report = fold(model.eval(), (), {"input_ids": ids}, dynamic_shapes=dims)
+    assert report["folded"] == 7 and sum(r["direction"] == "backward" for r in report["layers"].values()) == 4
+    other = torch.randint(3, 128, (3, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(input_ids=other).logits, model(other).logits, rtol=1e-5, atol=1e-5)
