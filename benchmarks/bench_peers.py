@@ -63,15 +63,21 @@ def run_block(dec, prompt: np.ndarray, new: int) -> dict:
 def torch_compiled(model, batch: int, max_len: int) -> TorchRefDecoder:
     """A TorchRefDecoder whose static-cache forward is torch.compile'd (inductor, CPU)."""
     dec = TorchRefDecoder(model, batch=batch, max_len=max_len)
-    dec.dec.forward = torch.compile(dec.dec.forward, dynamic=False)
+    fwd = torch.compile(dec.dec.forward, dynamic=False)
+    # fresh slot / position tensors: a view of the cache's column index has a new storage offset every step,
+    # which dynamo guards on (it recompiled each step until its limit of 8, then ran eager)
+    dec.dec.forward = lambda ids, slots, pos: fwd(ids, slots.clone(), pos.clone())
     return dec
 
 
 def bench_config(width: int, batch: int, paths: dict, taper, genai: GenaiWorker | None, args, tmp: Path) -> dict:
     """All rounds of one (width, batch); returns the config's result dict."""
     ctx = args.prompt_len + args.new_tokens
-    decs = {v: OrtDecoder(session(p, args.threads), max_len=ctx) for v, p in paths.items()}
-    decs["lean_folded_aa"] = OrtDecoder(session(paths["lean_folded"], args.threads), max_len=ctx)
+    order = np.random.default_rng(args.seed + width + batch).permutation(list(paths) + ["lean_folded_aa"])
+    decs = {}  # sessions created in a shuffled order: creation order must not favour a variant's memory layout
+    for v in order:
+        decs[str(v)] = OrtDecoder(session(paths["lean_folded" if v == "lean_folded_aa" else v], args.threads),
+                                  max_len=ctx)
     if not args.no_torch:
         decs["eager"] = TorchRefDecoder(taper, batch=batch, max_len=ctx)
     t_compile = None

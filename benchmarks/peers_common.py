@@ -25,6 +25,7 @@ COMPARISONS = [  # (name, numerator variant, denominator variant): x = tok/s of 
     ("lean_folded / torch_compile", "lean_folded", "torch_compile"),
     ("lean_folded / eager", "lean_folded", "eager"),
     ("lean_folded (our loop) / genai_builder (genai loop)", "lean_folded", "genai_builder"),
+    ("lean_folded_aa (our loop, 2nd session) / genai_builder (genai loop)", "lean_folded_aa", "genai_builder"),
     ("lean_folded_genai (genai loop) / genai_builder (genai loop)", "lean_folded_genai", "genai_builder"),
     ("lean_folded, our loop on genai's onnxruntime / genai_builder (genai loop)", "lean_folded_ourloop_genai_ort",
      "genai_builder"),
@@ -158,3 +159,10 @@ def summarize_config(cfg: dict, args) -> None:
     nb, nf = cfg["ort_nodes"]["lean_baseline"]["nodes"], cfg["ort_nodes"]["lean_folded"]["nodes"]
     cfg["cuda_launch_estimate"] = {"baseline_kernels": nb, "folded_kernels": nf, "fold_gain_if_launch_bound": nb / nf,
                                    "note": "estimate from node counts after ORT optimization, not measured"}
+
+
+def recompute_ratios(cfg: dict) -> None:
+    """(Re)compute a config's paired ratios from its stored per-round decode seconds (after new COMPARISONS)."""
+    times = {n: [r[n]["decode_s"] for r in cfg["rounds"]] for n in cfg["rounds"][0]}
+    cfg["ratios"] = {name: spread([d / n for n, d in zip(times[a], times[b])])
+                     for name, a, b in COMPARISONS if a in times and b in times}

@@ -91,7 +91,10 @@ if __name__ == "__main__":  # re-render the page and chart from a results JSON: 
     import sys
 
     from bench_common import write_results
+    from peers_common import recompute_ratios
     src = Path(sys.argv[1])
     result = json.loads(src.read_text())
+    for c in result["configs"]:
+        recompute_ratios(c)
     write_results(src.with_suffix(""), result, markdown(result))
     chart(result, src.with_suffix(".png"))
