@@ -60,9 +60,12 @@ def compile_config(model: nn.Module, taper_mode: str) -> HFCompileConfig:
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = int(_first(c, "num_attention_heads", "n_head"))
     hidden = int(_first(c, "hidden_size", "n_embd"))
+    kv = int(_first(c, "num_key_value_heads", "num_kv_heads", default=heads))
+    if getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False):
+        kv = 1  # Falcon's original multi-query attention
     return HFCompileConfig(
         n_layers=int(_first(c, "num_hidden_layers", "n_layer")),
-        n_heads=int(_first(c, "num_key_value_heads", default=heads)),
+        n_heads=kv,
         head_dim=int(_first(c, "head_dim", default=hidden // heads)),
         vocab_size=int(c.vocab_size),
         max_seq_len=int(_first(c, "max_position_embeddings", "n_positions", default=2048)),
