@@ -41,6 +41,8 @@ _MLA = dict(num_key_value_heads=4, head_dim=None, qk_rope_head_dim=4, qk_nope_he
             first_k_dense_replace=1, n_group=1, topk_group=1)
 OVERRIDES = {f: _MLA for f in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "longcat_flash",
                                "glm4_moe_lite", "glm_moe_dsa", "sarvam_mla", "youtu", "axk1", "axk2")}
+OVERRIDES.update(gptj={"rotary_dim": 4}, codegen={"rotary_dim": 4},
+                 gpt_neo={"attention_types": [[["global", "local"], 1]], "num_layers": 2})
 
 
 def _config_kwargs(fam: str) -> dict:
