@@ -101,7 +101,7 @@ class HFDecoder(nn.Module):
 def is_hf_dir(path: str | Path) -> bool:
     """True for a directory compile loads through transformers (tapered or plain HF), not a run dir."""
     p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and dir_kind(p) in ("tapered", "hf")
+    return p.is_dir() and (p / "config.json").is_file() and dir_kind(p) in ("tapered", "hf-tapered", "hf")
 
 
 @torch.no_grad()

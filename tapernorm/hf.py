@@ -10,6 +10,10 @@ Directory kinds (`dir_kind`):
                gamma_t, c and gate buffers included; tied weights once). No model.safetensors on purpose.
     "run"      a `tapernorm train` model/ or checkpoint/ directory (our DecoderLM); loaded as the equivalent
                HF LlamaForCausalLM / GPT2LMHeadModel with the same TaperNorm state (hf_convert.py).
+    "hf-tapered"  a tapered model saved with transformers' own model.save_pretrained (TaperNorm tensors inside
+               model.safetensors): transformers loads the rest, the TaperNorms are restored from their tensors.
+               Plain transformers loads such a directory WRONG (the TaperNorm tensors are only a warning to it):
+               save tapered models with tapernorm.save_pretrained.
     "hf"       anything else: a plain HF directory or a hub name, loaded by AutoModelForCausalLM.
 
 Plain transformers never loads a "tapered" directory silently wrong: it finds no model.safetensors and raises
@@ -51,7 +55,8 @@ def _read_json(path: Path) -> dict:
 
 
 def dir_kind(path: str | os.PathLike) -> str:
-    """'tapered' (save_pretrained here), 'run' (a tapernorm train dir) or 'hf' (plain HF dir / hub name)."""
+    """'tapered' (save_pretrained here), 'run' (a tapernorm train dir), 'hf-tapered' (a tapered model saved with
+    transformers' own save_pretrained: TaperNorm tensors in model.safetensors) or 'hf' (plain HF dir / hub name)."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return "hf"
@@ -60,7 +65,57 @@ def dir_kind(path: str | os.PathLike) -> str:
         return "tapered"
     if isinstance(raw.get("tapernorm"), dict):
         return "run"
-    return "hf"
+    return "hf-tapered" if _hf_saved_taper_layers(Path(path)) else "hf"
+
+
+def _hf_saved_taper_layers(d: Path) -> list[str]:
+    """Module paths that have TaperNorm tensors (`.gate_value`) in transformers' model.safetensors[.index.json]."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        keys = list(_read_json(index).get("weight_map", {}))
+    elif (d / "model.safetensors").is_file():
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(d / "model.safetensors"), "pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError):
+            return []
+    else:
+        return []
+    return [k[: -len(".gate_value")] for k in keys if k.endswith(".gate_value")]
+
+
+def _load_hf_saved(d: Path, dtype=None, **hf_kwargs) -> nn.Module:
+    """A tapered model that transformers' own save_pretrained wrote: transformers loads the rest (its key renames
+    included), then each TaperNorm is put back at its path and gets its own tensors from the file."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    import transformers
+    names = _hf_saved_taper_layers(d)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the TaperNorm tensors are "unexpected" to it: we load them below
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(d), **({"dtype": dtype} if dtype else {}), **hf_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    files = ([d / f for f in sorted(set(_read_json(d / "model.safetensors.index.json")["weight_map"].values()))]
+             if (d / "model.safetensors.index.json").is_file() else [d / "model.safetensors"])
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys() if any(k.startswith(n + ".") for n in names)})
+    layout = {}
+    for n in names:
+        old = model.get_submodule(n)
+        eps = next((float(getattr(old, a)) for a in ("eps", "variance_epsilon", "epsilon")
+                    if getattr(old, a, None) is not None), 1e-6)
+        layout[n] = {"kind": "ln" if f"{n}.bias_t" in tensors else "rms", "eps": eps, "dim": old.weight.numel()}
+    apply_taper_layout(model, layout, str(d / "config.json"))
+    for n in names:
+        sub = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
+        load_state_checked(model.get_submodule(n), sub, f"{d}: {n}")
+    _check_gates(model, {}, str(d))
+    return model.eval()
 
 
 def taper_spec(model: nn.Module) -> dict:
@@ -240,6 +295,8 @@ def from_pretrained(name_or_dir: str | os.PathLike, dtype: torch.dtype | None = 
     kind = dir_kind(p) if p.is_dir() else "hf"
     if kind == "tapered":
         return _load_tapered(p, dtype)
+    if kind == "hf-tapered":
+        return _load_hf_saved(p, dtype, **hf_kwargs)
     if kind == "run":
         from .hf_convert import run_dir_to_hf
         model = run_dir_to_hf(p)

@@ -88,3 +88,14 @@ def test_run_dir_tokenizer_config_matches_the_runtime(tmp_path):
     sp = Tokenizer.load(d / "tokenizer.model")
     for text in ("Hello world", "The for statement is used", "x = [1, 2]  # two  spaces\nnext line"):
         assert hf_tok(text)["input_ids"] == [sp.bos_id] + sp.encode(text)  # BOS, as the runtime adds it
+
+
+@pytest.mark.parametrize("kind,mode", [("llama", "internal"), ("gpt_neox", "all")])
+def test_a_dir_saved_by_transformers_own_save_pretrained_reloads_exactly(tmp_path, kind, mode):
+    """model.save_pretrained (transformers') on a tapered model: tapernorm.from_pretrained still restores it."""
+    model = tapered(kind, mode, 0.0)
+    model.save_pretrained(tmp_path / "m")
+    assert dir_kind(tmp_path / "m") == "hf-tapered"
+    back = tapernorm.from_pretrained(tmp_path / "m")
+    assert torch.equal(logits(back, IDS), logits(model, IDS))
+    assert tapernorm.get_gate(back) == 0.0
