@@ -77,9 +77,9 @@ def capture(module: nn.Module, example_args=(), example_kwargs: dict | None = No
                                      dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; give one clear line, keep the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(module).__name__}: {first} "
-            "(pass example inputs the model accepts)") from e
+        hint = ("leave use_cache out or pass use_cache=False: a cache object is not a tensor output"
+                if "Cache" in first else "pass example inputs the model accepts")
+        raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first} ({hint})") from e
     gm = ep.module()
     gm.meta.setdefault("tapernorm_source", type(module).__name__)
     return gm

@@ -104,3 +104,15 @@ def test_backward_folds_with_dynamic_shapes():
     other = torch.randint(3, 128, (3, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(gm(input_ids=other).logits, model(other).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_use_cache_true_is_one_clear_error():
+    from tapernorm.passes.capture import CaptureError
+    model = build("llama")
+    ids = token_batches(1)[0]
+    with pytest.raises(CaptureError, match=r"^torch.export could not capture LlamaForCausalLM: .*DynamicCache.* "
+                                           r"\(leave use_cache out or pass use_cache=False"):
+        capture(model, (), {"input_ids": ids, "use_cache": True})
+    assert model.config.use_cache is True  # the default is restored after every capture
+    capture(model, (ids,))
+    assert model.config.use_cache is True
