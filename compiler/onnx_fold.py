@@ -40,7 +40,7 @@ from .onnx_io import load_onnx, save_onnx
 from .onnx_linear import FLOAT as _FLOAT
 from .onnx_linear import const as _const
 from .onnx_linear import linear_consumers, matmul_bias_add, producing_linear, read_linear, write_linear
-from .onnx_stats import STAT_OPS, check_statistics
+from .onnx_stats import STAT_OPS, _scope, check_statistics
 from .onnx_verify import VerifyError, compare_files
 
 __all__ = ["fold_onnx", "fold_onnx_file", "cleanup_onnx", "check_statistics", "STAT_OPS", "VerifyError"]
@@ -317,8 +317,10 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 
     Returns (new model, report {"folded": n norm sites folded, "sites": [...], "refused": [{"node", "reason"}]
     (norm sites kept), "other_muls": {"folded": [...], "kept": [...]} (scalar / broadcast constant Muls),
-    "stat_ops_after": n}). The input model is not modified; IR version, opsets and metadata_props are kept.
+    "stat_ops_after": n (onnx_stats.check_statistics' count)}); each entry names its "module" when the torch
+    exporter's metadata says which. The input model is not modified; IR version, opsets and metadata_props are kept.
     """
+    scopes = {n.name: _scope(n) for n in model.graph.node if n.name}
     graph = gs.import_onnx(_infer_shapes(model))
     graph.fold_constants(fold_shapes=False)
     graph.cleanup()
@@ -337,16 +339,17 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
             used.add(id(node))
             if rule == "ln" and node.op == "Add":  # its Mul must not be folded alone (half an LN map)
                 used.add(id(_producer(_split_const(node)[0], "Mul")))
+            module = scopes.get(node.name)  # the torch exporter's module path, when it left one
             if status == "folded":
-                (sites if norm else other_folded).append(info)
+                (sites if norm else other_folded).append({**info, "module": module})
             else:
-                (refused if norm else other).append({"node": node.name, "reason": info})
+                (refused if norm else other).append({"node": node.name, "module": module, "reason": info})
         graph.cleanup()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = _export_like(graph, model)
     return out, {"folded": len(sites), "sites": sites, "refused": refused,
                  "other_muls": {"folded": other_folded, "kept": other},
-                 "stat_ops_after": sum(1 for n in out.graph.node if n.op_type in STAT_OPS)}
+                 "stat_ops_after": check_statistics(out, [])["total"]}
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:

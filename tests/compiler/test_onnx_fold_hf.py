@@ -61,8 +61,15 @@ def test_fold_exported_hf_model(tmp_path, kind, backward):
     assert report["folded"] == n_norms and report["refused"] == [], report["refused"]
     assert sum(s["direction"] == "backward" for s in report["sites"]) == backward
     assert report["verify"]["ok"] and report["verify"]["max_abs_diff"] < 1e-4
-    # statistic ops left: none (GPT-2's gelu_new keeps its x ** 3 Pow, not a norm)
-    assert report["stat_ops_after"] == (1 if kind == "gpt2" else 0)
+    assert report["stat_ops_after"] == 0  # (GPT-2's gelu_new keeps its x ** 3 Pow: not a statistic)
+    modules = sorted(s["module"] for s in report["sites"])  # named from the exporter's metadata
+    want = {"gpt2": ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.ln_f"],
+            "llama": ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.norm"]}
+    if kind in want:
+        assert len(modules) == 3 and all(m.endswith(w) for m, w in zip(modules, want[kind])), modules
+    # the other constant Muls (attention scale, GELU's constants, RoPE) are listed apart, none from a norm
+    others = [o["module"] for o in report["other_muls"]["kept"]]
+    assert others and not any("norm" in m or ".ln_" in m for m in others), others
     sess = ort.InferenceSession(str(tmp_path / "folded.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input_ids": ids.numpy()})[0]
     with torch.no_grad():
