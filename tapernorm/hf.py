@@ -12,8 +12,8 @@ Directory kinds (`dir_kind`):
                HF LlamaForCausalLM / GPT2LMHeadModel with the same TaperNorm state (hf_convert.py).
     "hf-tapered"  a tapered model saved with transformers' own model.save_pretrained (TaperNorm tensors inside
                model.safetensors): transformers loads the rest, the TaperNorms are restored from their tensors.
-               Plain transformers loads such a directory WRONG (the TaperNorm tensors are only a warning to it):
-               save tapered models with tapernorm.save_pretrained.
+               Plain transformers refuses it: taperize / from_pretrained put the load guard into the live config
+               (hf_config.guard_hf_config), so the config.json transformers writes names tapernorm.from_pretrained.
     "hf"       anything else: a plain HF directory or a hub name, loaded by AutoModelForCausalLM.
 
 Plain transformers never loads a "tapered" directory silently wrong: it finds no model.safetensors and raises
@@ -33,7 +33,8 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError
 from .fileio import staged_dir
-from .hf_config import GUARD, HF_SECTION, TOKENIZER_CONFIG, is_guarded, sp_tokenizer_info
+from .hf_config import (GUARD, HF_SECTION, TOKENIZER_CONFIG, guard_hf_config, is_guarded, sp_tokenizer_info,
+                        unguard_dict)
 from .layers import TaperLayerNorm, TaperNorm, find_final_norm, get_gate, taper_layers
 
 __all__ = ["save_pretrained", "from_pretrained", "dir_kind", "taper_spec", "TOKENIZER_FILES", "GUARD"]
@@ -94,8 +95,11 @@ def _load_hf_saved(d: Path, dtype=None, **hf_kwargs) -> nn.Module:
     names = _hf_saved_taper_layers(d)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the TaperNorm tensors are "unexpected" to it: we load them below
+    raw = _read_json(d / "config.json")
+    config = _plain_config(raw, {})  # the guard that transformers' own save wrote is lifted here
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(d), **({"dtype": dtype} if dtype else {}), **hf_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(d), config=config, **({"dtype": dtype} if dtype else {}),
+                                                     **hf_kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
     files = ([d / f for f in sorted(set(_read_json(d / "model.safetensors.index.json")["weight_map"].values()))]
@@ -174,7 +178,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
             gen.save_pretrained(str(tmp))
         # not model.safetensors: plain transformers then finds no weights and raises, never loads them wrong
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tapernorm_hf": str(_FORMAT)})
-        raw = _read_json(tmp / "config.json")
+        raw = unguard_dict(_read_json(tmp / "config.json"))  # the real activation: our section marks this dir
         raw[HF_SECTION] = spec
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         if tokenizer_from is not None:
@@ -189,7 +193,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
 def _plain_config(raw: dict, spec: dict):
     """The transformers config of a tapered directory (its config.json without our section)."""
     from transformers import AutoConfig
-    d = {k: v for k, v in raw.items() if k != HF_SECTION}
+    d = {k: v for k, v in unguard_dict(raw).items() if k != HF_SECTION}
     model_type = d.pop("model_type", None)
     if not model_type:
         raise CheckpointError("config.json has no model_type; it was not written by tapernorm.save_pretrained")
@@ -220,6 +224,8 @@ def apply_taper_layout(model: nn.Module, layers: dict, where: str) -> None:
             for p in new.parameters():
                 p.data = p.data.to(w.dtype)
         _set_module(model, name, new)
+    if layers:
+        guard_hf_config(getattr(model, "config", None))
 
 
 def _weight_files(d: Path) -> list[Path]:

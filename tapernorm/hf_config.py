@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["GUARD", "HF_SECTION", "ACT_FIELDS", "is_guarded", "run_dir_hf_fields", "tokenizer_config",
+__all__ = ["GUARD", "HF_SECTION", "ACT_FIELDS", "is_guarded", "guard_hf_config", "unguard_dict", "real_attr", "run_dir_hf_fields", "tokenizer_config",
            "needs_guard", "sp_tokenizer_info", "TOKENIZER_CONFIG"]
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -24,11 +24,42 @@ HF_SECTION = "tapernorm_hf"  # config.json section of a tapered HF directory (ru
 
 
 ACT_FIELDS = {"llama": "hidden_act", "gpt2": "activation_function"}  # the field each arch's guard replaces
+GUARD_FIELDS = ("hidden_act", "activation_function", "hidden_activation")  # transformers' activation fields
+GUARDED_KEY = "tapernorm_guarded"  # {field: real value} of a guarded live config
 
 
 def is_guarded(config: dict) -> bool:
     """True if config.json carries the load guard."""
-    return GUARD in (config.get("hidden_act"), config.get("activation_function"))
+    return GUARD in tuple(config.get(f) for f in GUARD_FIELDS)
+
+
+def guard_hf_config(cfg) -> None:
+    """Mark the live transformers config of a tapered model: its activation field(s) become GUARD, the real values
+    kept under `tapernorm_guarded`. The running model is unaffected (activations are built at construction), but a
+    config.json written by transformers' own save_pretrained then makes every plain loader raise instead of
+    loading TaperNorm weights into plain norms. No-op for anything but a transformers config."""
+    if cfg is None or not type(cfg).__module__.startswith("transformers"):
+        return
+    saved = dict(getattr(cfg, GUARDED_KEY, None) or {})
+    for f in GUARD_FIELDS:
+        v = getattr(cfg, f, None)
+        if isinstance(v, str) and v != GUARD:
+            saved[f] = v
+            setattr(cfg, f, GUARD)
+    if saved:
+        setattr(cfg, GUARDED_KEY, saved)
+
+
+def unguard_dict(d: dict) -> dict:
+    """A config dict with the real activation fields restored and the marker removed."""
+    d = dict(d)
+    d.update(d.pop(GUARDED_KEY, None) or {})
+    return d
+
+
+def real_attr(cfg, field: str):
+    """A config attribute, seen through the guard."""
+    return (getattr(cfg, GUARDED_KEY, None) or {}).get(field, getattr(cfg, field, None))
 
 
 def needs_guard(model_config: dict) -> bool:

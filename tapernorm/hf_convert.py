@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
-from .hf_config import ACT_FIELDS, run_dir_hf_fields
+from .hf_config import ACT_FIELDS, guard_hf_config, real_attr, run_dir_hf_fields
 from .layers import TaperLayerNorm, taper_layers
 
 __all__ = ["run_dir_to_hf", "run_state_to_hf", "hf_state_to_run", "hf_to_decoder", "find_eps_hack", "import_eps_hack",
@@ -148,6 +148,7 @@ def import_eps_hack(model: nn.Module, min_eps: float = EPS_HACK_MIN) -> dict:
         rows[name] = {"eps": eps, "max_scale": float(s.abs().max())}
     for n in names:
         model.get_submodule(n).set_gate(0.0)
+    guard_hf_config(getattr(model, "config", None))
     return {"layers": rows, "converted": len(names)}
 
 
@@ -162,7 +163,7 @@ def _decoder_config(hf: nn.Module, mode: str):
         heads, d = c.num_attention_heads, c.hidden_size
         bad = [why for ok, why in (
             (c.num_key_value_heads == heads, "grouped-query attention"),
-            (not c.attention_bias and not c.mlp_bias, "linear biases"), (c.hidden_act == "silu", "activation"),
+            (not c.attention_bias and not c.mlp_bias, "linear biases"), (real_attr(c, "hidden_act") == "silu", "activation"),
             (rope.get("rope_type", "default") == "default", "RoPE scaling"),
             (getattr(c, "head_dim", d // heads) == d // heads, "head_dim")) if not ok]
         if bad:
@@ -172,7 +173,7 @@ def _decoder_config(hf: nn.Module, mode: str):
                            norm_eps=c.rms_norm_eps, rope_theta=float(rope.get("rope_theta", 10000.0)),
                            taper_mode=mode), None
     if name == "GPT2LMHeadModel":
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        if real_attr(c, "activation_function") not in ("gelu_new", "gelu_pytorch_tanh"):
             return None, "activation"
         if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
             return None, "attention scaling"

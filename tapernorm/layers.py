@@ -236,13 +236,14 @@ def _build(cls, d: int, eps: float, m: nn.Module, offset: float, dtype, device) 
 
 
 @torch.no_grad()
-def _probe_diff(m: nn.Module, new: _TaperBase, d: int, dtype, device) -> float:
-    """max |new(x) - m(x)| / (max |m(x)| + 1) on fixed probe inputs (small scale too, so eps shows)."""
+def _probe_diff(m: nn.Module, new: _TaperBase, d: int, dtype, device, gated: bool = False) -> float:
+    """max |new(x) - m(x)| / max |m(x)| on fixed probe inputs (small scale too, so eps shows); gated: (x, gate)."""
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for scale, shift in ((3.0, 0.5), (0.01, 0.002)):
         x = (torch.randn(2, 3, d, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
-        ref, got = m(x), new(x)
+        args = (x, torch.randn(2, 3, d, generator=g, dtype=torch.float64).to(device, dtype)) if gated else (x,)
+        ref, got = m(*args), new(*args)
         if not isinstance(ref, torch.Tensor) or ref.shape != got.shape:
             return math.inf
         err = ((got.double() - ref.double()).abs().max() / (ref.double().abs().max() + 1e-12)).item()
@@ -263,7 +264,8 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
             raise TaperError(f"{name}: {kind} is not an RMSNorm or a LayerNorm; tapernorm cannot taper it")
         return None
     extra = [p for p in list(inspect.signature(m.forward).parameters.values())[1:] if p.kind is not p.VAR_KEYWORD]
-    if extra:
+    gated = rms and len(extra) == 1 and "gate" in extra[0].name  # RMSNorm(x) * w * act(gate): TaperNormGated
+    if extra and not gated:
         raise TaperError(f"{name}: {kind} takes extra inputs ({', '.join(p.name for p in extra)}), e.g. a gated norm; "
                          "TaperNorm cannot represent it")
     w, b = getattr(m, "weight", None), getattr(m, "bias", None)
@@ -285,6 +287,8 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
     if eps is None:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
         eps = torch.finfo(dtype).eps
     cls = TaperNorm if rms else TaperLayerNorm
+    if device.type == "meta" and gated:
+        raise TaperError(f"{name}: {kind} is a gated norm on the meta device; taperize it with real weights")
     if device.type == "meta":  # nothing to probe: trust the name
         return _build(cls, d, eps, m, 1.0 if rms and kind.startswith("Gemma") else 0.0, dtype, device)
     # what the name says first, then (1 + w) gains (Gemma, Nemotron's LayerNorm1P), then the other kind
@@ -292,6 +296,14 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
     offsets = (0.0, 1.0) if w is not None else (0.0,)
     candidates = [(cls, o) for o in offsets] + ([(other, o) for o in offsets] if other is not None else [])
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
+    if gated:
+        from .gated import plan_gated
+        new, diff = plan_gated(name, m, lambda c, o: _build(c, d, eps, m, o, dtype, device),
+                               lambda n: _probe_diff(m, n, d, dtype, device, gated=True), tol)
+        if new is None:
+            raise TaperError(f"{name}: {kind} is a gated norm but not RMSNorm(x) * w * act(gate) with act silu or "
+                             f"sigmoid (relative diff {diff:.2g} on a probe input); tapernorm cannot represent it")
+        return new
     diffs = []
     for cls, offset in candidates:
         new = _build(cls, d, eps, m, offset, dtype, device)
@@ -329,6 +341,9 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
     for name, new in plan:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if plan:  # transformers' own save_pretrained now writes a config plain loaders refuse (hf_config.py)
+        from .hf_config import guard_hf_config
+        guard_hf_config(getattr(model, "config", None))
     return [name for name, _ in plan]
 
 

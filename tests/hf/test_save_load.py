@@ -96,6 +96,13 @@ def test_a_dir_saved_by_transformers_own_save_pretrained_reloads_exactly(tmp_pat
     model = tapered(kind, mode, 0.0)
     model.save_pretrained(tmp_path / "m")
     assert dir_kind(tmp_path / "m") == "hf-tapered"
+    # taperize guarded the live config: plain transformers refuses the directory instead of loading it wrong
+    with pytest.raises(KeyError, match=re.escape(GUARD)):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "m").model_type == kind  # the config still reads
     back = tapernorm.from_pretrained(tmp_path / "m")
     assert torch.equal(logits(back, IDS), logits(model, IDS))
     assert tapernorm.get_gate(back) == 0.0
+    back.save_pretrained(tmp_path / "again")  # the reloaded model is guarded too
+    with pytest.raises(KeyError, match=re.escape(GUARD)):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
