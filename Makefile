@@ -9,7 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+# onnxruntime-genai needs the plain `onnxruntime` package, which installs the same module as onnxruntime-gpu,
+# so its engine lives in a venv of its own (.venv-genai, tapernorm installed --no-deps: the runtime imports no
+# torch). `make test` builds it so the genai tests run instead of skipping.
+GENAI_VENV ?= .venv-genai
+GENAI_SPEC ?= onnxruntime-genai==0.18.0
+
+.PHONY: setup genai demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,11 +26,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+genai: $(GENAI_VENV)/.installed
+
+$(GENAI_VENV)/.installed: pyproject.toml
+	python3 -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/python -m pip install -q "$(GENAI_SPEC)" sentencepiece numpy
+	$(GENAI_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
 demo: setup
 	$(VENV)/bin/tapernorm demo
 
-test: setup
+test: setup genai
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(GENAI_VENV) build *.egg-info .pytest_cache .hypothesis
