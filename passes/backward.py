@@ -14,8 +14,6 @@ linear's output (a sibling split, a slice) sees any of those features.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -24,29 +22,13 @@ from .fold import module_path, sharing_refusal
 from .graph_utils import erase_site_nodes
 from .linears import Consumer, get_attr_tensor, linear_output, read_linear, weight_readers, write_linear
 from .match import TaperSite, reads_metadata_only
+from .replay import concrete_dim as _concrete_dim
+from .replay import replay as _replay
+from .replay import replayable as _replayable
 
 aten = torch.ops.aten
 
 __all__ = ["plan_backward", "apply_backward", "BackwardPlan"]
-
-
-def _ops(*names: str) -> set:
-    out = set()
-    for n in names:
-        op, _, overload = n.partition(".")
-        packet = getattr(aten, op, None)
-        if packet is not None and hasattr(packet, overload):
-            out.add(getattr(packet, overload))
-    return out
-
-
-# ops that only move / select / regroup elements (replayable on an index tensor)
-_MOVES = _ops("view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
-              "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "split.Tensor",
-              "split_with_sizes.default", "chunk.default", "unbind.int", "slice.Tensor", "select.int",
-              "narrow.default", "clone.default", "alias.default", "contiguous.default", "detach.default",
-              "expand.default") | {operator.getitem}
-_CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout")
 
 
 class BackwardPlan:
@@ -54,41 +36,6 @@ class BackwardPlan:
 
     def __init__(self, linear: Consumer, pos: torch.Tensor, group: torch.Tensor, untied: list):
         self.linear, self.pos, self.group, self.untied = linear, pos, group, untied
-
-
-def _concrete(a):
-    """Node args with example values: SymInt nodes -> their hint, lists recursively."""
-    if isinstance(a, fx.Node):
-        v = a.meta.get("val")
-        if isinstance(v, torch.SymInt):
-            return _concrete_dim(v)
-        if isinstance(v, int):
-            return v
-        raise ValueError(f"{a.name} is not a shape value")
-    if isinstance(a, (list, tuple)):
-        return type(a)(_concrete(x) for x in a)
-    return a
-
-
-def _concrete_dim(s) -> int:
-    return int(s.node.hint) if isinstance(s, torch.SymInt) else int(s)
-
-
-def _replayable(n: fx.Node) -> bool:
-    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
-        return False
-    if n.target in _CASTS:
-        return not n.kwargs.get("device") and all(not isinstance(a, torch.device) for a in n.args[1:])
-    return n.target in _MOVES and not any(a is n.args[0] for a in n.args[1:])
-
-
-def _replay(n: fx.Node, idx):
-    if n.target in _CASTS:
-        return idx
-    args = (idx, *(_concrete(a) for a in n.args[1:]))
-    if n.target is operator.getitem:
-        return idx[args[1]]
-    return n.target(*args, **{k: _concrete(v) for k, v in n.kwargs.items()})
 
 
 def _features(v) -> torch.Tensor:

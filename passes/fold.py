@@ -15,6 +15,7 @@ report lists the untied weight. Any other sharing keeps the explicit map, with t
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .fold_math import fold_linear, taper_map
@@ -22,6 +23,9 @@ from .graph_utils import erase_site_nodes
 from .linears import Consumer, get_attr_tensor, is_embedding_use, read_linear, storage_uses, weight_readers, \
     write_linear
 from .match import TaperSite, find_consumers
+from .replay import concrete_dim, replay, replayable
+
+aten = torch.ops.aten
 
 __all__ = ["plan_fold", "apply_fold", "sharing_refusal"]
 
@@ -55,6 +59,26 @@ def sharing_refusal(gm, site_name: str, linears: list[Consumer], untie_embedding
     return None
 
 
+def _column_positions(site: TaperSite, c: Consumer, d: int):
+    """(norm position of each of c's input columns, None) by replaying the views in between, or (None, why)."""
+    def scale_only(n):  # x * number: moves nothing
+        return n.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(n.args[1], (int, float))
+
+    bad = next((n for n in c.via if not (replayable(n) or scale_only(n))), None)
+    if bad is not None:
+        return None, f"the ops to {c.node.name} regroup features and {bad.name} ({bad.target}) cannot be replayed"
+    try:
+        pos = torch.arange(d).expand([concrete_dim(s) for s in site.output.meta["val"].shape]).contiguous()
+        for n in c.via:
+            pos = pos if scale_only(n) else replay(n, pos)
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as e:
+        return None, f"could not follow the views to {c.node.name} ({type(e).__name__})"
+    rows = pos.reshape(-1, pos.shape[-1])
+    if not bool((rows == rows[:1]).all()):
+        return None, f"the views to {c.node.name} give its columns different norm positions from row to row"
+    return rows[0].clone(), None
+
+
 def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True):
     """(consumers, untied weight targets, None) if the site can fold into all its consumers, else ([], [], reason)."""
     d = site.module.weight_t.numel()
@@ -62,14 +86,25 @@ def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True
     if reason:
         return [], [], reason
     for c in consumers:
+        if c.remapped:
+            c.scale_index, why = _column_positions(site, c, d)
+            if why:
+                return [], [], f"{site.name}: {why}; keeping the explicit map"
+        n_in = len(c.scale_index) if c.scale_index is not None else d
         w = get_attr_tensor(gm, c.weight.target)
-        if w.dim() not in (2, 3) or w.shape[-1 if c.layout == "out_in" else -2] != d:
-            return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} has shape {tuple(w.shape)}, not (*, {d})"
+        if w.dim() not in (2, 3) or w.shape[-1 if c.layout == "out_in" else -2] != n_in:
+            return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} has shape {tuple(w.shape)}, not (*, {n_in})"
         if w.dim() == 3 and site.kind == "ln":
             return [], [], (f"{site.name}: {c.node.name} is a grouped matmul over experts {tuple(w.shape)}: the LN "
                             "shift would need a per-expert bias it does not have; keeping the explicit map")
         if not w.is_floating_point():
             return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} is {w.dtype}, not floating point"
+    seen: dict = {}
+    for c in consumers:  # linears sharing a weight must see the same column scales
+        key = (c.weight, c.bias, c.layout)
+        prev = seen.setdefault(key, c.scale_index)
+        if (prev is None) != (c.scale_index is None) or (prev is not None and not torch.equal(prev, c.scale_index)):
+            return [], [], f"{site.name}: {c.weight.target} is read with two different feature orders; keeping the explicit map"
     untied: list = []
     reason = sharing_refusal(gm, site.name, consumers, untie_embeddings, untied)
     if reason:
@@ -87,7 +122,8 @@ def apply_fold(gm: fx.GraphModule, site: TaperSite, consumers: list[Consumer]) -
     released, created = set(), []
     for group in groups.values():
         w, b = read_linear(gm, group[0])
-        w2, b2 = fold_linear(w, b, s64, beta64, layout=group[0].layout)
+        idx = group[0].scale_index  # views regrouped the features: column j holds norm position idx[j]
+        w2, b2 = fold_linear(w, b, s64 if idx is None else s64[idx], beta64, layout=group[0].layout)
         rel, new = write_linear(gm, group, w2, b2, readers | {g.bias_add for g in group if g.bias_add is not None})
         released |= rel
         created += new

@@ -44,6 +44,8 @@ class Consumer:
     via: list = field(default_factory=list)  # row-only ops between the norm output and this node
     weight_view: fx.Node | None = None  # the transpose between the parameter and matmul
     bias_add: fx.Node | None = None  # matmul's separate bias add
+    remapped: bool = False  # views between the norm and this linear regroup features (e.g. merge heads)
+    scale_index: torch.Tensor | None = None  # then: the norm position of each input column
 
     @property
     def out(self) -> fx.Node:

@@ -18,11 +18,13 @@ import torch.nn as nn
 from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
 from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, storage_uses
+from .replay import replayable
 
 aten = torch.ops.aten
 
 __all__ = ["TaperSite", "Consumer", "find_sites", "site_refusal", "find_consumers", "get_attr_tensor",
-           "storage_uses", "is_embedding_use", "stat_ops", "reads_metadata_only", "HARMLESS_READERS"]
+           "storage_uses", "is_embedding_use", "stat_ops", "reads_metadata_only", "HARMLESS_READERS", "taper_classes",
+           "GATE_NAME"]
 
 
 
@@ -74,6 +76,20 @@ class TaperSite:
         return "ln" if type(self.module) is TaperLayerNorm else "rms"
 
 
+def taper_classes() -> set:
+    """TaperNorm, TaperLayerNorm and every subclass (e.g. tapernorm.gated.TaperNormGated)."""
+    out, todo = set(), list(TAPER_TYPES)
+    while todo:
+        t = todo.pop()
+        if t not in out:
+            out.add(t)
+            todo += t.__subclasses__()
+    return out
+
+
+GATE_NAME = "tapernorm.gated.TaperGate"
+
+
 def _type_name(t) -> str:
     return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
 
@@ -90,13 +106,15 @@ def _resolve(root: nn.Module, path: str) -> tuple[nn.Module | None, str]:
 
 def find_sites(gm: fx.GraphModule, original: nn.Module) -> tuple[list[TaperSite], list[tuple[str, nn.Module]]]:
     """All TaperNorm call sites in `gm` (resolved against `original`), and the layers never called."""
-    taper_names = {_type_name(t) for t in TAPER_TYPES}
+    taper_names = {_type_name(t) for t in taper_classes()}
     by_key: dict[str, list] = {}
     key_path: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         stack = node.meta.get("nn_module_stack") or {}
+        if stack and _type_name(list(stack.values())[-1][1]) == GATE_NAME:
+            continue  # a gated norm's x * act(gate): outside the map
         for key, (path, typ) in reversed(list(stack.items())):
             if _type_name(typ) in taper_names:
                 by_key.setdefault(key, []).append(node)
@@ -109,13 +127,13 @@ def find_sites(gm: fx.GraphModule, original: nn.Module) -> tuple[list[TaperSite]
         seen[path] = k + 1
         name = path if k == 0 else f"{path}@{k}"
         site = TaperSite(name=name, path=path, module=module, nodes=nodes)
-        if module is None or type(module) not in TAPER_TYPES:
+        if module is None or not isinstance(module, TAPER_TYPES):
             site.problem = f"module path {path!r} does not resolve to a TaperNorm in the source module"
         else:
             _bind_io(site)
         sites.append(site)
     called = {id(s.module) for s in sites}
-    uncalled = [(n, m) for n, m in original.named_modules() if type(m) in TAPER_TYPES and id(m) not in called]
+    uncalled = [(n, m) for n, m in original.named_modules() if isinstance(m, TAPER_TYPES) and id(m) not in called]
     return sites, uncalled
 
 
@@ -138,7 +156,7 @@ def _bind_io(site: TaperSite) -> None:
 def site_refusal(site: TaperSite) -> str | None:
     """Why this site cannot be rewritten (gate, calibration, mode, structure), or None if it can."""
     m = site.module
-    if m is None or type(m) not in TAPER_TYPES:
+    if m is None or not isinstance(m, TAPER_TYPES):
         return f"{site.name}: {site.problem}"
     if not m.calibrated:
         return f"{site.name}: not calibrated (c is not frozen); run calibrate() before folding"
@@ -216,9 +234,9 @@ def _is_row_op(node: fx.Node, d: int, kind: str = "ln") -> bool:
 
 def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Node], str | None]:
     """Linear consumers reached from the site output through row-only ops, the row ops, or a refusal."""
-    consumers, via, stack = [], [], [(site.output, [])]
+    consumers, via, stack = [], [], [(site.output, [], False)]
     while stack:
-        src, path = stack.pop()
+        src, path, remapped = stack.pop()
         for user in list(src.users):
             if reads_metadata_only(user, src):  # dtype / shape, which the fold keeps
                 continue
@@ -226,13 +244,16 @@ def find_consumers(site: TaperSite, d: int) -> tuple[list[Consumer], list[fx.Nod
                 return [], [], f"{site.name}: its output is a graph output; keeping the explicit map"
             match = as_linear(user, src) if user.op == "call_function" else None
             if isinstance(match, Consumer):
-                match.via = path
+                match.via, match.remapped = path, remapped
                 consumers.append(match)
             elif isinstance(match, str):
                 return [], [], f"{site.name}: consumer {match}; keeping the explicit map"
             elif user.op == "call_function" and _is_row_op(user, d, site.kind):
                 via.append(user)
-                stack.append((user, path + [user]))
+                stack.append((user, path + [user], remapped))
+            elif site.kind == "rms" and replayable(user):  # regroups features (merging heads): replayed later
+                via.append(user)
+                stack.append((user, path + [user], True))
             else:
                 return [], [], (f"{site.name}: consumer {user.name} ({user.target}) is not a linear "
                                 "(fold needs every consumer to be one); keeping the explicit map")

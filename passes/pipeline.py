@@ -17,12 +17,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .capture import capture, no_cache_default
-from tapernorm.layers import TAPER_TYPES
-
 from .backward import apply_backward, plan_backward
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
-from .match import find_sites, site_refusal, stat_ops
+from .match import GATE_NAME, find_sites, site_refusal, stat_ops, taper_classes
 from .materialize import materialize_site
 from .verify import compare_outputs, run_outputs
 
@@ -143,10 +141,18 @@ class CleanupPass(_Pass):
 
 
 def _taper_nodes(gm: fx.GraphModule) -> int:
-    names = {f"{t.__module__}.{t.__qualname__}" for t in TAPER_TYPES}
-    return sum(1 for n in gm.graph.nodes
-               if any((v[1] if isinstance(v[1], str) else f"{v[1].__module__}.{v[1].__qualname__}") in names
-                      for v in (n.meta.get("nn_module_stack") or {}).values()))
+    """Nodes inside a TaperNorm call (a gated norm's x * act(gate) product, which stays, not counted)."""
+    names = {f"{t.__module__}.{t.__qualname__}" for t in taper_classes()}
+
+    def name(t):
+        return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+    count = 0
+    for n in gm.graph.nodes:
+        stack = list((n.meta.get("nn_module_stack") or {}).values())
+        if stack and name(stack[-1][1]) != GATE_NAME and any(name(v[1]) in names for v in stack):
+            count += 1
+    return count
 
 
 def _keep_varargs_signature(gm: fx.GraphModule, module: nn.Module) -> None:
