@@ -66,8 +66,8 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"layout {layout!r} is not 'out_in' or 'in_out'")
     if weight.dim() == 3:  # stacked MoE experts (E, out, in) / (E, in, out): every expert reads the same map
-        if beta is not None or bias is not None:
-            raise ValueError("an LN shift / a bias cannot fold into stacked expert weights (grouped matmul)")
+        if beta is not None:  # (an RMS scale leaves any bias as it is)
+            raise ValueError("an LN shift cannot fold into stacked expert weights (grouped matmul)")
         dim = 2 if layout == "out_in" else 1
         if weight.shape[dim] != s.numel():
             raise ValueError(f"scale s has {s.numel()} entries, the experts' input dim is {weight.shape[dim]}")
