@@ -108,3 +108,14 @@ def test_fakeln_hf_dir_compiles_with_parity(tmp_path):
     fk = rep["hf"]["fakeln"]
     assert fk["converted"] == 5 and fk["max_abs_diff"] < 1e-4, fk
     assert rep["statistics_check"]["total"] == 0
+
+
+def test_run_dir_in_hf_layout_compiles(tmp_path):
+    """A `tapernorm train` model, re-saved as a tapered HF directory, compiles (lean: it is our reference model)."""
+    from tiny_models import make_tiny
+    run = tapernorm.save_checkpoint(make_tiny("tiny", "internal"), tmp_path / "run",
+                                    tokenizer_path=tok_dir() / "tokenizer.model")
+    hf = tapernorm.save_pretrained(tapernorm.from_pretrained(run), tmp_path / "hf", tokenizer_from=run)
+    rep = compile_checkpoint(hf, tmp_path / "c", parity_tokens=4)
+    _check_report(rep, 4, "lean")
+    assert rep["hf"]["class"] == "LlamaForCausalLM" and rep["hf"]["decoderlm"]["max_abs_diff"] < 1e-5
