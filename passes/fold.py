@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .fold_math import fold_linear, taper_map
+from .fold_math import fold_experts, fold_linear, taper_map
 from .graph_utils import erase_site_nodes
-from .linears import Consumer, get_attr_tensor, is_embedding_use, read_linear, storage_uses, weight_readers, \
-    write_linear
+from .linears import Consumer, add_expert_shift, get_attr_tensor, is_embedding_use, is_expert_matmul, read_linear, \
+    storage_uses, weight_readers, write_linear
 from .match import TaperSite, find_consumers
 from .replay import concrete_dim, replay, replayable
 
@@ -94,9 +94,9 @@ def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True
         w = get_attr_tensor(gm, c.weight.target)
         if w.dim() not in (2, 3) or w.shape[-1 if c.layout == "out_in" else -2] != n_in:
             return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} has shape {tuple(w.shape)}, not (*, {n_in})"
-        if w.dim() == 3 and site.kind == "ln":
-            return [], [], (f"{site.name}: {c.node.name} is a grouped matmul over experts {tuple(w.shape)}: the LN "
-                            "shift would need a per-expert bias it does not have; keeping the explicit map")
+        if w.dim() == 3 and site.kind == "ln" and not (is_expert_matmul(c) and c.bias is None):
+            return [], [], (f"{site.name}: {c.node.name} reads stacked expert weights {tuple(w.shape)} one expert at "
+                            "a time: the LN shift would need a per-expert bias it does not have; keeping the explicit map")
         if not w.is_floating_point():
             return [], [], f"{site.name}: {c.node.name} weight {c.weight.target} is {w.dtype}, not floating point"
     seen: dict = {}
@@ -123,8 +123,15 @@ def apply_fold(gm: fx.GraphModule, site: TaperSite, consumers: list[Consumer]) -
     for group in groups.values():
         w, b = read_linear(gm, group[0])
         idx = group[0].scale_index  # views regrouped the features: column j holds norm position idx[j]
-        w2, b2 = fold_linear(w, b, s64 if idx is None else s64[idx], beta64, layout=group[0].layout)
+        shift = None
+        if w.dim() == 3 and beta64 is not None:  # LN into experts: the shift becomes a per-expert output vector
+            w2, shift = fold_experts(w, s64, beta64, layout=group[0].layout)
+            b2 = b
+        else:
+            w2, b2 = fold_linear(w, b, s64 if idx is None else s64[idx], beta64, layout=group[0].layout)
         rel, new = write_linear(gm, group, w2, b2, readers | {g.bias_add for g in group if g.bias_add is not None})
+        for c in group if shift is not None else []:
+            new.append(add_expert_shift(gm, c, shift.to(w.dtype)))
         released |= rel
         created += new
     site.output.replace_all_uses_with(site.input)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["taper_map", "fold_linear", "fold_rms_linear", "fold_ln_linear", "apply_taper_map", "fold_linear_rows"]
+__all__ = ["taper_map", "fold_linear", "fold_rms_linear", "fold_ln_linear", "apply_taper_map", "fold_linear_rows",
+           "fold_experts"]
 
 
 @torch.no_grad()
@@ -65,15 +66,10 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor
     """
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"layout {layout!r} is not 'out_in' or 'in_out'")
-    if weight.dim() == 3:  # stacked MoE experts (E, out, in) / (E, in, out): every expert reads the same map
-        if beta is not None:  # (an RMS scale leaves any bias as it is)
-            raise ValueError("an LN shift cannot fold into stacked expert weights (grouped matmul)")
-        dim = 2 if layout == "out_in" else 1
-        if weight.shape[dim] != s.numel():
-            raise ValueError(f"scale s has {s.numel()} entries, the experts' input dim is {weight.shape[dim]}")
-        view = [1, 1, 1]
-        view[dim] = -1
-        return (weight.detach().double() * s.to(weight.device, torch.float64).view(view)).to(weight.dtype), bias
+    if weight.dim() == 3:  # stacked MoE experts: an RMS scale; any bias is left as it is
+        if beta is not None:
+            raise ValueError("an LN shift into stacked expert weights needs fold_experts (a per-expert shift)")
+        return fold_experts(weight, s, None, layout)[0], bias
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     w = weight.detach().double()
@@ -143,3 +139,28 @@ def fold_linear_rows(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.T
         w = w.t()
     new_b = b.to(bias.dtype if bias is not None else weight.dtype) if b is not None else None
     return w.contiguous().to(weight.dtype), new_b
+
+
+@torch.no_grad()
+def fold_experts(weight: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None = None, layout: str = "out_in"):
+    """Fold the map into stacked expert weights W (E, out, in) ("out_in") or (E, in, out) ("in_out").
+
+    Every expert e reads the same map: W'_e = W_e diag(s) (LN: then C, the row-mean subtraction), and the
+    LN shift becomes a per-expert output vector shift_e = W_e beta, returned as an (E, out) float64 table
+    (None for RMS) for the caller to add to each expert's rows.
+    """
+    if weight.dim() != 3 or layout not in ("out_in", "in_out"):
+        raise ValueError(f"expected stacked (E, ., .) expert weights and a layout, got {tuple(weight.shape)}, {layout!r}")
+    w = weight.detach().double()
+    if layout == "in_out":
+        w = w.transpose(1, 2)  # (E, out, in)
+    if w.shape[2] != s.numel():
+        raise ValueError(f"scale s has {s.numel()} entries, the experts' input dim is {w.shape[2]}")
+    m = w * s.to(w.device, torch.float64)[None, None, :]
+    shift = None
+    if beta is not None:
+        m = m - m.mean(dim=2, keepdim=True)
+        shift = w @ beta.to(w.device, torch.float64)  # (E, out)
+    if layout == "in_out":
+        m = m.transpose(1, 2)
+    return m.contiguous().to(weight.dtype), shift

@@ -27,7 +27,7 @@ from .graph_utils import register_tensor
 aten = torch.ops.aten
 
 __all__ = ["Consumer", "as_linear", "linear_output", "get_attr_tensor", "storage_uses", "is_embedding_use",
-           "read_linear", "write_linear", "weight_readers"]
+           "read_linear", "write_linear", "weight_readers", "is_expert_matmul", "add_expert_shift"]
 
 _METADATA_ONLY = {op for op in (getattr(getattr(aten, "_assert_tensor_metadata", None), "default", None),) if op}
 _TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
@@ -338,3 +338,43 @@ def _set_bias(gm, c: Consumer, b_node: fx.Node | None) -> None:
         c.bias_add = add
     c.bias = b_node
 
+
+
+def is_expert_matmul(c: Consumer) -> bool:
+    """True for experts computed together: grouped_mm (rows sorted by expert, offsets) or bmm (E, T, .)."""
+    return c.node.target == aten.bmm.default or "grouped_mm" in str(c.node.target)
+
+
+def add_expert_shift(gm: fx.GraphModule, c: Consumer, table: torch.Tensor) -> str:
+    """After expert matmul c, add table[e] (E, out) to every row of expert e; returns the new attribute name.
+
+    grouped_mm: row i belongs to expert searchsorted(offsets, i, right=True) (offsets = cumulative row counts);
+    bmm: the (E, T, out) output gets table[:, None, :].
+    """
+    g = gm.graph
+    owner = c.weight.target.rpartition(".")[0]
+    name = register_tensor(gm, f"{owner}.expert_shift" if owner else f"{c.weight.target}_expert_shift",
+                           table if c.node.target != aten.bmm.default else table[:, None, :], parameter=False)
+    with g.inserting_after(c.node):
+        tab = g.get_attr(name)
+    if c.node.target == aten.bmm.default:
+        with g.inserting_after(tab):
+            add = g.call_function(aten.add.Tensor, (c.node, tab))
+    else:
+        x, offs = c.node.args[0], c.node.args[2]
+        ov = offs.meta.get("val")
+        with g.inserting_after(tab):
+            n = g.call_function(aten.sym_size.int, (x, 0))
+        with g.inserting_after(n):
+            rows = g.call_function(aten.arange.default, (n,), {"dtype": ov.dtype, "device": ov.device})
+        with g.inserting_after(rows):
+            e = g.call_function(aten.searchsorted.Tensor, (offs, rows), {"right": True})
+        with g.inserting_after(e):
+            e = g.call_function(aten.clamp.default, (e, None, table.shape[0] - 1))
+        with g.inserting_after(e):
+            per_row = g.call_function(aten.index.Tensor, (tab, [e]))
+        with g.inserting_after(per_row):
+            add = g.call_function(aten.add.Tensor, (c.node, per_row))
+    add.meta.update({k: v for k, v in c.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
+    c.node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+    return name

@@ -31,6 +31,8 @@ FAMILIES = {
     "qwen3_next": ("qwen3_next", {"head_dim": 8, "num_hidden_layers": 2, "layer_types": ["linear_attention",
                                                                                        "full_attention"]},
                    "gated RMSNorm in linear attention, per head, then heads merged; (1 + w) gains, QK-norms"),
+    "phimoe": ("phimoe", {"num_local_experts": 4, "num_experts_per_tok": 2},
+               "LayerNorm into grouped experts: the shift becomes a per-expert output vector"),
     "olmo": ("olmo", {}, "LayerNorm without weight or bias"),
     "cohere": ("cohere", {}, "bias-free LayerNorm, one norm feeds attention and MLP"),
     "falcon": ("falcon", {"bias": True}, "x @ W.T linears, LN feeding attention and MLP"),

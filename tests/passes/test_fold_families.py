@@ -14,11 +14,11 @@ from tapernorm.passes.capture import capture  # noqa: E402
 from tapernorm.passes.match import stat_ops  # noqa: E402
 
 # family -> (norms tapered, of them folded backwards, statistic ops left after the fold)
-# (gpt2 / phi keep one aten.pow: gelu_new's x^3; qwen3_moe one sum: the router renormalizing top-k weights;
+# (gpt2 / phi keep one aten.pow: gelu_new's x^3; qwen3_moe / phimoe one sum: their routers' own arithmetic;
 # qwen3_next's gated delta rule keeps its own q / k L2 normalizations and sums, which are no norm layers)
 EXPECT = {
     "llama": (3, 0, 0), "mistral": (3, 0, 0), "qwen2": (3, 0, 0), "phi3": (3, 0, 0), "gemma": (3, 0, 0),
-    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "qwen3_moe": (5, 2, 1), "deepseek_v3": (5, 0, 0), "qwen3_next": (8, 2, 71),
+    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "qwen3_moe": (5, 2, 1), "deepseek_v3": (5, 0, 0), "qwen3_next": (8, 2, 71), "phimoe": (3, 0, 1),
     "olmo": (3, 0, 0),
     "cohere": (2, 0, 0), "falcon": (2, 0, 0), "falcon_new": (3, 0, 0), "gpt_neox": (3, 0, 0),
     "stablelm": (3, 0, 0), "phi": (2, 0, 1), "opt": (3, 0, 0), "gpt2": (3, 0, 1),

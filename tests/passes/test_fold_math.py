@@ -50,3 +50,20 @@ def test_shape_errors_are_clear():
     import pytest
     with pytest.raises(ValueError, match="input dim is 4"):
         fold_linear(torch.randn(3, 4), None, torch.ones(5, dtype=torch.float64))
+
+
+def test_fold_experts_ln_shift_per_expert():
+    """LN map into stacked experts: every expert gets W_e diag(s) C and its own output shift W_e beta."""
+    from tapernorm.passes.fold_math import fold_experts
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)  # (E, out, in)
+    s, beta = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, torch.randn(6, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for layout, stored in (("out_in", w), ("in_out", w.transpose(1, 2).contiguous())):
+        w2, shift = fold_experts(stored, s, beta, layout)
+        w2 = w2 if layout == "out_in" else w2.transpose(1, 2)
+        for e in range(3):
+            want = F.linear(apply_taper_map(x, s, beta), w[e])
+            torch.testing.assert_close(F.linear(x, w2[e]) + shift[e], want, rtol=1e-10, atol=1e-10)
+    w3, none = fold_experts(w, s, None)
+    assert none is None and torch.allclose(w3, w * s)
