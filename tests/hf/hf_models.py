@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,12 +18,19 @@ VOCAB = 256
 KINDS = ("llama", "llama_mha", "gpt2", "mistral", "qwen2", "phi3", "gpt_neox", "opt")
 
 
+def _tmpdir(prefix: str) -> Path:
+    """A temporary directory removed when the test process exits (the builders below cache per process)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
 @functools.lru_cache(maxsize=None)
 def tok_dir() -> Path:
     """A directory with tokenizer.model (SentencePiece, 256 pieces, bos 1 / eos 2) and tokenizer_config.json."""
     from tapernorm.data import builtin_corpus, train_tokenizer
     from tapernorm.hf_config import sp_tokenizer_info
-    d = Path(tempfile.mkdtemp(prefix="tapernorm-hf-tok-"))
+    d = _tmpdir("tapernorm-hf-tok-")
     train_tokenizer(builtin_corpus()[:60], VOCAB, d / "tokenizer.model")
     _, cfg = sp_tokenizer_info(d / "tokenizer.model", 128)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -111,7 +120,7 @@ FT_ARGS = ["--steps", "12", "--taper-start", "3", "--taper-end", "9", "--warmup-
 def finetuned_dir(kind: str, mode: str) -> Path:
     """`tapernorm finetune` (through the CLI, in process) of a tiny HF model of `kind` in `mode`; the run dir."""
     from tapernorm.compiler.cli import main
-    root = Path(tempfile.mkdtemp(prefix=f"tapernorm-ft-{kind}-{mode}-"))
+    root = _tmpdir(f"tapernorm-ft-{kind}-{mode}-")
     src = hf_dir(kind, root / "src")
     out = root / "ft"
     assert main(["finetune", str(src), "--out", str(out), "--mode", mode, *FT_ARGS]) == 0
