@@ -1,8 +1,8 @@
 """Survey: the All-Taper fold on every causal-LM family the installed transformers ships.
 
 Each family is built from one generic tiny config (vocab 128, hidden 32, 2 layers, 4 heads, 2 KV heads,
-head_dim 8; latent-attention families get their own head dims, `OVERRIDES`), taperized in All-Taper mode, norm gains randomised, calibrated on random tokens, set to
-gate 0 and folded with `fold(model, (ids,))`. A row records: norms tapered / folded (of them backwards),
+head_dim 8; latent-attention and a few other families get their own dims, `OVERRIDES`), taperized in
+All-Taper mode, norm gains randomised, calibrated on random tokens, set to gate 0 and folded with `fold(model, (ids,))`. A row records: norms tapered / folded (of them backwards),
 statistic ops left, the verify max abs diff, the reason of every site kept, or the error (a family the
 generic config cannot build, a norm taperize refuses, ...). Not a speed benchmark; no timings asserted.
 

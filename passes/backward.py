@@ -21,6 +21,7 @@ from .fold_math import fold_linear_rows, taper_map
 from .fold import module_path, sharing_refusal
 from .graph_utils import erase_site_nodes
 from .linears import Consumer, get_attr_tensor, linear_output, read_linear, weight_readers, write_linear
+from .backward_sum import sum_terms
 from .match import TaperSite, reads_metadata_only
 from .replay import concrete_dim as _concrete_dim
 from .replay import replay as _replay
@@ -32,10 +33,29 @@ __all__ = ["plan_backward", "apply_backward", "BackwardPlan"]
 
 
 class BackwardPlan:
-    """A site that folds into the rows of `linear`: output feature f -> norm position pos[f] (-1: not read)."""
+    """A site that folds into the rows of `linear`: output feature f -> norm position pos[f] (-1: not read).
+    Or, for a sum of linear outputs, into the rows of every linear in `leaves` (pos is then None)."""
 
-    def __init__(self, linear: Consumer, pos: torch.Tensor, group: torch.Tensor, untied: list):
-        self.linear, self.pos, self.group, self.untied = linear, pos, group, untied
+    def __init__(self, linear: Consumer, pos: torch.Tensor | None, group: torch.Tensor | None, untied: list,
+                 leaves: list | None = None):
+        self.linear, self.pos, self.group, self.untied, self.leaves = linear, pos, group, untied, leaves or []
+
+
+_SUM_HEADS = {aten.add.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sum.dim_IntList,
+              aten.to.dtype, aten._to_copy.default, aten.index.Tensor, aten.mul.Tensor}
+
+
+def _plan_sum(gm, site: TaperSite, leaves: list, d: int, untie_embeddings: bool):
+    for c in leaves:
+        w = get_attr_tensor(gm, c.weight.target)
+        n_out = w.shape[-2] if c.layout == "out_in" else w.shape[-1]
+        if w.dim() not in (2, 3) or n_out != d or not w.is_floating_point():
+            return None, f"{c.node.name}'s weight {tuple(w.shape)} does not produce {d} features"
+    untied: list = []
+    reason = sharing_refusal(gm, site.name, leaves, untie_embeddings, untied)
+    if reason:
+        return None, reason.split(": ", 1)[1]
+    return BackwardPlan(leaves[0], None, None, untied, leaves), None
 
 
 def _features(v) -> torch.Tensor:
@@ -61,9 +81,14 @@ def _chain(site: TaperSite):
 def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True):
     """(BackwardPlan, None) if the site's map folds into the rows of the linear producing its input, else (None, reason)."""
     lin, chain = _chain(site)
-    if lin is None:
-        return None, chain
     d = site.module.weight_t.numel()
+    if lin is None:
+        if site.kind != "rms" or site.input.op != "call_function" or site.input.target not in _SUM_HEADS:
+            return None, chain
+        leaves, why = sum_terms(site, d)  # a post-norm on an MoE's weighted sum of expert outputs
+        if why:
+            return None, f"{chain}; nor is it a sum of linear outputs: {why}"
+        return _plan_sum(gm, site, leaves, d, untie_embeddings)
     w = get_attr_tensor(gm, lin.weight.target)
     out_val = lin.out.meta.get("val")
     if not isinstance(out_val, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
@@ -121,11 +146,24 @@ def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = 
 def apply_backward(gm: fx.GraphModule, site: TaperSite, plan: BackwardPlan) -> tuple[set[str], list[str]]:
     """Fold the site's map into the linear's rows, bypass the map, erase it; returns (released, created) attr names."""
     s64, beta64 = taper_map(site.module)
-    lin = plan.linear
-    w, b = read_linear(gm, lin)
-    w2, b2 = fold_linear_rows(w, b, s64, beta64, plan.pos, plan.group, layout=lin.layout)
-    readers = weight_readers(lin) | {lin.node} | ({lin.bias_add} if lin.bias_add is not None else set())
-    released, created = write_linear(gm, [lin], w2, b2, readers)
+    released, created = set(), []
+    groups: dict = {}
+    for c in plan.leaves or [plan.linear]:  # linears sharing a weight are scaled once
+        groups.setdefault((c.weight, c.bias, c.layout), []).append(c)
+    readers = set().union(*(weight_readers(c) | {c.node} | ({c.bias_add} if c.bias_add is not None else set())
+                            for g in groups.values() for c in g))
+    for group in groups.values():
+        lin = group[0]
+        w, b = read_linear(gm, lin)
+        if w.dim() == 3:  # stacked experts: (E, out, in) scales dim 1, (E, in, out) dim 2
+            view = [1, -1, 1] if lin.layout == "out_in" else [1, 1, -1]
+            w2, b2 = (w.double() * s64.view(view)).to(w.dtype), b
+        else:
+            pos = plan.pos if plan.pos is not None else torch.arange(s64.numel())
+            w2, b2 = fold_linear_rows(w, b, s64, beta64, pos, plan.group, layout=lin.layout)
+        rel, new = write_linear(gm, group, w2, b2, readers)
+        released |= rel
+        created += new
     site.output.replace_all_uses_with(site.input)
     released |= erase_site_nodes(gm, site.nodes)
     return released, created

@@ -116,7 +116,8 @@ class FoldPass(_Pass):
                     st.row(site.name, reason=f"{reason}; backward fold: {why}")
                     continue
                 released, created = apply_backward(gm, site, plan)
-                untied, producer = plan.untied, plan.linear.module_path or plan.linear.node.name
+                untied = plan.untied
+                producer = ", ".join(dict.fromkeys(c.module_path or c.node.name for c in plan.leaves or [plan.linear]))
                 st.row(site.name, direction="backward", producer=producer)
             else:
                 released, created = apply_fold(gm, site, consumers)

@@ -33,6 +33,8 @@ FAMILIES = {
                    "gated RMSNorm in linear attention, per head, then heads merged; (1 + w) gains, QK-norms"),
     "phimoe": ("phimoe", {"num_local_experts": 4, "num_experts_per_tok": 2},
                "LayerNorm into grouped experts: the shift becomes a per-expert output vector"),
+    "flex_olmo": ("flex_olmo", {"num_experts": 4, "num_experts_per_tok": 2},
+                  "post-norm on an MoE's weighted expert sum: folds into every expert's down rows"),
     "olmo": ("olmo", {}, "LayerNorm without weight or bias"),
     "cohere": ("cohere", {}, "bias-free LayerNorm, one norm feeds attention and MLP"),
     "falcon": ("falcon", {"bias": True}, "x @ W.T linears, LN feeding attention and MLP"),

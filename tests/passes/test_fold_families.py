@@ -14,12 +14,12 @@ from tapernorm.passes.capture import capture  # noqa: E402
 from tapernorm.passes.match import stat_ops  # noqa: E402
 
 # family -> (norms tapered, of them folded backwards, statistic ops left after the fold)
-# (gpt2 / phi keep one aten.pow: gelu_new's x^3; qwen3_moe / phimoe one sum: their routers' own arithmetic;
+# (gpt2 / phi keep one aten.pow: gelu_new's x^3; qwen3_moe / phimoe / flex_olmo one sum: their MoE's own arithmetic;
 # qwen3_next's gated delta rule keeps its own q / k L2 normalizations and sums, which are no norm layers)
 EXPECT = {
     "llama": (3, 0, 0), "mistral": (3, 0, 0), "qwen2": (3, 0, 0), "phi3": (3, 0, 0), "gemma": (3, 0, 0),
-    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "qwen3_moe": (5, 2, 1), "deepseek_v3": (5, 0, 0), "qwen3_next": (8, 2, 71), "phimoe": (3, 0, 1),
-    "olmo": (3, 0, 0),
+    "gemma2": (5, 2, 0), "gemma3": (7, 4, 0), "qwen3": (5, 2, 0), "olmo2": (5, 4, 0), "qwen3_moe": (5, 2, 1),
+    "deepseek_v3": (5, 0, 0), "qwen3_next": (8, 2, 71), "phimoe": (3, 0, 1), "flex_olmo": (5, 4, 1), "olmo": (3, 0, 0),
     "cohere": (2, 0, 0), "falcon": (2, 0, 0), "falcon_new": (3, 0, 0), "gpt_neox": (3, 0, 0),
     "stablelm": (3, 0, 0), "phi": (2, 0, 1), "opt": (3, 0, 0), "gpt2": (3, 0, 1),
 }
@@ -49,9 +49,9 @@ def test_family_all_taper_folds_every_norm(family):
     backward = {k: r["producer"] for k, r in report["layers"].items() if r["direction"] == "backward"}
     assert len(backward) == n_backward, backward
     for name, producer in backward.items():  # post-norms into o_proj / down_proj, QK-norms into q / k_proj
-        want = {"q_norm": "q_proj", "k_norm": "k_proj", "post_attention_layernorm": "o_proj",
-                "post_feedforward_layernorm": "down_proj"}[name.rsplit(".", 1)[1]]
-        assert producer.endswith(want), (name, producer)
+        want = {"q_norm": ("q_proj",), "k_norm": ("k_proj",), "post_attention_layernorm": ("o_proj",),
+                "post_feedforward_layernorm": ("down_proj", "mlp.experts")}[name.rsplit(".", 1)[1]]
+        assert producer.endswith(want), (name, producer)  # MoE: the stacked experts (their down weights)
     assert report["graph"]["taper_nodes_after"] == 0
     assert report["graph"]["stat_ops_after"] == stats_left < stats_original
     torch.testing.assert_close(_logits(gm, other), _logits(model, other), rtol=1e-5, atol=1e-5)
