@@ -388,8 +388,14 @@ def begin_calibration(model: nn.Module) -> None:
 
 
 def finish_calibration(model: nn.Module) -> dict[str, float]:
-    """Freeze c on every collecting layer; returns {layer name: c}."""
-    return {n: m.freeze_c() for n, m in taper_layers(model) if m.collecting}
+    """Freeze c on every collecting layer; returns {layer name: c}. Refuses (naming them) layers no batch reached."""
+    layers = [(n, m) for n, m in taper_layers(model) if m.collecting]
+    unseen = [n for n, m in layers if int(m.calib_count) == 0]
+    if unseen and len(unseen) < len(layers):
+        raise TaperError(f"calibration never reached {len(unseen)} TaperNorm layer(s): {', '.join(unseen[:4])}"
+                         f"{' ...' if len(unseen) > 4 else ''}; the calibration forward does not call them (pass a "
+                         "forward= that does, or leave them out of taperize)")
+    return {n: m.freeze_c() for n, m in layers}
 
 
 @torch.no_grad()

@@ -230,3 +230,19 @@ def test_calibrate_eval_model_is_deterministic_with_dropout():
         cs.append(calibrate(net, batches)["norm"])
         assert not net.training and not net.drop.training and not net.norm.training
     assert cs[0] == cs[1]
+
+
+def test_calibration_that_misses_a_layer_names_it_and_freezes_nothing():
+    class TwoNorms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.RMSNorm(8, eps=1e-6), nn.RMSNorm(8, eps=1e-6)
+
+        def forward(self, x):
+            return self.used(x)
+
+    m = TwoNorms()
+    taperize(m, "all")
+    with pytest.raises(TaperError, match=r"^calibration never reached 1 TaperNorm layer\(s\): unused; "):
+        calibrate(m, [torch.randn(2, 3, 8)])
+    assert not m.used.calibrated and not m.unused.calibrated and not m.used.collecting
