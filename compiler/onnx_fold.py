@@ -163,9 +163,10 @@ def _reroute(y, x) -> None:
 
 def _fold_forward(graph, x, y, s64, b64, center, d, taken):
     """Fold the map into every linear reading y (through pass-through ops); None or the reason it cannot."""
-    consumers, reason = linear_consumers(graph, y, d)
+    found, reason = linear_consumers(graph, y, d, merge=not center)  # heads merged: RMS maps only
     if reason:
         return None, reason
+    consumers, tiles = [n for n, _ in found], {id(n): k for n, k in found}
     for n in consumers:
         if b64 is not None and n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name and not n.attrs.get("beta", 1.0):
             return None, f"consumer {n.name} (Gemm) has beta=0 with a C input"
@@ -173,7 +174,7 @@ def _fold_forward(graph, x, y, s64, b64, center, d, taken):
     for n in consumers:
         add = matmul_bias_add(graph, n)
         w, b = read_linear(n, add)  # (in, out), effective bias
-        m = s64[:, None] * w
+        m = np.tile(s64, tiles[id(n)])[:, None] * w  # merged heads: row j of W reads feature j % d
         if center:
             m = m - m.mean(axis=0, keepdims=True)
         if b64 is not None:

@@ -38,21 +38,28 @@ def _last(t) -> int | None:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
-def _keeps_rows(n, d: int) -> str | None:
-    """None if pass-through node `n` keeps rows of d features whole, else why not."""
+def _keeps_rows(n, d: int, merge: bool = False):
+    """1 if pass-through node `n` keeps rows of d features whole; k if (merge allowed) a Reshape merges k
+    consecutive rows of d into one row of k * d (heads merged); else why not (str)."""
     if n.op == "Identity":
-        return None
+        return 1
     out = n.outputs[0]
     if n.op == "Reshape":
         last = _last(out)
         if last is None and len(n.inputs) > 1 and const(n.inputs[1]) is not None:
             shape = const(n.inputs[1]).reshape(-1)
             last = int(shape[-1]) if shape.size and shape[-1] > 0 else None
-        return None if last == d else f"{n.name} (Reshape) output's last dim is {last}, not {d}"
+        if last == d:
+            return 1
+        src, dst = getattr(n.inputs[0], "shape", None), getattr(out, "shape", None)
+        if merge and src is not None and dst is not None and len(src) >= 2 and isinstance(src[-2], int) and \
+                src[-1] == d and list(dst[:-1]) == list(src[:-2]) and last == src[-2] * d:
+            return src[-2]
+        return f"{n.name} (Reshape) output's last dim is {last}, not {d}"
     rank = len(n.inputs[0].shape) if getattr(n.inputs[0], "shape", None) is not None else None
     axis = n.attrs.get("axis", 1)
     if rank is not None and axis % rank == rank - 1:
-        return None
+        return 1
     return f"{n.name} (Flatten axis={axis}) merges features of rows"
 
 
@@ -77,29 +84,30 @@ def _w_in_out(n) -> np.ndarray:
     return w.T if n.op == "Gemm" and n.attrs.get("transB", 0) else w
 
 
-def linear_consumers(graph, y, d: int):
-    """(linears, None) if every reader of y, through row-keeping Reshape / Flatten / Identity, is a
-    linear with a constant (d, out) weight; else ([], reason)."""
+def linear_consumers(graph, y, d: int, merge: bool = False):
+    """([(linear, tile)], None) if every reader of y, through row-keeping Reshape / Flatten / Identity (and,
+    when `merge`, Reshapes merging heads: the linear then reads `tile` copies of the d features side by side),
+    is a linear with a constant (tile * d, out) weight; else ([], reason)."""
     if not y.outputs:
         return [], f"{y.name} has no consumers"
-    found, todo = [], [y]
+    found, todo = [], [(y, 1)]
     while todo:
-        t = todo.pop()
+        t, tile = todo.pop()
         if t in graph.outputs:
             return [], f"{t.name} is a graph output"
         for n in t.outputs:
             if n.op in _PASS and n.inputs[0] is t:
-                why = _keeps_rows(n, d)
-                if why:
-                    return [], f"consumer {why}"
-                todo.append(n.outputs[0])
+                k = _keeps_rows(n, d * tile, merge)
+                if isinstance(k, str):
+                    return [], f"consumer {k}"
+                todo.append((n.outputs[0], tile * k))
                 continue
             w, why = linear_info(n, t)
             if why:
                 return [], why
-            if _w_in_out(n).shape[0] != d:
-                return [], f"consumer {n.name} weight {n.inputs[1].name} is {w.shape}, in-dim not {d}"
-            found.append(n)
+            if _w_in_out(n).shape[0] != d * tile:
+                return [], f"consumer {n.name} weight {n.inputs[1].name} is {w.shape}, in-dim not {d * tile}"
+            found.append((n, tile))
     return found, None
 
 

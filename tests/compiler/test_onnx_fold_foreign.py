@@ -159,3 +159,23 @@ def test_fold_onnx_file_refuses_to_write_a_wrong_fold(tmp_path, monkeypatch):
     with pytest.raises(VerifyError, match=r"^fold_onnx_file: folded graph differs from in.onnx: output y max abs diff .* nothing written"):
         fold_onnx_file(src, dst)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+@pytest.mark.parametrize("ln", [False, True])
+def test_map_per_head_then_heads_merged_into_a_linear(ln):
+    """A per-head map (a gated norm's (x * act(z)) * s) -> Reshape merging heads -> MatMul: column j of the
+    merged input is scaled by s[j % head_dim]. An LN map's centering cannot cross the merge: refused."""
+    x4 = _vi("x", [2, 3, H, HD])
+    nodes = (_ln("x", "h", s="s", beta="beta") if ln else [helper.make_node("Mul", ["x", "s"], ["h"], name="norm")])
+    nodes += [helper.make_node("Reshape", ["h", "merge"], ["hm"]), helper.make_node("MatMul", ["hm", "W"], ["y"])]
+    inits = [_init("s", RNG.uniform(0.5, 1.5, HD)), _init("W", RNG.standard_normal((D, 5))),
+             numpy_helper.from_array(np.array([2, 3, D], np.int64), "merge")]
+    if ln:
+        inits.append(_init("beta", RNG.uniform(-0.3, 0.3, HD)))
+    m = _model(nodes, inits, [x4], [_vi("y", [2, 3, 5])])
+    f, rep = fold_onnx(m)
+    if ln:
+        assert rep["folded"] == 0 and "last dim is 8, not 4" in rep["refused"][0]["reason"], rep
+    else:
+        assert rep["folded"] == 1 and [n.op_type for n in f.graph.node] == ["Reshape", "MatMul"], rep
+    _same(m, f, shape=(2, 3, H, HD))
