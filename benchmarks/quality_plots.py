@@ -1,9 +1,10 @@
 """Figures of the quality benchmark (PNG, written atomically next to the results):
 
-    <stem>_fig1a_loss.png    training cross-entropy per arm, one panel per width          (paper Fig. 1(a))
+    <stem>_fig1a_loss.png    training cross-entropy per arm, and minus the baseline, per width (paper Fig. 1(a))
     <stem>_fig1b_scale.png   logit norm and pre-logit RMS s / s_tgt over steps            (paper Fig. 1(b))
     <stem>_fig2_grads.png    gradient norm by parameter group over steps, per arm         (paper Fig. 2)
-    <stem>_sweep.png         lambda sweep: end s / s_tgt and loss cost vs lambda, per form and mode
+    <stem>_sweep.png         lambda sweep: end s / s_tgt and loss cost vs the effective relative lambda
+                             (paper form: lambda / s_tgt^2), per form and mode
 Lines are the mean over seeds of the binned curves; shading spans the seeds' min to max.
 """
 from __future__ import annotations
@@ -47,6 +48,29 @@ def _band(ax, runs: list[dict], key: str, color: str, label: str, norm_key: str 
                         color=color, alpha=0.2, lw=0)
 
 
+def _diff_to_baseline(ax, arms: dict[str, list[dict]]) -> None:
+    """Per arm, mean over seeds of (binned train CE - the same seed's baseline CE): the gaps Fig. 1(a) hides."""
+    base = {r["seed"]: r["curves"]["ce"] for r in arms.get("baseline", [])}
+    for arm, runs in arms.items():
+        if arm == "baseline" or not base:
+            continue
+        pairs = [[a - b for a, b in zip(r["curves"]["ce"], base[r["seed"]])] for r in runs if r["seed"] in base]
+        n = min(len(d) for d in pairs)
+        steps = runs[0]["curves"]["step"][:n]
+        ax.plot(steps, [sum(d[i] for d in pairs) / len(pairs) for i in range(n)], color=_COLORS.get(arm, "k"),
+                lw=1.2, label=arm)
+    ax.axhline(0.0, color=_COLORS["baseline"], lw=1.0)
+    ax.legend(fontsize=8)
+
+
+def _eff_lambda(form: str, lam: float, runs: list[dict]) -> float:
+    """The relative-form lambda with the same pull: lambda / s_tgt^2 for the paper form (mean s_tgt of the runs)."""
+    if form == "relative":
+        return lam
+    s = sum(r["s_tgt"] for r in runs) / len(runs)
+    return lam / (s * s)
+
+
 def plot_all(table: dict[int, dict[str, list[dict]]], sweep: dict[tuple, list[dict]], stem: Path) -> list[Path]:
     """Write the four figures for `table` ({width: {arm: [records]}}) and `sweep`; returns their paths."""
     plt = _plt()
@@ -55,15 +79,18 @@ def plot_all(table: dict[int, dict[str, list[dict]]], sweep: dict[tuple, list[di
     widths = list(table)
     out = []
 
-    fig, axs = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4), squeeze=False)
-    for ax, w in zip(axs[0], widths):
+    fig, axs = plt.subplots(2, len(widths), figsize=(5.5 * len(widths), 7), squeeze=False, sharex="col")
+    for j, w in enumerate(widths):
+        ax = axs[0][j]
         for arm, runs in table[w].items():
             _band(ax, runs, "ce", _COLORS.get(arm, "k"), arm)
         ces = [v for runs in table[w].values() for r in runs for v in r["curves"]["ce"]]
         lo = min(ces)
         ax.set_ylim(lo - 0.05, lo + 1.5)  # the late-training region, where the arms differ
-        ax.set(title=f"width {w}: training cross-entropy", xlabel="step", ylabel="train CE")
+        ax.set(title=f"width {w}: training cross-entropy", ylabel="train CE")
         ax.legend()
+        _diff_to_baseline(axs[1][j], table[w])
+        axs[1][j].set(title="minus the baseline (same seed and batches)", xlabel="step", ylabel="train CE difference")
     fig.tight_layout()
     out.append(_save(fig, stem.with_name(stem.name + "_fig1a_loss.png")))
     plt.close(fig)
@@ -98,7 +125,7 @@ def plot_all(table: dict[int, dict[str, list[dict]]], sweep: dict[tuple, list[di
     styles = {"internal": "-", "all": "--"}
     for (mode, form) in sorted({(k[0], k[1]) for k in sweep if k[1] != "none"}):
         keys = sorted(k for k in sweep if k[0] == mode and k[1] == form)
-        lams = [k[2] for k in keys]
+        lams = [_eff_lambda(form, k[2], sweep[k]) for k in keys]
         ratio = [sum(r["end_rms_ratio"] for r in sweep[k]) / len(sweep[k]) for k in keys]
         ref = {r["seed"]: r["val_loss"] for r in sweep[(mode, "none", 0.0)]}
         cost = [100 * sum(r["val_loss"] / ref[r["seed"]] - 1 for r in sweep[k]) / len(sweep[k]) for k in keys]
@@ -106,9 +133,10 @@ def plot_all(table: dict[int, dict[str, list[dict]]], sweep: dict[tuple, list[di
         axs[0].plot(lams, ratio, styles[mode], marker="o", color=color, label=f"{mode}, {form}")
         axs[1].plot(lams, cost, styles[mode], marker="o", color=color, label=f"{mode}, {form}")
     axs[0].axhspan(0.8, 1.2, color="gray", alpha=0.15)
-    axs[0].set(xscale="log", yscale="log", xlabel="lambda", ylabel="end s / s_tgt", title="scale held (goal: shaded)")
+    xl = "effective relative lambda (paper form: lambda / s_tgt^2)"
+    axs[0].set(xscale="log", yscale="log", xlabel=xl, ylabel="end s / s_tgt", title="scale held (goal: shaded)")
     axs[1].axhline(0.5, color="gray", ls=":")
-    axs[1].set(xscale="log", xlabel="lambda", ylabel="val loss cost vs no aux (%)", title="loss cost (goal < 0.5%)")
+    axs[1].set(xscale="log", xlabel=xl, ylabel="val loss cost vs no aux (%)", title="loss cost (goal < 0.5%)")
     axs[0].legend(fontsize=8)
     fig.tight_layout()
     out.append(_save(fig, stem.with_name(stem.name + "_sweep.png")))

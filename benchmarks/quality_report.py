@@ -75,17 +75,19 @@ def _gap(t: dict | None) -> str:
 def markdown(res: dict) -> str:
     """The human-readable report (quality.md)."""
     s, m = res["settings"], res["machine"]
-    aux = s["aux_default"]
+    aux, dflt = s["aux"], s["aux_default"]
     lines = [
         "# Quality: the paper's Table 1, Figures 1-2 and a scale-loss lambda sweep (CPU scale)", "",
         f"{res['date']}; {m['cpu']} ({m['cores']} cores, shared); load avg start {m.get('loadavg_start')}, end "
         f"{m.get('loadavg_end')}; {', '.join(f'{k} {v}' for k, v in res['versions'].items())}; "
-        f"{(res['seconds'] or 0) / 60:.1f} min wall.", "",
+        f"{(res['seconds'] or 0) / 60:.1f} min wall for this invocation ({res['runs_cached']} of {len(res['runs'])} runs "
+        f"from the cache), {res['train_seconds_total'] / 60:.0f} min of training in all runs.", "",
         f"Settings: {'QUICK (smoke) ' if s['quick'] else ''}Llama-style DecoderLM, depth {s['depth']}, {s['heads']} heads, "
         f"widths {s['widths']}; corpus {s['corpus']} (vocab {s['vocab']}), batch {s['batch_size']} x {s['seq_len']}, "
         f"{s['steps']} steps, AdamW lr {s['lr']} (5% warmup, cosine to 0), taper from the end of warmup to gate 0 at "
-        f"the last step; seeds {res['seeds']['table']} (init and data order). +aux arms use the TrainConfig default "
-        f"scale loss: form `{aux['scale_form']}`, lambda {aux['scale_lambda']}. Validation loss: the FULL held-out "
+        f"the last step; seeds {res['seeds']['table']} (init and data order). +aux arms: scale loss form "
+        f"`{aux['scale_form']}`, lambda {aux['scale_lambda']:g} (TrainConfig default: `{dflt['scale_form']}`, "
+        f"{dflt['scale_lambda']:g}). Validation loss: the FULL held-out "
         "split, tapered models at gate 0. Gaps: per-seed x / baseline - 1, mean +- sd, paired t-test p.", "",
         "## Table 1 analogue: final validation loss", "",
         "| width | arm | val loss (mean +- sd) | gap vs baseline | end logit norm | end s / s_tgt |",
@@ -124,8 +126,13 @@ def markdown(res: dict) -> str:
                      f"{_gap(r.get('cost_vs_noaux')) or '-'} | {_ms(r['end_rms_ratio'], fmt='{:.2f}')} | "
                      f"{_ms(r['end_logit_norm'], fmt='{:.1f}')} | {goal} |")
     c = sw["candidates"]
+    mine = [r for r in sw["rows"] if r["form"] == aux["scale_form"] and r["lambda"] == aux["scale_lambda"]]
+    verdict = "; ".join(f"{r['mode']}: {'met' if r['meets_goal'] else 'NOT met'}" for r in mine) or "not swept"
     lines += ["", "Meeting the goal in every swept mode (cheapest first): " +
               (", ".join(f"{x['form']} lambda={x['lambda']:g}" for x in c) if c else "none."), "",
+              f"Scale loss of the +aux arms: {aux['scale_form']} lambda={aux['scale_lambda']:g} "
+              f"-> goal in the sweep: {verdict}. Paper form and relative form are one family at a fixed target "
+              "(relative lambda = paper lambda / s_tgt^2); the sweep figure puts both on that axis.", "",
               "## Table 3 analogue (GPT-2 fine-tuning to TaperLN / FakeLN)", "",
               f"{res['table3']['status']}: {res['table3']['reason']}.", "",
               "## Figures", ""] + [f"- ![{f}]({f})" for f in res.get("figures", [])] + [""]

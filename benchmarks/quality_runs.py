@@ -109,14 +109,10 @@ def _run_one(job: dict) -> dict:
 
 
 def run_all(jobs: list[dict], workers: int = 2, threads: int = 1) -> list[dict]:
-    """Run every job (dicts with cfg, key, label, meta) on `workers` processes; records in job order."""
+    """Run every job (dicts with cfg, key, label, meta) on `workers` processes, started in the given order
+    (each finished run is cached, so an interrupted benchmark keeps them); records in job order."""
     if workers <= 1:
         _worker_init(threads)
         return [_run_one(j) for j in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # longest first: less idle tail
     with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(threads,)) as pool:
-        out = pool.map(_run_one, [jobs[i] for i in order], chunksize=1)
-    recs = [None] * len(jobs)
-    for i, r in zip(order, out):
-        recs[i] = r
-    return recs
+        return pool.map(_run_one, jobs, chunksize=1)

@@ -37,7 +37,8 @@ def test_quality_quick_writes_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "q.json").read_text())
     assert res["machine"]["cores"] and res["versions"]["torch"] and res["seeds"]["table"] == [0, 1]
-    assert res["settings"]["steps"] == 20 and res["settings"]["aux_default"]["scale_form"] in ("paper", "relative")
+    s = res["settings"]
+    assert s["steps"] == 20 and s["aux"]["scale_form"] == s["aux_default"]["scale_form"]
     arms = res["table1"]["16"]
     assert set(arms) == {"baseline", "internal+aux", "all+aux", "all-noaux"}
     assert arms["all+aux"]["vs_baseline"]["n"] == 2 and arms["baseline"]["val_loss"]["n"] == 2
@@ -46,3 +47,32 @@ def test_quality_quick_writes_results(tmp_path):
     for f in res["figures"]:
         assert (tmp_path / f).stat().st_size > 0
     assert "Table 1 analogue" in (tmp_path / "q.md").read_text()
+
+
+def test_quality_table3_quick_writes_results(tmp_path):
+    """Pre-train a tiny GPT-2, fine-tune it to Internal/All-TaperLN, the FakeLN surrogate and a plain continuation."""
+    cmd = [sys.executable, str(BENCH / "quality_table3.py"), "--quick", "--pretrain-steps", "8", "--ft-schedule", "6",
+           "1", "1", "4", "--max-chars", "20000", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "t3")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "t3.json").read_text())
+    assert res["machine"]["cores"] and res["versions"]["transformers"] and res["seeds"] == [0]
+    assert set(res["rows"]) == {"baseline-continued", "internal-taperln", "all-taperln", "fakeln-epshack"}
+    assert res["fakeln_sigma_bar"] and all(v > 0 for v in res["fakeln_sigma_bar"].values())
+
+
+def test_fakeln_eps_hack_matches_fixed_std_layernorm():
+    """LayerNorm with eps 1e12 and weight * 1e6 / sigma equals (x - mu) / sigma * weight + bias."""
+    import torch
+    from quality_table3 import EPS_HACK
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(16)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    x = torch.randn(3, 5, 16) * 2.5
+    sigma = 2.3
+    ref = (x - x.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
+    with torch.no_grad():
+        ln.weight.mul_(EPS_HACK ** 0.5 / sigma)
+    ln.eps = EPS_HACK
+    assert torch.allclose(ln(x), ref, atol=1e-5)

@@ -102,8 +102,8 @@ def config_from_args(args: argparse.Namespace):
         saved = (recovery_candidate(ckpt) or ckpt) / "trainer_state.json"  # a killed swap is repaired by train()
         if saved.is_file():  # a missing file is reported by train() itself
             try:
-                base = {k: v for k, v in json.loads(saved.read_text())["train_config"].items()
-                        if k in names and k not in ("stop_after", "overwrite", "progress")}
+                base = {k: v for k, v in {"scale_form": "paper", **json.loads(saved.read_text())["train_config"]}.items()
+                        if k in names and k not in ("stop_after", "overwrite", "progress")}  # pre-scale_form runs: paper
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{saved}: unreadable trainer state ({e}); the run cannot be "
                                  "resumed: start over with --overwrite or use a new --out") from None

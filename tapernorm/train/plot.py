@@ -23,7 +23,8 @@ def _title(run: Path, steps: int) -> str:
     for p in (run / "checkpoint" / "trainer_state.json",):
         try:
             c = json.loads(p.read_text())["train_config"]
-            aux = f", scale loss lambda={c.get('scale_lambda')}" if c.get("scale_loss") else ", no scale loss"
+            aux = (f", scale loss lambda={c.get('scale_lambda')} ({c.get('scale_form', 'paper')})" if c.get("scale_loss")
+                   else ", no scale loss")
             return f"{c.get('preset')} | mode {c.get('mode')}{aux} | {c.get('steps')} steps"
         except (OSError, ValueError, KeyError, TypeError):
             continue

@@ -105,7 +105,7 @@ def evaluate(model: DecoderLM, stream: torch.Tensor, batch_size: int, seq_len: i
 
 
 def _check_resume(cfg: TrainConfig, saved: dict) -> None:
-    now, before = cfg.to_dict(), saved
+    now, before = cfg.to_dict(), {"scale_form": "paper", **saved}  # runs saved before scale_form used the paper's
     diff = [k for k in now if k not in RESUME_FREE and k in before and now[k] != before[k]]
     if diff:
         raise ValueError(f"--resume with settings that change the run: {', '.join(f'{k}={now[k]!r} (was {before[k]!r})' for k in diff)}; "
