@@ -6,7 +6,7 @@ All-Taper mode, norm gains randomised, calibrated on random tokens, set to gate 
 statistic ops left, the verify max abs diff, the reason of every site kept, or the error (a family the
 generic config cannot build, a norm taperize refuses, ...). Not a speed benchmark; no timings asserted.
 
-    .venv/bin/python benchmarks/fold_survey.py                      # all families (~20-40 min on 2 cores)
+    .venv/bin/python benchmarks/fold_survey.py                      # all families (~7 min on a quiet 2-core box)
     .venv/bin/python benchmarks/fold_survey.py --families llama,gemma2,qwen3
     .venv/bin/python benchmarks/fold_survey.py --rows rows.jsonl    # append rows; re-run to resume
     .venv/bin/python benchmarks/fold_survey.py --render rows.jsonl  # markdown/JSON from saved rows
