@@ -64,6 +64,7 @@ def _args(argv):
                    help="scale-loss form of Table 1's +aux arms (default: TrainConfig's)")
     p.add_argument("--aux-lambda", type=float, default=None, help="their lambda (default: TrainConfig's)")
     p.add_argument("--no-horizon", action="store_true", help="skip the 2x-steps baseline flatness check")
+    p.add_argument("--no-figures", action="store_true", help="write only the JSON and markdown")
     p.add_argument("--workers", type=int, default=2, help="training processes (one torch thread each)")
     p.add_argument("--work", default="runs/quality", help="run cache directory")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality)")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     }
     stem = Path(a.out) if a.out else RESULTS / "quality"
     from quality_plots import plot_all
-    figs = plot_all({w: table[w] for w in a.widths}, sweep, stem)
+    figs = [] if a.no_figures else plot_all({w: table[w] for w in a.widths}, sweep, stem)
     result["figures"] = [f.name for f in figs]
     result["seconds"] = time.time() - t0
     md = markdown(result)
