@@ -18,6 +18,7 @@ import torch.nn as nn
 from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
 from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, storage_uses
+from .replay import aten_ops as _ops
 from .replay import replayable
 
 aten = torch.ops.aten
@@ -25,18 +26,6 @@ aten = torch.ops.aten
 __all__ = ["TaperSite", "Consumer", "find_sites", "site_refusal", "find_consumers", "get_attr_tensor",
            "storage_uses", "is_embedding_use", "stat_ops", "reads_metadata_only", "HARMLESS_READERS", "taper_classes",
            "GATE_NAME"]
-
-
-
-def _ops(*names: str) -> set:
-    """The aten overloads named "op.overload" that exist in this torch build."""
-    out = set()
-    for n in names:
-        op, _, overload = n.partition(".")
-        packet = getattr(aten, op, None)
-        if packet is not None and hasattr(packet, overload):
-            out.add(getattr(packet, overload))
-    return out
 
 
 # per-token statistics a gate-0 RMS map must not compute (LN keeps exactly one mean: its centering)

@@ -14,10 +14,11 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
-__all__ = ["replayable", "replay", "concrete_dim", "MOVES", "CASTS"]
+__all__ = ["replayable", "replay", "concrete_dim", "aten_ops", "MOVES", "CASTS"]
 
 
-def _ops(*names: str) -> set:
+def aten_ops(*names: str) -> set:
+    """The aten overloads named "op.overload" that exist in this torch build."""
     out = set()
     for n in names:
         op, _, overload = n.partition(".")
@@ -28,12 +29,12 @@ def _ops(*names: str) -> set:
 
 
 # ops that only move / select / regroup elements (replayable on an index tensor)
-MOVES = _ops("view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
+MOVES = aten_ops("view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
              "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "split.Tensor",
              "split_with_sizes.default", "chunk.default", "unbind.int", "slice.Tensor", "select.int",
              "narrow.default", "clone.default", "alias.default", "contiguous.default", "detach.default",
              "expand.default", "flatten.using_ints") | {operator.getitem}
-CASTS = _ops("to.dtype", "_to_copy.default", "to.dtype_layout")
+CASTS = aten_ops("to.dtype", "_to_copy.default", "to.dtype_layout")
 
 
 def _concrete(a):
