@@ -122,7 +122,8 @@ def _finetune(a, model_dir: Path, arm: str, seed: int, work: Path) -> dict:
     mode = {"internal-taperln": "internal", "all-taperln": "all"}.get(arm, "baseline")
     return finetune(FinetuneConfig(model=str(model_dir), out_dir=str(out), mode=mode, steps=T, warmup_steps=W,
                                    taper_start=t0, taper_end=t1, max_chars=a.max_chars, seq_len=64, batch_size=16,
-                                   lr=a.ft_lr, scale_loss=mode != "baseline", eval_batches=10**9, seed=seed,
+                                   lr=a.ft_lr, scale_loss=mode != "baseline", scale_form="paper", scale_lambda=0.1,
+                                   eval_batches=10**9, seed=seed,
                                    overwrite=True))
 
 

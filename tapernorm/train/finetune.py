@@ -106,9 +106,10 @@ class TaperTrainer(_trainer_base()):
     s_tgt is the EMA of the batch-mean s (averaged over ranks) while it is not frozen; TaperCallback freezes it
     at the taper start. With gradient accumulation the term is divided by the accumulation steps, like the CE."""
 
-    def __init__(self, *args, scale_target: ScaleTarget | None = None, scale_lambda: float = 0.1, **kw):
+    def __init__(self, *args, scale_target: ScaleTarget | None = None, scale_lambda: float = 1.0,
+                 scale_form: str = "relative", **kw):
         super().__init__(*args, **kw)
-        self.scale_target, self.scale_lambda = scale_target, float(scale_lambda)
+        self.scale_target, self.scale_lambda, self.scale_form = scale_target, float(scale_lambda), scale_form
         final = find_final_norm(self.model)
         if final is None:
             raise ValueError(f"{type(self.model).__name__} has no final norm; the scale loss needs the pre-logit input")
@@ -134,7 +135,7 @@ class TaperTrainer(_trainer_base()):
                 s /= _world()
             tgt.update(float(s))
         elif self.scale_lambda > 0:
-            aux = scale_loss(h, tgt.frozen, self.scale_lambda, self._centered, mask)
+            aux = scale_loss(h, tgt.frozen, self.scale_lambda, self._centered, mask, self.scale_form)
             aux = aux / self.args.gradient_accumulation_steps
             self.aux_log.append(float(aux.detach()))
             loss = loss + aux
@@ -259,7 +260,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         dataloader_num_workers=0, remove_unused_columns=False, ddp_backend="gloo" if use_cpu and world > 1 else None)
     trainer = TaperTrainer(model=model, args=args, train_dataset=_Chunks(data.train, cfg.seq_len),
                            callbacks=[TaperCallback(sched, target)] if tapering else [], scale_target=target,
-                           scale_lambda=cfg.scale_lambda)
+                           scale_lambda=cfg.scale_lambda, scale_form=cfg.scale_form)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # the logs go to OUT/log_history.json, not stdout
     trainer.train()

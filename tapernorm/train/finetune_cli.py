@@ -15,6 +15,8 @@ import os
 import typing
 from dataclasses import dataclass
 
+from .config import SCALE_FORMS
+
 __all__ = ["FinetuneConfig", "SCHEDULES", "MODES", "add_cli", "config_from_args"]
 
 MODES = ("internal", "all", "baseline")
@@ -47,7 +49,8 @@ class FinetuneConfig:
     batch_size: int = 8               # global batch (split over torchrun processes)
     lr: float = 1e-4
     scale_loss: bool = True
-    scale_lambda: float = 0.1
+    scale_lambda: float = 1.0
+    scale_form: str = "relative"      # "relative": lambda (s/s_tgt - 1)^2 (the trainer default); "paper"
     beta_ema: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -80,6 +83,8 @@ class FinetuneConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
         if not (self.lr > 0 and self.grad_clip > 0 and self.scale_lambda >= 0 and 0 < self.beta_ema <= 1):
             raise ValueError("--lr and --grad-clip must be > 0, --scale-lambda >= 0, --beta-ema in (0, 1]")
+        if self.scale_form not in SCALE_FORMS:
+            raise ValueError(f"--scale-form {self.scale_form!r} is not one of {', '.join(SCALE_FORMS)}")
         T, W, t0, t1 = self.resolved_steps()
         if not (T >= 2 and 0 <= W < T and 1 <= t0 <= t1 <= T and t0 < T):
             raise ValueError(f"schedule total {T}, warmup {W}, taper {t0}..{t1} is not valid: need 0 <= warmup < total, "
@@ -110,6 +115,8 @@ _HELP = {
     "lr": "peak learning rate (AdamW; linear warmup, cosine decay)",
     "scale_loss": "fixed-target scale loss on the pre-logit residual",
     "scale_lambda": "weight of the scale loss",
+    "scale_form": "scale-loss form: relative, lambda (s/s_tgt - 1)^2 (default, as `tapernorm train`), or the paper's "
+                  "lambda (s - s_tgt)^2",
     "beta_ema": "new-sample weight of the calibration and scale-target EMAs",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping threshold",
@@ -139,8 +146,9 @@ def add_cli(subparsers) -> None:
         base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in ("mode", "schedule"):
-            p.add_argument(flag, choices=MODES if f.name == "mode" else sorted(SCHEDULES), **kw)
+        elif f.name in ("mode", "schedule", "scale_form"):
+            choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS}[f.name]
+            p.add_argument(flag, choices=choices, **kw)
         else:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
