@@ -31,7 +31,8 @@ from .layers import get_gate, taper_layers
 from .hf_config import TOKENIZER_CONFIG, run_dir_hf_fields, sp_tokenizer_info
 from .typecheck import field_type_error
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config",
+           "read_json"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -107,6 +108,14 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
     return out
 
 
+def read_json(path: Path, fix: str):
+    """Parse a JSON file; an unreadable one is a one-line CheckpointError ending with `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
 def read_config(ckpt_dir: str | os.PathLike) -> dict:
     """Parse and minimally validate DIR/config.json."""
     d = Path(ckpt_dir)
@@ -115,10 +124,7 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
     p = d / CONFIG
     if not p.is_file():
         raise CheckpointError(f"{p}: missing; a checkpoint needs config.json + model.safetensors")
-    try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e}); the file is corrupt, re-save the checkpoint") from None
+    cfg = read_json(p, "the file is corrupt, re-save the checkpoint")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("tapernorm"), dict):
         raise CheckpointError(f"{p}: no 'tapernorm' model-config section; not a tapernorm checkpoint "
                               "(pass the model/ or checkpoint/ directory of a `tapernorm train` run)")
@@ -214,11 +220,8 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
     jp, tp = d / STATE_JSON, d / STATE_TENSORS
     if not jp.is_file() or not tp.is_file():
         raise CheckpointError(f"{d}: no trainer state ({STATE_JSON} + {STATE_TENSORS}); it cannot be resumed")
-    try:
-        js = json.loads(jp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{jp}: not valid JSON ({e}); the trainer state is corrupt, so the run cannot be "
-                              "resumed: start over with --overwrite or use a new --out") from None
+    js = read_json(jp, "the trainer state is corrupt, so the run cannot be resumed: start over with --overwrite "
+                       "or use a new --out")
     return {"json": js, "tensors": _open_safetensors(tp)}
 
 

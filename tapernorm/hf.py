@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json
 from .fileio import staged_dir
 from .hf_config import (GUARD, HF_SECTION, TOKENIZER_CONFIG, guard_hf_config, is_guarded, sp_tokenizer_info,
                         unguard_dict)
@@ -46,10 +46,7 @@ WEIGHTS = "tapernorm.safetensors"  # the state dict under the model's own module
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt, re-save the model") from None
+    obj = read_json(path, "the file is corrupt, re-save the model")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: must hold a JSON object; re-save the model")
     return obj
