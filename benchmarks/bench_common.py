@@ -13,6 +13,23 @@ from pathlib import Path
 from tapernorm.fileio import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(os.environ.get("TAPERNORM_BENCH_OUT", Path.cwd() / "runs" / "bench"))
+
+
+def add_output_args(parser) -> None:
+    """--out DIR (default: a scratch directory, runs/bench or $TAPERNORM_BENCH_OUT) and --save (write the
+    committed benchmarks/results/ instead). A benchmark never overwrites committed results unless asked."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"directory for the JSON/markdown results (default: {SCRATCH}; see --save)")
+    parser.add_argument("--save", action="store_true",
+                        help=f"write into the committed results directory {RESULTS} (overrides --out)")
+
+
+def output_dir(args) -> Path:
+    """The directory add_output_args chose: RESULTS with --save, else --out, else the scratch directory."""
+    d = RESULTS if getattr(args, "save", False) else Path(args.out) if getattr(args, "out", None) else SCRATCH
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def machine_info() -> dict:
