@@ -17,7 +17,13 @@ Leftovers recovery knows: `.NAME.tmp-*` / `.NAME.build-*` (staging), `.NAME.old-
 
 Locks, `dir_lock(path)`: fcntl.flock on the sibling file `.NAME.lock`, holding the owner's PID and command;
 the kernel drops it when the process dies, so a killed run never leaves a stale lock. The file is removed
-on release (a waiter that opened the removed file notices the inode changed and retries).
+on release (a waiter that opened the removed file notices the inode changed and retries). The lock file is
+opened with O_NOFOLLOW and must be a plain file with one link: a symlink or hard link planted there is
+refused (`LockFileError`), never truncated. The path is `canonical_out(path)`'s, so two spellings of one
+directory (a symlinked parent, or `out` itself a symlink to a directory) take one lock.
+
+Disk full: an ENOSPC (or EDQUOT) in `atomic_write_bytes`, `save_safetensors` or inside `staged_dir` becomes
+`DiskFullError`, one line naming the file being written and the free space it needs; nothing half-written stays.
 """
 from __future__ import annotations
 
@@ -28,13 +34,15 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode", "recover_dir",
-           "remove_dir", "exchange", "dir_lock", "LockedError", "STAGING_TAGS", "recovery_candidate"]
+           "remove_dir", "exchange", "dir_lock", "LockedError", "LockFileError", "STAGING_TAGS", "recovery_candidate",
+           "canonical_out", "DiskFullError", "is_disk_full", "save_safetensors"]
 
 STAGING_TAGS = ("tmp", "build", "old", "lnk", "v")  # .NAME.<tag>-XXXX siblings this module creates
 
@@ -46,19 +54,82 @@ def umask_mode(path: str | os.PathLike, is_dir: bool = False) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
 
 
+# -- disk full ------------------------------------------------------------------------------------------
+class DiskFullError(OSError):
+    """No space left (ENOSPC / EDQUOT) while writing a file; the message names the file and the space needed."""
+
+    def __init__(self, msg: str, path: Path | None = None, need: int | None = None):
+        super().__init__(msg)
+        self.errno, self.path, self.need = errno.ENOSPC, path, need
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT, raised as OSError or wrapped by a library (safetensors: 'os error 28')."""
+    if isinstance(e, DiskFullError):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    return f"os error {errno.ENOSPC}" in msg or "No space left on device" in msg or "Disk quota exceeded" in msg
+
+
+def _human(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _free(where: Path) -> int:
+    for p in (where, *where.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(p).free
+    return 0
+
+
+def _tree_size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    total = 0
+    for root, _, files in os.walk(p):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def disk_full_error(path: Path, need: int | None, kept: str) -> DiskFullError:
+    """The one-line DiskFullError for `path` (`need`: bytes the write takes, if known; `kept`: what was left
+    as it was). Call it after removing the partial output, so the free space it reports is real."""
+    free = _free(path.parent)
+    if need:
+        short = max(need - free, 0)
+        room = (f"it needs {_human(need)}, {_human(free)} free on that filesystem; free at least "
+                f"{_human(short or need)} and retry")
+    else:
+        room = f"{_human(free)} free on that filesystem; free some space and retry"
+    return DiskFullError(f"no space left on device writing {path} ({room}); {kept}", path, need)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to a temp file beside `path`, then rename it over `path`."""
+    """Write `data` to a temp file beside `path`, then rename it over `path` (DiskFullError if the disk fills)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # ENOSPC of a delayed-allocation filesystem shows here, not at close
         umask_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and is_disk_full(e):
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise disk_full_error(path, len(data), kept) from None
         raise
     return path
 
@@ -66,6 +137,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """atomic_write_bytes for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """safetensors.torch.save_file, with a disk-full error as DiskFullError (the partial file removed)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        with contextlib.suppress(OSError):
+            path.unlink()
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + 8 + 100 * len(tensors)
+        raise disk_full_error(path, need, "nothing half-written was kept") from None
+    return path
 
 
 # -- exchange rename ------------------------------------------------------------------------------------
@@ -164,14 +251,38 @@ def staged_dir(out: str | os.PathLike, tag: str = "tmp"):
     on any error it is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(out, None, f"{out} was left as it was") from None
+        raise
     try:
         yield tmp
         umask_mode(tmp, is_dir=True)
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        full = _staged_disk_full(e, tmp, out) if isinstance(e, Exception) and is_disk_full(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            where, need = full
+            raise disk_full_error(where, need, f"nothing half-written was kept, {out} was left as it was") from None
         raise
+
+
+def _staged_disk_full(e: BaseException, tmp: Path, out: Path) -> tuple[Path, int | None]:
+    """(the file being written, bytes needed) for a disk that filled while `tmp` was built for `out`: the
+    exception's file, else the newest in tmp; the need: the larger of the previous `out` and what was staged,
+    or what a DiskFullError from a nested writer said."""
+    nested = e if isinstance(e, DiskFullError) else None
+    name = str(nested.path) if nested is not None and nested.path else getattr(e, "filename", None)
+    if not name:
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        name = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else None
+    where = out / Path(name).relative_to(tmp) if name and str(name).startswith(str(tmp)) else (
+        out / Path(name).name if name else out)
+    need = max(_tree_size(out) if out.exists() else 0, _tree_size(tmp), (nested.need or 0) if nested else 0)
+    return where, need or None
 
 
 def _leftovers(out: Path) -> dict[str, list[Path]]:
@@ -231,8 +342,55 @@ class LockedError(RuntimeError):
     """Another process holds the lock."""
 
 
+class LockFileError(RuntimeError):
+    """The lock file is not a plain file of ours (a symlink or hard link planted there): refused, never written."""
+
+
+def _is_pointer(out: Path) -> bool:
+    """True when `out` is the no-exchange swap's pointer symlink (to its own `.NAME.v-*` sibling)."""
+    if not out.is_symlink():
+        return False
+    target = os.readlink(out)
+    return os.sep not in target and target.startswith(f".{out.name}.v-")
+
+
+def canonical_out(path: str | os.PathLike) -> Path:
+    """The one absolute spelling of an output directory: symlinks in its parents are resolved, and `path` itself
+    when it is a symlink to a directory (not the swap's own pointer link), so aliases share one lock and one swap."""
+    p = Path(os.path.abspath(path))
+    if p.name in ("", ".", ".."):
+        p = Path(os.path.realpath(p))
+    p = Path(os.path.realpath(p.parent)) / p.name
+    for _ in range(40):  # a chain of user links, never the swap pointer
+        if not p.is_symlink() or _is_pointer(p):
+            break
+        p = Path(os.path.realpath(p.parent / os.readlink(p)))
+        if not p.is_symlink():
+            break
+    return p
+
+
 def _lock_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.lock")
+
+
+def _open_lock(path: Path) -> int:
+    """Open (create) the lock file without following a symlink; refuse anything but a plain, singly linked file."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
+    fix = f"it is not tapernorm's; remove it (rm {path}) and retry"
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise LockFileError(f"lock file {path} is a symbolic link (to {os.readlink(path)}); tapernorm refuses to "
+                                f"follow it, since writing it would overwrite the file it points to: {fix}") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a hard link ({st.st_nlink} names)"
+        raise LockFileError(f"lock file {path} is {what}; tapernorm refuses to write it: {fix}")
+    return fd
 
 
 def _holder(fd: int) -> str:
@@ -256,11 +414,12 @@ def dir_lock(target: str | os.PathLike, what: str = "tapernorm"):
         yield None
         return
     target = Path(target)
-    path = _lock_path(Path(os.path.abspath(target)))  # "." has no name to put beside
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # removed again if left empty
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = [p for p in (Path(os.path.abspath(target)).parent, *Path(os.path.abspath(target)).parents)
+            if not p.exists()]  # removed again if left empty
+    Path(os.path.abspath(target)).parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(canonical_out(target))  # one lock for every spelling of the directory
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -271,7 +430,7 @@ def dir_lock(target: str | os.PathLike, what: str = "tapernorm"):
             raise LockedError(f"{target} is in use by another tapernorm process ({who}); wait for it to finish "
                               f"or stop it (kill {pid or 'PID'}), then retry") from None
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = os.lstat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
