@@ -26,7 +26,7 @@ import torch
 
 from tapernorm.checkpoint import load_checkpoint
 from tapernorm.data import Tokenizer
-from tapernorm.fileio import dir_lock, recover_dir, staged_dir
+from tapernorm.fileio import canonical_out, dir_lock, is_swap_pointer, recover_dir, staged_dir
 from tapernorm.layers import TAPER_TYPES, taper_layers
 from tapernorm.passes import fold, materialize
 from tapernorm.passes.capture import capture
@@ -190,7 +190,10 @@ def _holding_out_lock(fn):
 
     @functools.wraps(fn)
     def locked(*args, **kw):
-        out = Path(sig.bind(*args, **kw).arguments["out_dir"])
+        bound = sig.bind(*args, **kw)
+        out = Path(bound.arguments["out_dir"])
+        if out.is_symlink() and not is_swap_pointer(out):  # --out ALIAS -> DIR: swap DIR itself, under DIR's lock
+            out = bound.arguments["out_dir"] = canonical_out(out)
         with dir_lock(out, f"tapernorm compile --out {out}"):
             recover_dir(out)
             return fn(*args, **kw)
