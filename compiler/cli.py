@@ -45,6 +45,7 @@ def _cmd_compile(args) -> int:
     rep = compile_checkpoint(args.checkpoint, args.out, dtype=args.dtype, allow_unfolded=args.allow_unfolded,
                              parity_tokens=args.parity_tokens, prompt=args.prompt, provider=args.provider,
                              graph=args.graph, fallback_generic=args.fallback_generic,
+                             precision=args.precision, block_size=args.block_size, accuracy_level=args.accuracy_level,
                              log=lambda m: print(f"[compile] {m}", file=sys.stderr))
     print(summary_text(rep))
     return 0
@@ -103,6 +104,16 @@ def add_compile_cli(subparsers) -> None:
     p.add_argument("--fallback-generic", action="store_true",
                    help="with --graph lean: use the generic export when the lean builder cannot express the model "
                         "(otherwise that is an error naming the layer)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int4"), default="fp32",
+                   help="fold in fp32, then cast the graph (fp16/bf16: whole graph incl. GroupQueryAttention; bf16 "
+                        "needs --provider cuda) or quantize weights only (int8/int4: MatMulNBits, fp32 activations); "
+                        "parity against the fp32 model with a tolerance per precision")
+    p.add_argument("--block-size", type=int, default=32, metavar="N",
+                   help="int8/int4: weights per quantization block along K (16/32/64/128/256; must divide every "
+                        "layer's K)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None, metavar="L",
+                   help="int8/int4: MatMulNBits accuracy level (4: int8 activations, 1: fp32; 0: unset); default 4 "
+                        "on cpu, 0 on cuda (onnxruntime-genai's defaults)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=_cmd_compile)
 

@@ -41,7 +41,9 @@ from .hf_compile import load_for_compile
 from .onnx_fold import check_statistics
 from .onnx_io import load_onnx
 from .lean import LeanError, write_genai_config
+from .tokenizer_files import COPIED_FILES, copy_tokenizer_files, update_runtime_json
 from .lean.export import export_lean_pair, optimized_counts
+from .precision import apply_precision, plan_precision, precision_parity
 
 __all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy", "summary_text",
            "DEFAULT_PROMPT", "PARITY_TOL"]
@@ -49,8 +51,7 @@ __all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "t
 PARITY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}  # max |logit diff| / max(1, max |logit|)
 _OUT_FILES = ("model.onnx", "model_unfused.onnx", "runtime.json", "config.json", "compile_report.json")
 # everything a compile may write into its output directory; anything else there belongs to the user
-OWNED_FILES = (*_OUT_FILES, "model.onnx.data", "model_unfused.onnx.data", "tokenizer.model", "genai_config.json",
-               "tokenizer_config.json")
+OWNED_FILES = (*_OUT_FILES, "model.onnx.data", "model_unfused.onnx.data", "genai_config.json", *COPIED_FILES)
 GRAPH_KINDS = ("lean", "generic")  # compile_checkpoint(graph=...): compiler.lean builder or the dynamo export
 
 
@@ -196,7 +197,7 @@ def _holding_out_lock(fn):
             out = bound.arguments["out_dir"] = canonical_out(out)
         with dir_lock(out, f"tapernorm compile --out {out}"):
             recover_dir(out)
-            return fn(*args, **kw)
+            return fn(*bound.args, **bound.kwargs)
     return locked
 
 
@@ -225,13 +226,16 @@ def _prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
 def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                        allow_unfolded: bool = False, parity_tokens: int = PARITY_TOKENS, prompt: str = DEFAULT_PROMPT,
                        provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT, graph: str = "lean",
-                       fallback_generic: bool = False) -> dict:
+                       fallback_generic: bool = False, precision: str = "fp32", block_size: int = 32,
+                       accuracy_level: int | None = None) -> dict:
     """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report.
 
     `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB).
     `graph`: "lean" (compiler.lean: GroupQueryAttention, shared KV buffer, fused Skip norms; also writes
     genai_config.json) or "generic" (the torch.onnx dynamo export). A model the lean builder cannot express
     is a CompileError naming the layer, unless `fallback_generic` (then the generic export is used).
+    `precision` fp16 / bf16 / int8 / int4 (compiler/precision.py): fold in fp32, then cast or quantize weight-only
+    (`block_size`, `accuracy_level`: MatMulNBits); parity is then against the fp32 model with its tolerance.
     """
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
@@ -242,6 +246,10 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         raise CompileError(f"parity_tokens must be >= 1, got {parity_tokens}")
     if graph not in GRAPH_KINDS:
         raise CompileError(f"graph {graph!r} is not one of {list(GRAPH_KINDS)}")
+    plan = plan_precision(precision, dtype, provider, block_size, accuracy_level)  # one-line refusals first
+    if not (ckpt / "config.json").is_file() and (ckpt / "model" / "config.json").is_file():
+        log(f"{ckpt} is a run directory; compiling its final model, {ckpt / 'model'}")  # as `tapernorm eval` does
+        ckpt = ckpt / "model"
     foreign = _prepare_out(out_dir)
     model, info = load_for_compile(ckpt, log)  # a run dir, a tapered HF dir or a FakeLN HF dir (hf_compile.py)
     if info.get("hf") and not info["hf"].get("decoderlm") and graph == "lean":  # the lean builder maps DecoderLM
@@ -280,7 +288,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
             log("build lean model.onnx (folded) and model_unfused.onnx")
             try:
                 exp_f, exp_u, stats = export_lean_pair(model, gm_fold, rep_fold, gm_unf, rep_unf, tmp,
-                                                       DTYPES[dtype], meta, inline_limit)
+                                                       DTYPES[plan.graph_dtype], meta, inline_limit)
             except LeanError as e:
                 if not fallback_generic:
                     raise CompileError(f"{ckpt}: lean graph: {e}") from None
@@ -300,28 +308,31 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
             raise ParityError(f"statistics check failed (nothing written): {stats['reason']}")
         t_export = time.perf_counter()
         # runtime.json first: the runtime sessions of the parity check read the context limit from it
-        tok_ids = {"eos_id": None, "bos_id": None}
-        if info.get("tokenizer_path"):
-            tok = Tokenizer.load(info["tokenizer_path"])
-            tok_ids = {"eos_id": tok.eos_id, "bos_id": tok.bos_id}
-            shutil.copyfile(info["tokenizer_path"], tmp / "tokenizer.model")
-        else:
-            log(f"note: {ckpt} has no tokenizer.model, so {out_dir} gets none; `tapernorm generate` needs one "
-                "(token-id APIs such as runtime.generate_ids work without it)")
+        toks = copy_tokenizer_files(ckpt, tmp, cfg.vocab_size)  # tokenizer files, chat template, stop ids, BOS rule
+        tok_ids = {"eos_id": toks.eos_id, "bos_id": toks.bos_id}
+        for note in toks.notes:
+            log(f"note: {note}")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
-        write_runtime_json(tmp, cfg, dtype, **tok_ids)
+        prec = apply_precision(tmp, plan, graph, log=log)  # int8/int4: MatMulNBits; generic fp16: cast
+        write_runtime_json(tmp, cfg, plan.graph_dtype, **tok_ids)
+        update_runtime_json(tmp, toks)  # eos_ids (every end token), add_bos, tokenizer file
         log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
         sessions = {f: _session(tmp / f, provider, out_dir) for f in ("model.onnx", "model_unfused.onnx")}
         prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
-        parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
+        if plan.precision == "fp32":
+            parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
+        else:  # against the fp32 model: a tolerance per precision and a greedy-agreement rate
+            parity = precision_parity(model, cfg, sessions, info, _prompt_ids, torch_greedy, parity_tokens, plan)
         del sessions
         if graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
             write_genai_config(tmp, cfg, eos_id=tok_ids["eos_id"], bos_id=tok_ids["bos_id"], provider=provider)
         report = {
-            "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": dtype, "arch": cfg.arch, "graph": graph,
+            "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": plan.graph_dtype, "arch": cfg.arch, "graph": graph,
+            "precision": prec,
             "ort_optimized": optimized_counts(tmp),
             "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded, "hf": info.get("hf"),
-            "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": bool(info.get("tokenizer_path")),
+            "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": toks.tokenizer is not None,
+            "tokenizer_files": toks.files, "eos_ids": toks.eos_ids, "add_bos": toks.add_bos,
             "passes": {"fold": rep_fold, "materialize": rep_unf}, "statistics_check": stats,
             "export": {"model.onnx": exp_f, "model_unfused.onnx": exp_u},
             "opset": exp_f["opset"], "ir_version": exp_f["ir_version"],
@@ -353,4 +364,7 @@ def summary_text(rep: dict) -> str:
             f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"
             f"  parity: prompt logits max|diff| folded {g['model.onnx']['prompt_logits_max_abs_diff']:.2e}, "
             f"unfused {g['model_unfused.onnx']['prompt_logits_max_abs_diff']:.2e}; "
-            f"{p['new_tokens']} greedy tokens identical in PyTorch / folded / unfused")
+            + (f"{p['new_tokens']} greedy tokens identical in PyTorch / folded / unfused" if "precision" not in p else
+               f"{rep['precision']['name']} vs fp32 PyTorch, greedy agreement folded "
+               f"{g['model.onnx']['greedy_agreement']:.0%}, unfused {g['model_unfused.onnx']['greedy_agreement']:.0%}"
+               f" over {p['prompts']} prompts x {p['new_tokens']} tokens"))
