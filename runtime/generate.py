@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import sentencepiece as spm
 
 from .sampling import Sampler, SamplingParams
 from .session import DecoderSession
+from .tokenizer import PromptRules, StopStrings, TextStreamer, load_tokenizer, read_runtime_json
 
 __all__ = ["OrtDecoder", "GenerationResult", "pad_prompts", "iter_tokens", "stream_ids", "generate_ids", "TextStreamer",
-           "load_tokenizer", "Generator", "add_cli"]
+           "load_tokenizer", "TextModel", "Generator", "text_pieces", "add_cli"]
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +189,8 @@ def iter_tokens(decoder, input_ids: np.ndarray, attention_mask: np.ndarray | Non
         yield tok, live.copy()
         if i == max_new_tokens - 1:
             break
-        if max_len is not None and decoder.length >= max_len:
-            stats["reason"] = "context"
+        if max_len is not None and decoder.length + 1 >= max_len:  # prompt + generated fill the context (the
+            stats["reason"] = "context"  # sequence never outgrows it: onnxruntime-genai's max_length, same count)
             return
         ts = time.perf_counter()
         logits = decoder.step(tok)
@@ -206,19 +206,22 @@ def stream_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     stats: dict = {}
     out: list[list[int]] = [[] for _ in prompts]
     stopped = np.zeros(len(prompts), dtype=bool)
-    for tok, live in iter_tokens(decoder, ids, mask, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
-                                 stop_ids=stop_ids, stats=stats):
-        stopped |= ~live
-        for b in np.flatnonzero(live):
-            out[b].append(int(tok[b]))
-        yield tok, live
-    final = stats.get("reason", "length")
-    reasons = ["stop" if (s or final == "stop") else final for s in stopped]
-    if result is not None:
-        sess = getattr(decoder, "session", None)
-        result["result"] = GenerationResult(out, reasons, ids.shape[1], stats.get("prefill_s", 0.0),
-                                            stats.get("decode_s", 0.0), stats.get("decode_steps", 0),
-                                            list(getattr(sess, "providers", []) or []))
+    final = "stop"  # the caller closed the stream early (a stop string)
+    try:
+        for tok, live in iter_tokens(decoder, ids, mask, max_new_tokens=max_new_tokens, sampler=Sampler(sampling),
+                                     stop_ids=stop_ids, stats=stats):
+            stopped |= ~live
+            for b in np.flatnonzero(live):
+                out[b].append(int(tok[b]))
+            yield tok, live
+        final = stats.get("reason", "length")
+    finally:
+        if result is not None:
+            reasons = ["stop" if (s or final == "stop") else final for s in stopped]
+            sess = getattr(decoder, "session", None)
+            result["result"] = GenerationResult(out, reasons, ids.shape[1], stats.get("prefill_s", 0.0),
+                                                stats.get("decode_s", 0.0), stats.get("decode_steps", 0),
+                                                list(getattr(sess, "providers", []) or []))
 
 
 def generate_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -235,102 +238,81 @@ def generate_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
 # -- text ----------------------------------------------------------------------------------------------
 
-class SPTokenizer:
-    """SentencePiece model for generation (the runtime reads tokenizer.model directly, no torch)."""
-
-    def __init__(self, path: str | Path):
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.eos_id, self.bos_id, self.vocab_size = self.sp.eos_id(), self.sp.bos_id(), self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no BOS; callers add it)."""
-        return list(self.sp.encode(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`."""
-        return self.sp.decode(list(ids))
-
-
-def load_tokenizer(path: str | Path) -> SPTokenizer:
-    """The compiled directory's SentencePiece tokenizer.model, with one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} is missing; compile from a checkpoint that has tokenizer.model "
-                                "(`tapernorm compile` copies it), or decode token ids with runtime.generate_ids")
+def text_pieces(tokens: Iterator[tuple[np.ndarray, np.ndarray]], tokenizer, prompt_ids: Sequence[int],
+                stop_strings: Sequence[str] = ()) -> Iterator[str]:
+    """Text of row 0 of a (tokens (B,), live (B,)) stream, cut at the first stop string (which ends decoding)."""
+    streamer, stops = TextStreamer(tokenizer, prompt_ids), StopStrings(stop_strings)
     try:
-        return SPTokenizer(path)
-    except (RuntimeError, OSError) as e:
-        raise ValueError(f"{path} is not a SentencePiece model ({e}); re-run `tapernorm compile`") from None
+        for tok, live in tokens:
+            if not live[0]:
+                break
+            piece = stops.push(streamer.push(int(tok[0])))
+            if piece:
+                yield piece
+            if stops.hit:
+                return
+        tail = stops.flush()
+        if tail:
+            yield tail
+    finally:
+        getattr(tokens, "close", lambda: None)()  # ends decoding; the GenerationResult is written then
 
 
-class TextStreamer:
-    """Incremental detokenization: feed generated ids, get the new text (holds back partial characters)."""
+class TextModel:
+    """What `generate` / `chat` need from an engine over a compiled directory: its tokenizer, the prompt rules of
+    runtime.json (stop ids, BOS), the chat template and the context limit. Subclasses implement `_token_stream`."""
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int]):
-        self.tok, self.ids = tokenizer, list(prompt_ids)
-        self.base = tokenizer.decode(self.ids)
-        self.emitted = 0
+    model_dir: Path
+    max_len: int | None
+    vocab_size: int
 
-    def push(self, token: int) -> str:
-        """Append one token; return the text it completes (may be '')."""
-        self.ids.append(int(token))
-        text = self.tok.decode(self.ids)
-        if not text.startswith(self.base) or text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.base) + self.emitted:]
-        self.emitted += len(new)
-        return new
+    def _init_text(self, model_dir: Path) -> None:
+        rt = read_runtime_json(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, prefer=rt.get("tokenizer"))
+        self.rules = PromptRules.from_runtime(rt, self.tokenizer)
+        tv, mv = int(self.tokenizer.vocab_size), int(self.vocab_size)
+        if tv > mv or (self.tokenizer.kind == "sentencepiece" and tv != mv):
+            raise ValueError(f"{self.tokenizer.path} has {tv} tokens but the model's vocab is {mv}; the directory "
+                             "mixes files from different compiles, re-run `tapernorm compile`")
 
-
-class Generator:
-    """Text in, text out over a compiled model directory (onnxruntime)."""
-
-    def __init__(self, model_dir: str | Path, *, variant: str = "model.onnx", provider: str = "auto",
-                 threads: int | None = None, **session_kw):
-        self.session = DecoderSession(model_dir, variant=variant, provider=provider, intra_op_threads=threads,
-                                      **session_kw)
-        self.tokenizer = load_tokenizer(self.session.model_dir / "tokenizer.model")
-        self.decoder = OrtDecoder(self.session)
-        tv, mv = int(self.tokenizer.vocab_size), int(self.session.config.vocab_size)
-        if tv != mv:
-            raise ValueError(f"{self.session.model_dir / 'tokenizer.model'} has {tv} pieces but the model's vocab is "
-                             f"{mv}; the directory mixes files from different compiles, re-run `tapernorm compile`")
-
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
-        bos = self.session.config.bos_id if self.session.config.bos_id is not None else self.tokenizer.bos_id
-        if bos is not None and bos >= 0:
-            ids = [bos] + ids
-        ml = self.decoder.max_len
+    def _fit(self, ids: list[int]) -> list[int]:
+        ml = self.max_len
         if ml is not None and len(ids) >= ml:
             raise ValueError(f"prompt is {len(ids)} tokens but the model's context is {ml}; "
                              f"shorten it to at most {ml - 1} tokens")
         return ids
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Ids of a plain-text prompt (BOS by runtime.json's rule); refuses one that fills the context."""
+        return self._fit(self.rules.prompt_ids(self.tokenizer, prompt))
+
+    _prompt_ids = prompt_ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Ids of `messages` rendered with the directory's chat template and the generation prompt."""
+        from .chat import require_chat_template
+        text = require_chat_template(self.model_dir).render(messages, add_generation_prompt=True)
+        return self._fit(self.tokenizer.encode(text))
+
     def stop_ids(self, extra: Sequence[int] = ()) -> list[int]:
-        """The eos id (runtime.json, else the tokenizer's) plus `extra`."""
-        eos = self.session.config.eos_id if self.session.config.eos_id is not None else self.tokenizer.eos_id
-        return ([eos] if eos is not None and eos >= 0 else []) + [int(x) for x in extra]
+        """Every end token runtime.json names (else the tokenizer's eos) plus `extra`."""
+        return list(dict.fromkeys([*self.rules.eos_ids, *(int(x) for x in extra)]))
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
-               stop_ids: Sequence[int] | None = None, result: dict | None = None) -> Iterator[str]:
-        """Yield pieces of generated text as they are decoded; `result` receives the GenerationResult.
-
-        The prompt is checked here (eagerly), so a too-long prompt fails before anything is printed."""
+    def stream_ids(self, ids: Sequence[int], *, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+                   stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                   result: dict | None = None) -> Iterator[str]:
+        """Yield the text generated after prompt `ids` as it is decoded; `result["result"]` gets the
+        GenerationResult. Stops at a stop id, a stop string, `max_new_tokens` or the context."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
-        ids = self._prompt_ids(prompt)
+        ids = self._fit(list(ids))
         stops = self.stop_ids() if stop_ids is None else list(stop_ids)
-        return self._stream(ids, max_new_tokens, sampling, stops, result)
+        return text_pieces(self._token_stream(ids, max_new_tokens, sampling, stops, result), self.tokenizer, ids,
+                           stop_strings)
 
-    def _stream(self, ids, max_new_tokens, sampling, stops, result) -> Iterator[str]:
-        streamer = TextStreamer(self.tokenizer, ids)
-        for tok, live in stream_ids(self.decoder, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                                    stop_ids=stops, result=result):
-            if live[0]:
-                piece = streamer.push(int(tok[0]))
-                if piece:
-                    yield piece
+    def stream(self, prompt: str, **kw) -> Iterator[str]:
+        """stream_ids on a plain-text prompt; it is checked here (eagerly), so a too-long prompt fails first."""
+        return self.stream_ids(self.prompt_ids(prompt), **kw)
 
     def generate(self, prompt: str, on_text: Callable[[str], None] | None = None, **kw) -> str:
         """Generated text (without the prompt); `on_text(piece)` streams it."""
@@ -341,80 +323,36 @@ class Generator:
                 on_text(piece)
         return "".join(out)
 
-
-# -- CLI -------------------------------------------------------------------------------------------------
-
-def _check_cli_values(args) -> None:
-    """Refuse bad `generate` flag values with one line before any model is loaded."""
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
-        raw = args.prompt.encode("utf-8", "surrogateescape")
-        try:
-            raw.decode("utf-8")
-            where = ""
-        except UnicodeDecodeError as e:
-            where = f" (byte 0x{raw[e.start]:02x} at offset {e.start})"
-        raise ValueError(f"--prompt is not valid UTF-8 text{where}; pass UTF-8 (check the terminal's locale "
-                         "or the file the prompt came from)") from None
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads} must be >= 1 (leave it out to use every core)")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    def _token_stream(self, ids, max_new_tokens, sampling, stops, result):
+        raise NotImplementedError
 
 
-def _check_stop_tokens(stop_tokens, vocab_size: int) -> None:
-    bad = [t for t in stop_tokens if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"--stop-token {bad[0]} is not a token id of this model (its vocabulary is 0..{vocab_size - 1})")
+class Generator(TextModel):
+    """Text in, text out over a compiled model directory (onnxruntime, tapernorm's decode loop)."""
+
+    engine = "ort"
+
+    def __init__(self, model_dir: str | Path, *, variant: str = "model.onnx", provider: str = "auto",
+                 threads: int | None = None, **session_kw):
+        self.session = DecoderSession(model_dir, variant=variant, provider=provider, intra_op_threads=threads,
+                                      **session_kw)
+        self.model_dir = self.session.model_dir
+        self.decoder = OrtDecoder(self.session)
+        self.max_len, self.vocab_size = self.decoder.max_len, int(self.session.config.vocab_size)
+        self._init_text(self.model_dir)
+
+    def label(self) -> str:
+        """Providers and threads, for the stats line."""
+        return f"providers {self.session.providers} | threads {self.session.intra_op_threads}"
+
+    def _token_stream(self, ids, max_new_tokens, sampling, stops, result):
+        return stream_ids(self.decoder, [ids], max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
+                          result=result)
 
 
-def _cmd_generate(args) -> int:
-    if getattr(args, "engine", "ort") == "genai":  # onnxruntime-genai's C++ loop on the same directory
-        from .genai_engine import cmd_generate
-        return cmd_generate(args)
-    _check_cli_values(args)
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    with warnings.catch_warnings(record=True) as caught:  # provider fallback: one line, not a source echo
-        warnings.simplefilter("always", RuntimeWarning)
-        gen = Generator(args.model_dir, variant="model_unfused.onnx" if args.unfused else "model.onnx",
-                        provider=args.provider, threads=args.threads)
-    for w in caught:
-        print(f"tapernorm generate: warning: {w.message}", file=sys.stderr)
-    _check_stop_tokens(args.stop_token, int(gen.session.config.vocab_size))
-    holder: dict = {}
-    pieces = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        stop_ids=gen.stop_ids(args.stop_token), result=holder)
-    if not args.quiet_prompt:
-        sys.stdout.write(args.prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    r = holder["result"]
-    print(f"[{len(r.tokens[0])} tokens | prompt {r.prompt_tokens} | prefill {r.prefill_s * 1e3:.1f} ms | "
-          f"decode {r.decode_tok_s:.1f} tok/s | stop: {r.stop_reasons[0]} | providers {gen.session.providers} | "
-          f"threads {gen.session.intra_op_threads}]", file=sys.stderr)
-    return 0
-
+# -- CLI (runtime/generate_cli.py) ----------------------------------------------------------------------
 
 def add_cli(subparsers) -> None:
-    """Register `tapernorm generate DIR --prompt ...`."""
-    p = subparsers.add_parser("generate", help="generate text from a compiled model with onnxruntime")
-    p.add_argument("model_dir", metavar="DIR", help="directory written by `tapernorm compile`")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="execution provider; cuda falls back to cpu with a warning when it cannot load")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeatable)")
-    p.add_argument("--unfused", action="store_true", help="run model_unfused.onnx instead of the folded model.onnx")
-    p.add_argument("--engine", choices=("ort", "genai"), default="ort",
-                   help="ort: tapernorm's decode loop; genai: onnxruntime-genai's C++ loop (lean compile, own venv)")
-    p.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    p.set_defaults(func=_cmd_generate)
+    """Register `tapernorm generate DIR --prompt ...` and `tapernorm chat DIR` (runtime/generate_cli.py)."""
+    from .generate_cli import add_cli as add
+    add(subparsers)

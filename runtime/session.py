@@ -2,7 +2,7 @@
 
 A compiled dir holds `model.onnx` (folded), `model_unfused.onnx`, `tokenizer.model`, `config.json`,
 `compile_report.json` and `runtime.json` ({"n_layers", "n_heads", "head_dim", "vocab_size",
-"max_seq_len", "dtype", "eos_id", "bos_id"}). The graph has the HF / onnxruntime-genai interface:
+"max_seq_len", "dtype", "eos_id", "bos_id", "eos_ids", "add_bos", "tokenizer"}). The graph has the HF / onnxruntime-genai interface:
 
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
              past_key_values.{i}.key|value (B, H, P, D)
@@ -67,6 +67,19 @@ def check_runtime_fields(data: dict, where: Path) -> None:
                               or (isinstance(data.get("vocab_size"), int) and v >= data["vocab_size"])):
             raise ModelDirError(f"{where}: {k} is {v!r} but must be null, -1 or a token id below vocab_size "
                                 f"{data.get('vocab_size')}; {fix}")
+    eos = data.get("eos_ids")
+    if eos is not None:
+        vocab = data.get("vocab_size") if isinstance(data.get("vocab_size"), int) else None
+        bad = not isinstance(eos, list) or next((e for e in eos if isinstance(e, bool) or not isinstance(e, int)
+                                                 or e < 0 or (vocab is not None and e >= vocab)), None) is not None
+        if bad:
+            raise ModelDirError(f"{where}: eos_ids is {eos!r} but must be a list of token ids below vocab_size "
+                                f"{data.get('vocab_size')}; {fix}")
+    if data.get("add_bos") is not None and not isinstance(data["add_bos"], bool):
+        raise ModelDirError(f"{where}: add_bos is {data['add_bos']!r} but must be true, false or null; {fix}")
+    if data.get("tokenizer") not in (None, "tokenizer.json", "tokenizer.model"):
+        raise ModelDirError(f"{where}: tokenizer is {data['tokenizer']!r} but must be \"tokenizer.json\", "
+                            f"\"tokenizer.model\" or null; {fix}")
 
 
 @dataclass
@@ -80,6 +93,9 @@ class RuntimeConfig:
     dtype: str = "float32"
     eos_id: int | None = None
     bos_id: int | None = None
+    eos_ids: list[int] | None = None  # every end token (eos_id is the first; files before issue 18 have only it)
+    add_bos: bool | None = None
+    tokenizer: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""

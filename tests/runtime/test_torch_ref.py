@@ -75,4 +75,4 @@ def test_errors_are_one_line():
     assert ids.tolist() == [[1, 2]] and mask.tolist() == [[1, 1]]
     # context full -> the generic loop stops with reason "context"
     r = generate_ids(TorchRefDecoder(model, batch=1, max_len=8), [[1, 2, 3, 4, 5]], max_new_tokens=10)
-    assert r.stop_reasons == ["context"] and len(r.tokens[0]) == 4
+    assert r.stop_reasons == ["context"] and len(r.tokens[0]) == 3  # 5 + 3 = the 8-token context
