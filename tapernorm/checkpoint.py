@@ -20,19 +20,20 @@ import math
 import os
 import secrets
 import shutil
+import struct
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .model import ConfigError, DecoderLM, ModelConfig
-from .fileio import staged_dir
+from .fileio import save_safetensors, staged_dir
 from .layers import get_gate, taper_layers
 from .hf_config import TOKENIZER_CONFIG, run_dir_hf_fields, sp_tokenizer_info
 from .typecheck import field_type_error
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config",
-           "read_json"]
+           "read_json", "read_safetensors_header"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -65,7 +66,6 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
 
     `extra` keys are merged into config.json. `trainer_state` = {"json": dict, "tensors": {name: Tensor}}.
     """
-    from safetensors.torch import save_file
     out = Path(out_dir)
     cfg: ModelConfig = model.config
     if extra and _RESERVED & set(extra):
@@ -97,14 +97,14 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
         config["checkpoint_id"] = ckpt_id
     with staged_dir(out) as tmp:
         _write_json(tmp / CONFIG, config)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": json.dumps(alias)})
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt", "tied": json.dumps(alias)})
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
             _write_json(tmp / TOKENIZER_CONFIG, tok_cfg)
         if trainer_state is not None:
             _write_json(tmp / STATE_JSON, {**trainer_state.get("json", {}), "checkpoint_id": ckpt_id})
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state.get("tensors", {}).items()}
-            save_file(tensors, str(tmp / STATE_TENSORS))
+            save_safetensors(tensors, tmp / STATE_TENSORS)
     return out
 
 
@@ -129,6 +129,51 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p}: no 'tapernorm' model-config section; not a tapernorm checkpoint "
                               "(pass the model/ or checkpoint/ directory of a `tapernorm train` run)")
     return cfg
+
+
+_MAX_HEADER = 100 << 20  # bytes; safetensors itself refuses larger headers
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file, reading only its header; a file
+    shorter than its header says (an interrupted download or copy) is a one-line CheckpointError."""
+    path = Path(path)
+    bad = f"{path}: corrupt or truncated safetensors file"
+    fix = "an interrupted download or copy? re-download or re-save it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{bad} ({size} bytes, too short for its header); {fix}")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{bad} (its header is not valid JSON); {fix}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; re-download or re-save the model") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (its header is not a JSON object); {fix}")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        for v in header.values():
+            v["shape"] = [int(x) for x in v["shape"]]
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{bad} (a header entry has no shape / data_offsets); {fix}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{bad} (the file has {size} bytes, its header describes {8 + n + end}); {fix}")
+    return header
+
+
+def _check_shapes_before_allocating(cfg: ModelConfig, header: dict, wpath: Path, cfg_path: Path) -> None:
+    """Compare the shapes of the model `cfg` describes (built on the meta device: no memory) with the file's."""
+    with torch.device("meta"):
+        meta = DecoderLM(cfg)
+    for k, v in meta.state_dict().items():
+        if k in header and tuple(header[k]["shape"]) != tuple(v.shape):
+            raise CheckpointError(f"{wpath}: key {k!r} has shape {tuple(header[k]['shape'])} but {cfg_path} implies "
+                                  f"{tuple(v.shape)}; the config does not match the weights (nothing was allocated)")
 
 
 def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -182,6 +227,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, map_location: str | torch.devic
     if taper.get("mode", cfg.taper_mode) != cfg.taper_mode:
         raise CheckpointError(f"{cfg_path}: taper.mode {taper.get('mode')!r} disagrees with tapernorm.taper_mode "
                               f"{cfg.taper_mode!r}")
+    wpath = d / WEIGHTS
+    if wpath.is_file():
+        _check_shapes_before_allocating(cfg, read_safetensors_header(wpath), wpath, cfg_path)
     model = DecoderLM(cfg)
     dtype = getattr(torch, str(raw.get("torch_dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -191,7 +239,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, map_location: str | torch.devic
             p.data = p.data.to(dtype)
     alias = _tied_aliases(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in alias}
-    wpath = d / WEIGHTS
     tensors = _open_safetensors(wpath)
     _validate(wpath, tensors, expected, cfg_path)
     for k, canon in alias.items():

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, read_json
-from .fileio import staged_dir
+from .fileio import save_safetensors, staged_dir
 from .hf_config import (GUARD, HF_SECTION, TOKENIZER_CONFIG, guard_hf_config, is_guarded, sp_tokenizer_info,
                         unguard_dict)
 from .layers import TaperLayerNorm, TaperNorm, find_final_norm, get_gate, taper_layers
@@ -89,16 +89,21 @@ def _load_hf_saved(d: Path, dtype=None, **hf_kwargs) -> nn.Module:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     import transformers
+    from .hf_check import check_loading_info, check_meta_shapes, header_shapes, weight_files
     names = _hf_saved_taper_layers(d)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the TaperNorm tensors are "unexpected" to it: we load them below
     raw = _read_json(d / "config.json")
     config = _plain_config(raw, {})  # the guard that transformers' own save wrote is lifted here
+    shapes = header_shapes(weight_files(d))  # truncated files refused before transformers reads them
+    check_meta_shapes(lambda: AutoModelForCausalLM.from_config(config), shapes, str(d), strict_keys=False)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the TaperNorm tensors are "unexpected" to it: we load them below
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(d), config=config, **({"dtype": dtype} if dtype else {}),
-                                                     **hf_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(d), config=config, **({"dtype": dtype} if dtype else {}), use_safetensors=True,
+            output_loading_info=True, **hf_kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    check_loading_info(info, str(d), allowed_unexpected=lambda k: any(k.startswith(n + ".") for n in names))
     files = ([d / f for f in sorted(set(_read_json(d / "model.safetensors.index.json")["weight_map"].values()))]
              if (d / "model.safetensors.index.json").is_file() else [d / "model.safetensors"])
     tensors = {}
@@ -158,7 +163,6 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
         spec["extra"] = extra
     out = Path(out_dir)
     cfg = model.config
-    from safetensors.torch import save_file
     state, seen = {}, set()
     for k, v in model.state_dict().items():  # our module names exactly; tied weights stored once
         key = (v.data_ptr(), tuple(v.shape), v.dtype)
@@ -174,7 +178,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
         if gen is not None:
             gen.save_pretrained(str(tmp))
         # not model.safetensors: plain transformers then finds no weights and raises, never loads them wrong
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tapernorm_hf": str(_FORMAT)})
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt", "tapernorm_hf": str(_FORMAT)})
         raw = unguard_dict(_read_json(tmp / "config.json"))  # the real activation: our section marks this dir
         raw[HF_SECTION] = spec
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
@@ -279,7 +283,10 @@ def _load_tapered(d: Path, dtype=None) -> nn.Module:
         raise CheckpointError(f"{d / 'config.json'}: tapernorm_hf format {spec.get('format')!r} is not {_FORMAT}; "
                               "upgrade tapernorm or re-save the model")
     config = _plain_config(raw, spec)
+    from .hf_check import check_meta_shapes
     tensors = _load_tensors(d)
+    check_meta_shapes(lambda: AutoModelForCausalLM.from_config(config), {k: tuple(v.shape) for k, v in tensors.items()},
+                      str(d), strict_keys=False)  # before allocating what the config describes
     wdtype = next((v.dtype for k, v in tensors.items() if v.is_floating_point() and k.endswith("weight")),
                   torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=wdtype)
@@ -295,6 +302,13 @@ def from_pretrained(name_or_dir: str | os.PathLike, dtype: torch.dtype | None = 
     """Load a tapered HF directory, a tapernorm run dir, or a plain HF directory / hub name as an HF causal LM
     with its TaperNorm state restored exactly; eval mode. `hf_kwargs` go to transformers for plain models."""
     p = Path(name_or_dir)
+    if not p.is_dir():
+        from .hf_check import looks_like_path
+        if p.exists():
+            raise NotADirectoryError(f"{p} is a file; pass a Hugging Face model directory or a hub name")
+        if looks_like_path(name_or_dir) or p.parent.is_dir() and str(p.parent) not in ("", "."):
+            raise FileNotFoundError(f"no such directory: {p}; pass an existing Hugging Face model directory "
+                                    "(or a hub name such as org/model)")
     kind = dir_kind(p) if p.is_dir() else "hf"
     if kind == "tapered":
         return _load_tapered(p, dtype)
@@ -311,4 +325,27 @@ def from_pretrained(name_or_dir: str | os.PathLike, dtype: torch.dtype | None = 
     kw = dict(hf_kwargs)
     if dtype is not None:
         kw["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(str(name_or_dir), **kw).eval()
+    if not p.is_dir():  # a hub name: transformers fetches it; never a pickle
+        return AutoModelForCausalLM.from_pretrained(str(name_or_dir), use_safetensors=True, **kw).eval()
+    return _load_plain_dir(p, kw)
+
+
+def _load_plain_dir(p: Path, kw: dict) -> nn.Module:
+    """A plain HF directory through transformers, after hf_check's checks (no pickle, no truncated file, config
+    fields and shapes agree with the weights); a key left random, unexpected or resized is refused."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from .hf_check import check_loading_info, check_plain_hf_dir
+    raw = _read_json(p / "config.json") if (p / "config.json").is_file() else {}
+    if not raw:
+        raise CheckpointError(f"{p}: no config.json; pass a Hugging Face model directory")
+    check_plain_hf_dir(p, raw)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its "MISSING" table is replaced by check_loading_info's line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=True, output_loading_info=True,
+                                                           **kw)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_loading_info(info, str(p))
+    return model.eval()
