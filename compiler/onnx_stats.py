@@ -47,12 +47,15 @@ def _matches(scope: str, layer: str) -> bool:
     return scope == layer or scope.endswith("." + layer) or f".{layer}." in f".{scope}." or scope.startswith(layer + ".")
 
 
-def check_statistics(model: onnx.ModelProto, folded_layers: list[str], expect_total: int | None = None) -> dict:
+def check_statistics(model: onnx.ModelProto, folded_layers: list[str], expect_total: int | None = None,
+                     scope=None, ignore=None) -> dict:
     """Check no normalization-statistic op (STAT_OPS) belongs to a folded layer.
 
     Nodes are attributed to layers through the torch exporter's name_scopes metadata. `expect_total`
     (optional) bounds the statistic ops allowed in the whole graph (e.g. 0 for a fully folded model),
-    which also covers nodes without metadata. Returns {"ok", "offending": {layer: [node names]},
+    which also covers nodes without metadata. `scope(node) -> module path | None` replaces the metadata
+    lookup (the lean builder names its nodes after their module); `ignore(node) -> bool` drops nodes that are
+    not statistics there (an explicit LN map's mean-centering). Returns {"ok", "offending": {layer: [node names]},
     "total": n, "by_op": {...}, "unattributed": n, "reason"}.
     """
     offending: dict[str, list[str]] = {}
@@ -60,16 +63,16 @@ def check_statistics(model: onnx.ModelProto, folded_layers: list[str], expect_to
     total = unattributed = 0
     consts = _constants(model)
     for n in model.graph.node:
-        if not _is_statistic(n, consts):
+        if not _is_statistic(n, consts) or (ignore is not None and ignore(n)):
             continue
         total += 1
         by_op[n.op_type] = by_op.get(n.op_type, 0) + 1
-        scope = _scope(n)
-        if scope is None:
+        where = (scope or _scope)(n)
+        if where is None:
             unattributed += 1
             continue
         for layer in folded_layers:
-            if _matches(scope, layer):
+            if _matches(where, layer):
                 offending.setdefault(layer, []).append(f"{n.name} ({n.op_type})")
     reason = None
     if offending:

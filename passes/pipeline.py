@@ -9,6 +9,7 @@ import copy
 import inspect
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .capture import capture, no_cache_default
+from .fold_math import taper_map
 from .backward import apply_backward, plan_backward
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
@@ -24,7 +26,31 @@ from .match import GATE_NAME, find_sites, site_refusal, stat_ops, taper_classes
 from .materialize import materialize_site
 from .verify import compare_outputs, run_outputs
 
-__all__ = ["fold", "materialize", "FoldState"]
+__all__ = ["fold", "materialize", "FoldState", "SiteResult", "SITES_META", "site_results"]
+
+SITES_META = "tapernorm.sites"  # gm.meta key of the typed per-site results
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """What the passes did at one TaperNorm site (typed; the JSON report's "layers" row is its printable twin).
+
+    status: "folded" (no op left: `direction` "forward" into the consumers, "backward" into the producer's
+    rows) | "materialized" (the explicit map x * scale (RMS) or (x - mean x) * scale + shift (LN) is in the graph)
+    | "skipped" (kept as it was; `reason` says why). scale / shift: the gate-0 map (float64, (d,)).
+    """
+    name: str
+    kind: str
+    status: str
+    direction: str | None
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    reason: str | None
+
+
+def site_results(gm: fx.GraphModule) -> dict[str, SiteResult]:
+    """{site path in the captured module: SiteResult} that fold / materialize attached to their GraphModule."""
+    return dict(gm.meta.get(SITES_META, {}))
 
 
 class FoldState:
@@ -231,9 +257,20 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
     }
     if isinstance(module, nn.Module) and not isinstance(module, fx.GraphModule):
         _keep_varargs_signature(gm, module)
+    gm.meta[SITES_META] = _typed_results(state)
     if verify:
         report["verify"] = compare_outputs(ref, run_outputs(gm, example_args, example_kwargs))
     return gm, report
+
+
+def _typed_results(state: FoldState) -> dict[str, SiteResult]:
+    """One SiteResult per report row; the map (s, beta_t) of every accepted site, computed here once."""
+    maps = {site.name: taper_map(site.module) for site in state.accepted}
+    out = {}
+    for name, r in state.layers.items():
+        s, beta = maps.get(name, (None, None))
+        out[name] = SiteResult(name, r.get("kind", "rms"), r["status"], r.get("direction"), s, beta, r.get("reason"))
+    return out
 
 
 def fold(module: nn.Module, example_args=(), example_kwargs: dict | None = None, dynamic_shapes=None,

@@ -1,7 +1,8 @@
-"""build_lean: pass-library GraphModule + report -> lean ONNX file (see graph.py for the interface)."""
+"""build_lean: pass-library GraphModule -> lean ONNX file for any family with a spec (see graph.py for the interface)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
@@ -10,50 +11,92 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tapernorm.passes.pipeline import site_results
+
 from ..onnx_io import max_ir_version, save_onnx
-from .arch import ARCHS
+from ..onnx_stats import check_statistics
+from .families import NEAREST, SPECS, FamilySpec, dims_of, spec_for
+from .hf_arch import SpecLean
 from .weights import LeanError, linear_weights, norm_spec
 
-__all__ = ["build_lean", "lean_model_proto", "norm_names", "lean_statistics_check", "ort_optimized_nodes"]
+__all__ = ["build_lean", "lean_model_proto", "norm_names", "norm_paths", "lean_statistics_check",
+           "ort_optimized_nodes"]
 
-STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
-            "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization")
+
+def _source(model: nn.Module):
+    """(spec, root module holding the HF / DecoderLM names, config, DecoderDims) of a model handed to compile."""
+    if type(model).__name__ == "KVCacheLM":
+        model = model.model
+    hf = getattr(model, "hf", None)
+    if isinstance(hf, nn.Module):  # HFDecoder: the Hugging Face model under .hf
+        cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+        mtype, root = str(cfg.model_type), hf
+    else:
+        cfg = getattr(model, "config", None)
+        mtype, root = f"tapernorm_{getattr(cfg, 'arch', None)}", model
+    spec = spec_for(mtype)
+    if spec is None:
+        near = NEAREST.get(mtype)
+        raise LeanError(f"model_type {mtype!r}: no lean spec" + (f" (nearest family: {near})" if near else "")
+                        + "; compile with --graph generic")
+    return spec, root, cfg, dims_of(cfg)
+
+
+def norm_paths(spec: FamilySpec, n_layers: int) -> list[str]:
+    """Every norm module path the spec's graph reads, in graph order."""
+    per = [n for n in (*spec.pre_norms, *spec.post_norms) if n] + \
+        [f"{spec.attn}.{n}" for n in (spec.qk_norms or ())]
+    return [f"{spec.layers}.{i}.{n}" for i in range(n_layers) for n in per] + [spec.final_norm]
 
 
 def norm_names(cfg) -> list[str]:
-    """Every norm module path of a DecoderLM, in graph order."""
-    return [f"layers.{i}.{n}" for i in range(cfg.n_layers)
-            for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
+    """Every norm module path of a tapernorm DecoderLM (`cfg` its ModelConfig), in graph order."""
+    return norm_paths(SPECS[f"tapernorm_{cfg.arch}"], cfg.n_layers)
 
 
-def lean_model_proto(model: nn.Module, gm: fx.GraphModule, report: dict, dtype: torch.dtype,
+def _prefix(paths, lm_head: str) -> str:
+    """The wrapper prefix of the captured module names (KVCacheLM `model.`, HFDecoder `hf.`)."""
+    for pre in ("model.hf.", "hf.", "model.", ""):
+        if pre + lm_head in paths:
+            return pre
+    raise LeanError(f"{lm_head}: the output head is not a linear in the captured graph; compile with --graph generic")
+
+
+def lean_model_proto(model: nn.Module, gm: fx.GraphModule, report: dict | None, dtype: torch.dtype,
                      metadata: dict[str, str] | None = None) -> tuple[onnx.ModelProto, dict]:
-    """The lean graph of `model` with the weights of `gm` (fold or materialize output) and its pass `report`.
+    """The lean graph of `model` (a DecoderLM, an HFDecoder, or KVCacheLM around either) with the weights of
+    `gm` (fold or materialize output, whose typed site results say what each norm became).
 
-    Returns (ModelProto, facts: per-norm kinds and node counts). Raises LeanError (one line naming the
-    layer) for a model the builder cannot express.
+    `report` is accepted for callers of the old signature and not read. Returns (ModelProto, facts: family,
+    per-norm kinds, node counts, statistics check). Raises LeanError (one line naming the layer / key) for a
+    model the builder cannot express.
     """
-    model = getattr(model, "model", model)  # accept the KVCacheLM wrapper
-    cfg = getattr(model, "config", None)
-    arch = ARCHS.get(getattr(cfg, "arch", None))
-    if arch is None:
-        raise LeanError(f"{type(model).__name__}: no lean builder for arch {getattr(cfg, 'arch', None)!r} "
-                        f"(have {sorted(ARCHS)}); compile with --graph generic")
-    rows = report.get("layers", {})
-    norms = {n: norm_spec(model, n, rows) for n in norm_names(cfg)}
-    builder = arch(model, linear_weights(gm), norms, dtype)
+    spec, root, cfg, dims = _source(model)
+    raw = linear_weights(gm, prefix="")
+    pre = _prefix(raw, spec.lm_head)
+    lin = {k[len(pre):]: v for k, v in raw.items() if k.startswith(pre)}
+    sites = {k[len(pre):]: v for k, v in site_results(gm).items() if k.startswith(pre)}
+    norms = {}
+    for path in norm_paths(spec, dims.num_layers):
+        try:
+            m = root.get_submodule(path)
+        except AttributeError:
+            raise LeanError(f"{path}: no such norm module; the {spec.name} spec does not match this model "
+                            "(compile with --graph generic)") from None
+        norms[path] = norm_spec(path, m, sites.get(path), spec.gain_offset)
+    builder = SpecLean(spec, root, dims, cfg, lin, norms, dtype)
     g = builder.build()
     meta = {"tapernorm.graph_kind": "lean", "tapernorm.kv_cache": "shared", "tapernorm.logits": "last",
-            **{k: str(v) for k, v in (metadata or {}).items()}}
-    irm = g.model(builder.logits, meta, max_ir_version())
-    proto = ir.to_proto(irm)
+            "tapernorm.family": spec.name, **{k: str(v) for k, v in (metadata or {}).items()}}
+    proto = ir.to_proto(g.model(builder.logits, meta, max_ir_version()))
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     kinds = {n: s.kind for n, s in norms.items()}
     stats = lean_statistics_check(proto, [n for n, k in kinds.items() if k == "none"], kinds)
     proto.metadata_props.add(key="tapernorm.statistics_check", value=json.dumps(stats, sort_keys=True))
-    facts = {"arch": cfg.arch, "norms": kinds, "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items())),
+    facts = {"arch": getattr(cfg, "arch", None) or spec.name, "family": spec.name, "dims": asdict(dims),
+             "norms": kinds, "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items())),
              "statistics_check": stats}
     return proto, facts
 
@@ -77,29 +120,12 @@ def build_lean(model: nn.Module, gm: fx.GraphModule, report: dict, path: str | P
 
 
 def lean_statistics_check(proto: onnx.ModelProto, folded_layers: list[str], norms: dict[str, str]) -> dict:
-    """No statistic op may belong to a folded layer (lean nodes are named after their norm's module path).
-
-    Same keys as compiler.onnx_fold.check_statistics. `norms` maps each norm path to its NormSpec kind;
-    a "map_ln" site's ReduceMean is the map's mean-centering, not a statistic, and is not counted.
-    """
-    folded = {f[len("model."):] if f.startswith("model.") else f for f in folded_layers}
-    offending: dict[str, list[str]] = {}
-    by_op: dict[str, int] = {}
-    total = 0
-    for n in proto.graph.node:
-        layer = n.name.split("/")[0]
-        if n.op_type not in STAT_OPS or norms.get(layer) == "map_ln":
-            continue
-        total += 1
-        by_op[n.op_type] = by_op.get(n.op_type, 0) + 1
-        if layer in folded:
-            offending.setdefault(layer, []).append(f"{n.name} ({n.op_type})")
-    reason = None
-    if offending:
-        first = next(iter(offending))
-        reason = f"folded layer {first} still computes statistics: {', '.join(offending[first][:3])}"
-    return {"ok": reason is None, "offending": offending, "total": total, "by_op": by_op, "unattributed": 0,
-            "folded_layers": list(folded_layers), "reason": reason}
+    """No statistic op may belong to a folded layer: compiler.onnx_stats.check_statistics with lean attribution
+    (nodes are named after their norm's module path); a "map_ln" site's ReduceMean is the map's mean-centering,
+    not a statistic, and is not counted."""
+    def layer(n):
+        return n.name.split("/")[0]
+    return check_statistics(proto, list(folded_layers), scope=layer, ignore=lambda n: norms.get(layer(n)) == "map_ln")
 
 
 def ort_optimized_nodes(path: str | Path, provider: str = "cpu") -> dict:

@@ -107,21 +107,34 @@ class LeanGraph:
         return self.op("GatherND", [h, idx], {"batch_dims": 1})  # (B, 1, d)
 
     # -- attention -----------------------------------------------------------------------------------------
-    def attention(self, layer: int, qkv: ir.Value, cos: ir.Value | None, sin: ir.Value | None) -> ir.Value:
-        """GroupQueryAttention on packed qkv (B, T, (H + 2 Hkv) D); records the presents; returns (B, T, H D).
+    def attention(self, layer: int, qkv, cos: ir.Value | None, sin: ir.Value | None, scale: float | None = None,
+                  softcap: float | None = None, window: int | None = None) -> ir.Value:
+        """GroupQueryAttention on packed qkv (B, T, (H + 2 Hkv) D) or [q, k, v]; records the presents;
+        returns (B, T, H D). `scale`: the softmax scale (None: 1/sqrt(D)); `softcap`: tanh capping of the
+        scores; `window`: sliding window in tokens (a query sees itself and the window - 1 before it).
 
-        Rotary (cos/sin given) runs inside GroupQueryAttention (`do_rotary`), whose CPU kernel needs
-        head_dim % 16 == 0; smaller heads (test-size models) get a separate RotaryEmbedding on q and k.
+        Rotary (cos/sin given, (S, R/2) with R <= D rotated dims) runs inside GroupQueryAttention (`do_rotary`),
+        whose CPU kernel needs head_dim % 16 == 0; smaller heads (test-size models) get a separate
+        RotaryEmbedding on q and k.
         """
-        attrs = {"num_heads": self.n_heads, "kv_num_heads": self.kv_heads, "local_window_size": -1}
-        qkv_in = [qkv, None, None]
+        attrs = {"num_heads": self.n_heads, "kv_num_heads": self.kv_heads,
+                 "local_window_size": int(window) - 1 if window else -1}
+        if scale is not None:
+            attrs["scale"] = float(scale)
+        if softcap:
+            attrs["softcap"] = float(softcap)
+        qkv_in = list(qkv) if isinstance(qkv, (list, tuple)) else [qkv, None, None]
         if cos is not None and self.head_dim % 16 == 0:
             attrs.update(do_rotary=1, rotary_interleaved=0)
         elif cos is not None:
-            q, k, v = self.op("Split", [qkv, self.const_i64([self.n_heads * self.head_dim] + [self.kv_heads *
-                              self.head_dim] * 2, "const_i64_qkv_split")], {"axis": -1}, n_out=3)
-            rot = [self.op("RotaryEmbedding", [t, self.positions(), cos, sin], {"num_heads": n, "interleaved": 0},
-                           domain=MS) for t, n in ((q, self.n_heads), (k, self.kv_heads))]
+            if qkv_in[1] is None:
+                qkv_in = self.op("Split", [qkv, self.const_i64([self.n_heads * self.head_dim] + [self.kv_heads *
+                                 self.head_dim] * 2, "const_i64_qkv_split")], {"axis": -1}, n_out=3)
+            q, k, v = qkv_in
+            rot_dim = {"rotary_embedding_dim": int(cos.shape[1]) * 2} if int(cos.shape[1]) * 2 < self.head_dim else {}
+            rot = [self.op("RotaryEmbedding", [t, self.positions(), cos, sin],
+                           {"num_heads": n, "interleaved": 0, **rot_dim}, domain=MS)
+                   for t, n in ((q, self.n_heads), (k, self.kv_heads))]
             qkv_in, cos, sin = [rot[0], rot[1], v], None, None
         pk, pv = self.past[2 * layer], self.past[2 * layer + 1]
         out, k, v = self.op("GroupQueryAttention",
@@ -177,6 +190,16 @@ class LeanGraph:
                                                   self.weight(f"{n}.bias", spec.bias)],
                            {"axis": -1, "epsilon": spec.eps}, name=n), x
         raise ValueError(f"{n}: unknown norm kind {spec.kind!r}")
+
+    def head_norm(self, spec: NormSpec, x: ir.Value, heads: int | None) -> ir.Value:
+        """A norm (or map) on q / k (B, T, H D): over each head's D features when `heads`, else over all H D."""
+        if spec.kind == "none":
+            return x
+        if heads is None:
+            return self.norm(spec, x, None, None)[0]
+        split = self.op("Reshape", [x, self.const_i64([0, 0, heads, -1], f"const_i64_heads_{heads}")])  # (B, T, H, D)
+        y = self.norm(spec, split, None, None)[0]
+        return self.op("Reshape", [y, self.const_i64([0, 0, -1], "const_i64_merge_heads")])  # (B, T, H D)
 
     def linear(self, name: str, x: ir.Value, w: torch.Tensor, b: torch.Tensor | None = None) -> ir.Value:
         """MatMul(x, W^T) (+ b)."""
