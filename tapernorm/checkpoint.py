@@ -31,6 +31,7 @@ from .fileio import save_safetensors, staged_dir
 from .layers import get_gate, taper_layers
 from .hf_config import TOKENIZER_CONFIG, run_dir_hf_fields, sp_tokenizer_info
 from .typecheck import field_type_error
+from .tokenizer_json import write_tokenizer_json
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config",
            "read_json", "read_safetensors_header"]
@@ -101,6 +102,7 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
             _write_json(tmp / TOKENIZER_CONFIG, tok_cfg)
+            write_tokenizer_json(tmp, tok_cfg)  # for tokenizers-only readers (genai); needs transformers
         if trainer_state is not None:
             _write_json(tmp / STATE_JSON, {**trainer_state.get("json", {}), "checkpoint_id": ckpt_id})
             tensors = {k: v.detach().cpu().contiguous() for k, v in trainer_state.get("tensors", {}).items()}

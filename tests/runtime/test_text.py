@@ -85,6 +85,8 @@ def test_run_dir_compile_has_tokenizer_json_and_eos_ids():
     for s in ("once upon a time", "The for statement is used\n  x = 1"):
         assert hf.encode(s) == list(sp.encode(s))
     assert json.loads((d / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    ckpt = d.parent / (d.name + "-ckpt")  # the saved checkpoint (a run's model/) got it at save time
+    assert (ckpt / "tokenizer.json").read_text() == (d / "tokenizer.json").read_text()
 
 
 @pytest.fixture(scope="module")
