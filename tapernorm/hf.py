@@ -307,7 +307,7 @@ def from_pretrained(name_or_dir: str | os.PathLike, dtype: torch.dtype | None = 
         if p.exists():
             raise NotADirectoryError(f"{p} is a file; pass a Hugging Face model directory or a hub name")
         if looks_like_path(name_or_dir) or p.parent.is_dir() and str(p.parent) not in ("", "."):
-            raise FileNotFoundError(f"no such directory: {p}; pass an existing Hugging Face model directory "
+            raise FileNotFoundError(f"no such directory: {os.fspath(name_or_dir)}; pass an existing Hugging Face model directory "
                                     "(or a hub name such as org/model)")
     kind = dir_kind(p) if p.is_dir() else "hf"
     if kind == "tapered":

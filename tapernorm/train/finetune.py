@@ -21,9 +21,12 @@ Output: OUT/model (tapernorm.save_pretrained: reload with tapernorm.from_pretrai
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +35,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import CheckpointError
 from ..data import load_corpus, tokenize_corpus, val_batches
+from ..fileio import atomic_write_text, canonical_out, dir_lock, recover_dir
 from ..hf import from_pretrained, save_pretrained
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from .finetune_cli import FinetuneConfig
+from .rundir import TrainingDiverged, divergence_message
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
 from .schedule import TaperSchedule, resolve_schedule
 from .trainer import _finish_calibration
@@ -119,6 +125,37 @@ class TaperTrainer(_trainer_base()):
         norm.register_forward_pre_hook(lambda m, inp: self._h.append(inp[0]) if m.training else None)
         self.aux_log: list[float] = []
 
+    def training_step(self, model, inputs, *args, **kw):
+        """HF's step (forward + backward), then stop before the optimizer step if the loss or any gradient is
+        not finite, in every mode (HF would otherwise apply it, and log a NaN loss as an average)."""
+        loss = super().training_step(model, inputs, *args, **kw)
+        loss_v = float(loss.detach())
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        gnorm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                      ) if grads else 0.0
+        bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
+        if _world() > 1:  # every rank takes the same decision
+            flag = torch.tensor([float(bad)], device=loss.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if bad:
+            raise TrainingDiverged(self._diverged(loss_v, gnorm))
+        return loss
+
+    def _diverged(self, loss: float, gnorm: float) -> str:
+        layers = taper_layers(self.model)
+        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, TaperCallback)), None)
+        taper = (cb.schedule.taper_start, cb.schedule.taper_end) if cb else None
+        try:
+            lr = float(self.lr_scheduler.get_last_lr()[0])
+        except (AttributeError, IndexError, TypeError):
+            lr = self.args.learning_rate
+        out = getattr(self, "out_dir", None)
+        kept = (f"{out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'}"
+                if out is not None else "nothing was saved")
+        return divergence_message(self.state.global_step, loss, gnorm, lr, layers[0][1].gate if layers else None,
+                                  taper, bool(self.args.bf16), Path("."), kept=kept)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._h.clear()
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -201,10 +238,35 @@ class _Chunks(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
 
 
+def _json_text(obj) -> str:
+    """Strict JSON: a non-finite number becomes null, and its path goes under "null_reasons" (top-level dicts)
+    with what it was, so the file is valid JSON that still says why a value is missing."""
+    reasons: dict[str, str] = {}
+
+    def clean(v, path):
+        if isinstance(v, float) and not math.isfinite(v):
+            reasons[path] = f"{v} (not a finite number)"
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        return v
+    out = clean(obj, "")
+    if reasons and isinstance(out, dict):
+        out["null_reasons"] = reasons
+    return json.dumps(out, indent=2, allow_nan=False) + "\n"
+
+
 def _save_plain(model, out: Path, tokenizer_from: str | None) -> None:
-    """A baseline run's model: transformers' own save_pretrained (+ the source's tokenizer files), atomically."""
+    """A baseline run's model: transformers' own save_pretrained (+ the source's tokenizer files), atomically;
+    refuses non-finite weights."""
     from ..fileio import staged_dir
     from ..hf import TOKENIZER_FILES
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write {out}: weight {bad!r} contains NaN or inf (training diverged)")
     with staged_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         for name in TOKENIZER_FILES if tokenizer_from else ():
@@ -212,26 +274,80 @@ def _save_plain(model, out: Path, tokenizer_from: str | None) -> None:
                 shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
 
 
+OUT_FILES = ("summary.json", "log_history.json")  # with model/: everything finetune writes into OUT
+_STALE = re.compile(r"^\.(summary\.json|log_history\.json)\.[^/]*\.tmp$")  # atomic_write_text's temp files
+
+
+def _our_summary(path: Path) -> bool:
+    try:
+        js = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(js, dict) and {"model_dir", "mode", "val_loss_before"} <= set(js)
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output directory {out} is not empty; pass --overwrite or a new --out")
+    """Refuse an --out that is a file, or not empty without --overwrite; --overwrite replaces only a previous
+    fine-tuning's model/, summary.json and log_history.json (other files there are kept), never files that
+    finetune did not write."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; pass a directory")
+    if not out.is_dir() or not [n for n in os.listdir(out) if not n.startswith(".")]:
+        return
+    if not overwrite:
+        raise FileExistsError(f"output directory {out} is not empty; pass --overwrite to replace a previous "
+                              "fine-tuning there (its model/, summary.json and log_history.json; other files are kept) "
+                              "or a new --out")
+    ours = [n for n in ("model", *OUT_FILES) if os.path.lexists(out / n)]
+    if ours and not _our_summary(out / "summary.json"):
+        raise FileExistsError(f"{out / ours[0]} was not written by `tapernorm finetune` (there is no summary.json of "
+                              "a fine-tuning beside it), so --overwrite would replace data of yours; move it away or "
+                              "pass a new --out")
+
+
+def recover_out(out: Path) -> list[str]:
+    """Undo what a killed fine-tuning left in OUT (call it holding OUT's lock): a model/ swap cut short
+    (fileio.recover_dir) and the temp files of summary.json / log_history.json."""
+    if not out.is_dir():
+        return []
+    done = recover_dir(out / "model")
+    for a in done:
+        if a.startswith("restored"):
+            print(f"tapernorm finetune: {a} (a previous process was killed while saving it)", file=sys.stderr)
+    for name in os.listdir(out):
+        if _STALE.match(name):
+            (out / name).unlink(missing_ok=True)
+            done.append(f"removed {name}")
+    return done
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run one fine-tuning (one process, or one rank under torchrun); returns the summary dict."""
-    from transformers import TrainingArguments
-    t_start = time.time()
+    """Run one fine-tuning (one process, or one rank under torchrun); returns the summary dict.
+
+    Rank 0 holds the lock on OUT for the whole run (a second finetune into OUT fails at once, naming the
+    holder's PID) and first repairs what a killed run left there."""
     cfg.check()
+    if _rank() != 0:
+        return _finetune(cfg)
+    out = canonical_out(cfg.out_dir)
+    with dir_lock(out, f"tapernorm finetune --out {out}"):
+        recover_out(out)
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> dict:
+    t_start = time.time()
     T, W, t0, t1 = cfg.resolved_steps()
     sched = resolve_schedule(T, warmup=W, taper_start=t0, taper_end=t1)
     out = Path(cfg.out_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes; use a multiple")
+    if _rank() == 0:
+        _prepare_out(out, cfg.overwrite)  # before the slow part: nothing of the user's is ever replaced
     docs = load_corpus(cfg.corpus, cfg.max_docs, cfg.max_chars)
+    model = from_pretrained(cfg.model)  # first: a bad config.json or weights file is named as such
     tok = load_text_tokenizer(cfg.model) if Path(cfg.model).is_dir() else None
-    model = from_pretrained(cfg.model)
     if tok is None:  # a hub name: its tokenizer comes from the same place
         from transformers import AutoTokenizer
         tok = _HFTextTokenizer(AutoTokenizer.from_pretrained(cfg.model))
@@ -240,7 +356,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     data = tokenize_corpus(docs, tok, cfg.seq_len, cfg.val_frac)
     if len(_Chunks(data.train, cfg.seq_len)) < cfg.batch_size:
         raise ValueError(f"corpus too small: fewer than {cfg.batch_size} training chunks of {cfg.seq_len} tokens")
-    _prepare_out(out, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():  # the Trainer would move it there anyway; evaluate there too
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
@@ -250,9 +365,22 @@ def finetune(cfg: FinetuneConfig) -> dict:
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
+    scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
+    try:  # never inside OUT, where a directory of the user's could have its name
+        return _train_and_save(cfg, model, data, names, target, sched, out, world, val_before, scratch, t_start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: int, val_before: float,
+                    scratch: str, t_start: float) -> dict:
+    """The Trainer run, the evaluation after it, and (rank 0) OUT/model, summary.json, log_history.json."""
+    from transformers import TrainingArguments
+    T, W, t0, t1 = cfg.resolved_steps()
+    tapering = cfg.mode != "baseline"
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=T, per_device_train_batch_size=cfg.batch_size // world,
+        output_dir=scratch, max_steps=T, logging_nan_inf_filter=False, per_device_train_batch_size=cfg.batch_size // world,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=W, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip, seed=cfg.seed, data_seed=cfg.seed, logging_steps=max(1, T // 20),
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=use_cpu,
@@ -263,10 +391,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
                            scale_lambda=cfg.scale_lambda, scale_form=cfg.scale_form)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # the logs go to OUT/log_history.json, not stdout
+    trainer.out_dir = out  # named by the divergence line
     trainer.train()
     model = trainer.model
     final_gate = sched.gate(T) if tapering else None
     val_after = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+    if not math.isfinite(val_after):  # finite steps, yet the result overflows: nothing of it is kept
+        raise TrainingDiverged(f"training diverged: the held-out loss after fine-tuning is {val_after} (before: "
+                               f"{val_before:.4g}); lower --lr or raise --warmup-steps; nothing was written "
+                               f"({out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'})")
     cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TaperCallback)), None)
     summary = {"model": cfg.model, "model_dir": str(out / "model"), "mode": cfg.mode, "tapered_layers": names,
                "val_loss_before": val_before, "val_loss_after": val_after, "final_gate": final_gate,
@@ -282,9 +415,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             save_pretrained(model.cpu(), out / "model", tokenizer_from=src, extra={"finetune": summary["schedule"]})
         else:
             _save_plain(model.cpu(), out / "model", src)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
-        shutil.rmtree(out / "trainer", ignore_errors=True)
+        atomic_write_text(out / "summary.json", _json_text(summary))
+        atomic_write_text(out / "log_history.json", _json_text(trainer.state.log_history))
     if _world() > 1:
         dist.barrier()
     return summary

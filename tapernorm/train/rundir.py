@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..fileio import recover_dir, remove_dir
 
-__all__ = ["prepare_run_dir", "clear_run_dir", "recover_run", "divergence_message", "RUN_FILES", "RUN_DIRS",
+__all__ = ["prepare_run_dir", "clear_run_dir", "recover_run", "divergence_message", "foreign_entries", "RUN_FILES", "RUN_DIRS",
            "TrainingDiverged"]
 
 RUN_FILES = ("log.jsonl", "summary.json", "curves.png", "tokenizer.model")
@@ -52,6 +52,37 @@ def _resumable(run: Path) -> bool:
     return (run / "checkpoint" / "trainer_state.json").is_file()
 
 
+def _our_model_dir(d: Path) -> bool:
+    """A checkpoint/ or model/ that `tapernorm train` wrote (its config.json has the "tapernorm" section)."""
+    import json
+    try:
+        return isinstance(json.loads((d / "config.json").read_text()).get("tapernorm"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _our_log(path: Path) -> bool:
+    import json
+    try:
+        with open(path) as f:
+            first = f.readline()
+        return not first.strip() or isinstance(json.loads(first).get("kind"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def foreign_entries(run: Path) -> list[str]:
+    """The entries --overwrite would delete that `tapernorm train` did not write: every RUN_FILES / RUN_DIRS name
+    in a directory that is not a run (no log.jsonl of ours, no checkpoint/ or model/ of ours), and in a run any
+    checkpoint/ or model/ whose config.json is not ours."""
+    present = [n for n in (*RUN_FILES, *RUN_DIRS) if os.path.lexists(run / n)]
+    is_run = (run / "log.jsonl").is_file() and _our_log(run / "log.jsonl") or any(
+        _our_model_dir(run / d) for d in RUN_DIRS)
+    if not is_run:
+        return present
+    return [d for d in RUN_DIRS if os.path.lexists(run / d) and not _our_model_dir(run / d)]
+
+
 def prepare_run_dir(run: Path, resume: bool, overwrite: bool, ckpt_every: int) -> None:
     """Refuse a run directory that does not fit the flags, with advice that works when followed."""
     if run.exists() and not run.is_dir():
@@ -64,7 +95,14 @@ def prepare_run_dir(run: Path, resume: bool, overwrite: bool, ckpt_every: int) -
                      if ckpt_every > 0 else "with --ckpt-every 0 it writes one only at the end")
             raise FileNotFoundError(f"--resume: {run} has no checkpoint to resume (the run stopped before its first "
                                     f"one; {every}); start it over with --overwrite instead of --resume")
-    elif run.is_dir() and any(run.iterdir()) and not overwrite:
+    elif run.is_dir() and any(run.iterdir()):
+        foreign = foreign_entries(run)
+        if foreign:  # --overwrite only ever removes what tapernorm wrote
+            raise FileExistsError(f"{run} is not a tapernorm run directory ({run / foreign[0]} was not written by "
+                                  f"`tapernorm train`), so {'--overwrite would delete it' if overwrite else 'it is refused'}"
+                                  "; pass a new --out, or move those files away")
+        if overwrite:
+            return
         if _resumable(run):
             raise FileExistsError(f"run directory {run} already exists; pass --resume to continue it, --overwrite to "
                                   "start over, or a new --out")
@@ -83,18 +121,22 @@ def clear_run_dir(run: Path, overwrite: bool) -> None:
 
 
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate: float | None,
-                       taper: tuple[int, int] | None, bf16: bool, ckpt: Path) -> str:
-    """One line: the step, what went non-finite, the likely cause and fix, and what was kept."""
+                       taper: tuple[int, int] | None, bf16: bool, ckpt: Path, kept: str | None = None) -> str:
+    """One line: the step, what went non-finite (at which gate), the likely cause and fix, and what was kept
+    (`kept` replaces the checkpoint phrase, for commands without one)."""
     what = f"loss {loss}" if loss != loss or abs(loss) == float("inf") else f"gradient norm {grad_norm}"
-    if bf16:
+    what += f" at gate {gate:g}" if gate is not None else ""
+    if lr >= 1.0:  # no schedule makes a step this large stable
+        cause = f"the learning rate {lr:g} is far too high: lower --lr"
+    elif bf16:
         cause = "bf16 overflow is likely: train without --bf16, or lower --lr"
     elif taper is not None and gate is not None and gate < 1.0 and taper[1] - taper[0] < 20:
         cause = (f"the gate fell from 1 to {gate:g} over a {taper[1] - taper[0]}-step taper (steps {taper[0]}-"
                  f"{taper[1]}), too abrupt for this model: use more --steps, a later --taper-end, or a lower --lr")
     else:
         cause = f"the learning rate {lr:g} is likely too high for this model: lower --lr or raise --warmup-steps"
-    kept = (f"{ckpt} (the state after {_ckpt_step(ckpt)} steps) is kept" if (ckpt / "trainer_state.json").is_file()
-            else "no checkpoint had been written yet")
+    kept = kept or (f"{ckpt} (the state after {_ckpt_step(ckpt)} steps) is kept"
+                    if (ckpt / "trainer_state.json").is_file() else "no checkpoint had been written yet")
     return (f"training diverged at step {step}: {what} ({cause}); nothing non-finite was written, {kept}; "
             "start over with that change and --overwrite")
 
