@@ -43,6 +43,10 @@ class ModelDirError(ValueError):
     """A path is not a loadable compiled tapernorm model."""
 
 
+class _MixedFiles(ModelDirError):
+    """runtime.json disagrees with the graph (DecoderSession retries once: a recompile may have swapped the dir)."""
+
+
 MAX_CONTEXT = 1 << 20  # tokens; a larger max_seq_len is a corrupt value, not a model this runtime serves
 _INT_RANGES = {"n_layers": (1, 4096), "n_heads": (1, 65536), "head_dim": (1, 65536), "vocab_size": (1, 1 << 24),
                "max_seq_len": (1, MAX_CONTEXT)}
@@ -102,12 +106,33 @@ class RuntimeConfig:
         return asdict(self)
 
 
+def _swap_leftover(p: Path) -> Path | None:
+    """The complete directory a compile killed in the middle of its swap left beside a missing `p` (the naming of
+    tapernorm.fileio's no-exchange swap: `.NAME.lnk-*` points at the new version, `.NAME.old-*` is the previous
+    one), newest first; None if there is none. Read-only: the next compile into `p` puts it back in place."""
+    try:
+        names = os.listdir(p.parent)
+    except OSError:
+        return None
+    for tag in ("lnk", "old"):
+        found = [p.parent / n for n in names if n.startswith(f".{p.name}.{tag}-") and (p.parent / n).is_dir()]
+        if found:
+            return max(found, key=lambda x: x.lstat().st_mtime_ns)
+    return None
+
+
 def resolve_model_path(path: str | os.PathLike, variant: str = "model.onnx") -> tuple[Path, Path]:
     """(model dir, onnx file) for a compiled dir or a direct .onnx path; one-line errors otherwise."""
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
         return p.parent, p
     if not p.exists():
+    if not p.exists() and _swap_leftover(Path(os.path.abspath(p))) is not None:
+        found = _swap_leftover(Path(os.path.abspath(p)))
+        warnings.warn(f"{p} is missing: a compile into it was killed while swapping the new output in; reading the "
+                      f"complete output beside it ({found.name}). Re-running that compile (or any compile into {p}) "
+                      "puts it back in place", RuntimeWarning, stacklevel=2)
+        p = found
         raise FileNotFoundError(f"{p} does not exist; pass a directory written by `tapernorm compile CHECKPOINT --out DIR`")
     if not p.is_dir():
         raise ModelDirError(f"{p} is neither a compiled model directory nor an .onnx file; "
@@ -126,6 +151,38 @@ def resolve_model_path(path: str | os.PathLike, variant: str = "model.onnx") -> 
 
 
 def cuda_loadable() -> bool:
+_ROTARY_SCAN_LIMIT = 64 << 20  # bytes: larger graphs with inline weights are not parsed again for this check
+
+
+def _rotary_rows(onnx_path: Path) -> int | None:
+    """Rows of the graph's rotary cos cache (an initializer named *cos_cache), read with the onnx package when it is
+    installed and the graph file is small (weights in external data); None otherwise."""
+    try:
+        if onnx_path.stat().st_size > _ROTARY_SCAN_LIMIT:
+            return None
+        import onnx
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # no onnx package, or unreadable here (onnxruntime already loaded it)
+        return None
+    rows = [int(t.dims[0]) for t in model.graph.initializer if t.name.endswith("cos_cache") and len(t.dims) == 2]
+    return min(rows) if rows else None
+
+
+def _config_context(cfg_path: Path) -> int | None:
+    """The context length a compiled dir's config.json gives (ours: tapernorm.max_seq_len; HF's fields)."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    sub = cfg.get("tapernorm") if isinstance(cfg.get("tapernorm"), dict) else {}
+    for v in (sub.get("max_seq_len"), cfg.get("max_position_embeddings"), cfg.get("n_positions")):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
     """True when onnxruntime lists the CUDA provider and a CUDA driver library can be opened."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
@@ -203,6 +260,17 @@ class DecoderSession:
         self.requested_provider = provider
         requested = _providers_for(provider, device_id)
         try:
+        for attempt in (1, 2):  # a recompile may swap the directory between the graph and runtime.json: retry once
+            try:
+                self._open(so, requested, provider, device_id)
+                break
+            except _MixedFiles:
+                if attempt == 2:
+                    raise
+                self.model_dir, self.model_path = resolve_model_path(path, variant)
+
+    def _open(self, so, requested: list, provider: str, device_id: int) -> None:
+        """Create the ORT session, check its interface and read runtime.json (one consistent compile)."""
             self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=requested)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
             raise _load_error(self.model_path, e) from None
@@ -266,7 +334,7 @@ class DecoderSession:
             check_runtime_fields(data, rt_path)
             for k, v in inferred.items():
                 if v is not None and k in data and data[k] is not None and data[k] != v:
-                    raise ModelDirError(f"{rt_path}: {k}={data[k]!r} but {self.model_path.name} has {v!r}; "
+                    raise _MixedFiles(f"{rt_path}: {k}={data[k]!r} but {self.model_path.name} has {v!r}; "
                                         f"the directory mixes files from different compiles, re-run `tapernorm compile`")
         cfg_path = self.model_dir / "config.json"
         if data.get("max_seq_len") is None and cfg_path.is_file():
@@ -281,6 +349,7 @@ class DecoderSession:
                                 f"config.json in {self.model_dir} gives max_seq_len; re-run `tapernorm compile`, or "
                                 f"add \"max_seq_len\" to {rt_path}")
         merged = {**{k: v for k, v in inferred.items() if v is not None}, **{k: v for k, v in data.items()
+        self._check_context(int(data["max_seq_len"]), rt_path if rt_path.is_file() else cfg_path)
                                                                              if k in RuntimeConfig.__dataclass_fields__}}
         missing = [k for k in ("n_layers", "n_heads", "head_dim", "vocab_size") if merged.get(k) is None]
         if missing:
@@ -289,6 +358,19 @@ class DecoderSession:
         return RuntimeConfig(**merged)
 
     # -- helpers used by the decode loop ----------------------------------------------------------
+    def _check_context(self, max_seq_len: int, where: Path) -> None:
+        """One line when max_seq_len exceeds what the graph can position: the rows of its rotary cos cache
+        (a lean graph's GroupQueryAttention / RotaryEmbedding fails past them), else config.json's context."""
+        limit = _rotary_rows(self.model_path)
+        what = f"the rotary cache of {self.model_path.name} has {limit} positions"
+        if limit is None:
+            limit = _config_context(self.model_dir / "config.json")
+            what = f"config.json in {self.model_dir} gives a {limit}-token context"
+        if limit is not None and max_seq_len > limit:
+            raise ModelDirError(f"{where}: max_seq_len {max_seq_len} exceeds the model's context ({what}); decoding "
+                                f"past it fails or gives garbage: set max_seq_len to at most {limit}, or re-run "
+                                "`tapernorm compile`")
+
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
         """Zero-length past OrtValues (B, H, 0, D) on the session's device, one per past input."""
         shape = [batch, self.config.n_heads, 0, self.config.head_dim]
