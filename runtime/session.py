@@ -122,17 +122,18 @@ def _swap_leftover(p: Path) -> Path | None:
 
 
 def resolve_model_path(path: str | os.PathLike, variant: str = "model.onnx") -> tuple[Path, Path]:
-    """(model dir, onnx file) for a compiled dir or a direct .onnx path; one-line errors otherwise."""
+    """(model dir, onnx file) for a compiled dir or a direct .onnx path; one-line errors otherwise. A directory a
+    killed compile left missing is read from the complete version beside it (with a warning)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
         return p.parent, p
-    if not p.exists():
     if not p.exists() and _swap_leftover(Path(os.path.abspath(p))) is not None:
         found = _swap_leftover(Path(os.path.abspath(p)))
         warnings.warn(f"{p} is missing: a compile into it was killed while swapping the new output in; reading the "
                       f"complete output beside it ({found.name}). Re-running that compile (or any compile into {p}) "
                       "puts it back in place", RuntimeWarning, stacklevel=2)
         p = found
+    if not p.exists():
         raise FileNotFoundError(f"{p} does not exist; pass a directory written by `tapernorm compile CHECKPOINT --out DIR`")
     if not p.is_dir():
         raise ModelDirError(f"{p} is neither a compiled model directory nor an .onnx file; "
@@ -150,7 +151,6 @@ def resolve_model_path(path: str | os.PathLike, variant: str = "model.onnx") -> 
     return p, onnx_path
 
 
-def cuda_loadable() -> bool:
 _ROTARY_SCAN_LIMIT = 64 << 20  # bytes: larger graphs with inline weights are not parsed again for this check
 
 
@@ -183,6 +183,7 @@ def _config_context(cfg_path: Path) -> int | None:
     return None
 
 
+def cuda_loadable() -> bool:
     """True when onnxruntime lists the CUDA provider and a CUDA driver library can be opened."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
@@ -259,7 +260,6 @@ class DecoderSession:
                 so.profile_file_prefix = str(profile_prefix)
         self.requested_provider = provider
         requested = _providers_for(provider, device_id)
-        try:
         for attempt in (1, 2):  # a recompile may swap the directory between the graph and runtime.json: retry once
             try:
                 self._open(so, requested, provider, device_id)
@@ -271,6 +271,7 @@ class DecoderSession:
 
     def _open(self, so, requested: list, provider: str, device_id: int) -> None:
         """Create the ORT session, check its interface and read runtime.json (one consistent compile)."""
+        try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=requested)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
             raise _load_error(self.model_path, e) from None
@@ -348,8 +349,8 @@ class DecoderSession:
             raise ModelDirError(f"cannot tell the context limit of {self.model_path}: neither {rt_path.name} nor "
                                 f"config.json in {self.model_dir} gives max_seq_len; re-run `tapernorm compile`, or "
                                 f"add \"max_seq_len\" to {rt_path}")
-        merged = {**{k: v for k, v in inferred.items() if v is not None}, **{k: v for k, v in data.items()
         self._check_context(int(data["max_seq_len"]), rt_path if rt_path.is_file() else cfg_path)
+        merged = {**{k: v for k, v in inferred.items() if v is not None}, **{k: v for k, v in data.items()
                                                                              if k in RuntimeConfig.__dataclass_fields__}}
         missing = [k for k in ("n_layers", "n_heads", "head_dim", "vocab_size") if merged.get(k) is None]
         if missing:
@@ -357,7 +358,6 @@ class DecoderSession:
                                 f"(re-run `tapernorm compile`)")
         return RuntimeConfig(**merged)
 
-    # -- helpers used by the decode loop ----------------------------------------------------------
     def _check_context(self, max_seq_len: int, where: Path) -> None:
         """One line when max_seq_len exceeds what the graph can position: the rows of its rotary cos cache
         (a lean graph's GroupQueryAttention / RotaryEmbedding fails past them), else config.json's context."""
@@ -371,6 +371,7 @@ class DecoderSession:
                                 f"past it fails or gives garbage: set max_seq_len to at most {limit}, or re-run "
                                 "`tapernorm compile`")
 
+    # -- helpers used by the decode loop ----------------------------------------------------------
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
         """Zero-length past OrtValues (B, H, 0, D) on the session's device, one per past input."""
         shape = [batch, self.config.n_heads, 0, self.config.head_dim]
