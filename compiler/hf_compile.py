@@ -4,8 +4,8 @@
     a tapernorm run dir          -> load_checkpoint (DecoderLM)
     a tapered HF dir             -> tapernorm.from_pretrained, wrapped in HFDecoder
     a plain HF dir               -> the same; FakeLN eps-hack LayerNorms become gate-0 TaperLayerNorm first
-An HF Llama (MHA, no biases, tied) or GPT-2 whose taper layout is the standard one is then handed over as our
-reference DecoderLM (hf_convert.hf_to_decoder, checked on a probe batch), so compile's lean graph applies to it.
+The HF model itself is what compile captures and folds; the lean builder (compiler.lean) reads the folded
+weights by their HF module names with the family's spec, so no conversion to our DecoderLM is involved.
 
 HFDecoder gives an HF model DecoderLM's call shape and config, so KVCacheLM, capture, fold / materialize,
 the generic dynamo export (HF / genai I/O names, KV cache), parity and runtime.json are shared unchanged:
@@ -29,7 +29,7 @@ import torch.nn as nn
 from tapernorm.checkpoint import CheckpointError, load_checkpoint
 from tapernorm.hf import dir_kind, from_pretrained
 from tapernorm.hf_config import HF_SECTION
-from tapernorm.hf_convert import find_eps_hack, hf_to_decoder, import_eps_hack
+from tapernorm.hf_convert import find_eps_hack, import_eps_hack
 from tapernorm.layers import get_gate, taper_layers
 
 __all__ = ["HFDecoder", "HFCompileConfig", "load_for_compile", "is_hf_dir"]
@@ -37,14 +37,25 @@ __all__ = ["HFDecoder", "HFCompileConfig", "load_for_compile", "is_hf_dir"]
 
 @dataclass
 class HFCompileConfig:
-    """What export / parity / runtime.json read from a model config (n_heads = the KV cache's heads)."""
+    """What export / parity / runtime.json read from a model config.
+
+    num_heads: query heads; num_kv_heads: the heads the KV cache holds; `n_heads` (the name export and the
+    runtime's runtime.json use for the cache's heads) is num_kv_heads.
+    """
     n_layers: int
-    n_heads: int
+    num_heads: int
+    num_kv_heads: int
     head_dim: int
     vocab_size: int
     max_seq_len: int
     arch: str
     taper_mode: str
+    hidden: int = 0
+
+    @property
+    def n_heads(self) -> int:
+        """The KV cache's heads (export's / runtime.json's `n_heads`)."""
+        return self.num_kv_heads
 
 
 def _first(cfg, *names, default=None):
@@ -65,11 +76,11 @@ def compile_config(model: nn.Module, taper_mode: str) -> HFCompileConfig:
         kv = 1  # Falcon's original multi-query attention
     return HFCompileConfig(
         n_layers=int(_first(c, "num_hidden_layers", "n_layer")),
-        n_heads=kv,
+        num_heads=heads, num_kv_heads=kv,
         head_dim=int(_first(c, "head_dim", default=hidden // heads)),
         vocab_size=int(c.vocab_size),
         max_seq_len=int(_first(c, "max_position_embeddings", "n_positions", default=2048)),
-        arch=str(c.model_type), taper_mode=taper_mode)
+        arch=str(c.model_type), taper_mode=taper_mode, hidden=hidden)
 
 
 class HFDecoder(nn.Module):
@@ -122,6 +133,18 @@ def _import_fakeln(model: nn.Module, log) -> dict | None:
     return rep
 
 
+def _load_hf(p: Path, kind: str, log) -> nn.Module:
+    """The HF model, its weights memory-mapped in the checkpoint's dtype (compiler/load.py) where the directory's
+    keys are the model's own; else through tapernorm.from_pretrained (transformers' loader)."""
+    from .load import MmapUnsupported, load_hf_mmap
+    if kind in ("tapered", "hf"):
+        try:
+            return load_hf_mmap(p, kind)
+        except MmapUnsupported as e:
+            log(f"note: weights not memory-mapped ({e}); loading through transformers")
+    return from_pretrained(p)
+
+
 def load_for_compile(path: str | Path, log=None) -> tuple[nn.Module, dict]:
     """(model with DecoderLM's interface, info) for a run dir, a tapered HF dir or a plain (FakeLN) HF dir."""
     log = log or (lambda msg: None)
@@ -134,7 +157,7 @@ def load_for_compile(path: str | Path, log=None) -> tuple[nn.Module, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p / 'config.json'}: not valid JSON ({e})") from None
     try:
-        hf = from_pretrained(p)
+        hf = _load_hf(p, kind, log)
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -144,30 +167,9 @@ def load_for_compile(path: str | Path, log=None) -> tuple[nn.Module, dict]:
     if not taper_layers(hf):
         log(f"note: {p} has no TaperNorm layers; nothing to fold (compiling it as it is)")
     mode = raw.get(HF_SECTION, {}).get("mode") or ("fakeln" if fakeln else "baseline")
-    wrapped = HFDecoder(hf, mode).eval()
-    model, as_ref = _as_reference(hf, wrapped, log)
+    model = HFDecoder(hf, mode).eval()
     tok = p / "tokenizer.model"
     info = {"dir": str(p), "config": model.config, "config_json": raw, "gate": get_gate(hf),
             "tokenizer_path": str(tok) if tok.is_file() else None,
-            "hf": {"kind": kind, "class": type(hf).__name__, "model_type": wrapped.config.arch, "fakeln": fakeln,
-                   "decoderlm": as_ref}}
+            "hf": {"kind": kind, "class": type(hf).__name__, "model_type": model.config.arch, "fakeln": fakeln}}
     return model, info
-
-
-@torch.no_grad()
-def _as_reference(hf: nn.Module, wrapped: HFDecoder, log) -> tuple[nn.Module, dict | None]:
-    """Our DecoderLM when it computes the same function (MHA Llama without biases, GPT-2; the lean graph then
-    applies), checked on a probe batch; else the HFDecoder wrapper (generic export)."""
-    ref, why = hf_to_decoder(hf)
-    if ref is None:
-        log(f"{type(hf).__name__}: compiled through the generic export ({why}: not the lean builder's reference model)")
-        return wrapped, None
-    c = ref.config
-    ids = torch.randint(0, c.vocab_size, (2, min(16, c.max_seq_len)), generator=torch.Generator().manual_seed(0))
-    want, got = wrapped(ids), ref(ids)  # (B, T, V) each
-    diff, scale = float((got.float() - want.float()).abs().max()), max(1.0, float(want.abs().max()))
-    if not diff <= 1e-4 * scale:
-        log(f"{type(hf).__name__}: the reference model differs by {diff:.2e}; using the generic export")
-        return wrapped, None
-    log(f"{type(hf).__name__} -> the reference DecoderLM ({c.arch}, {c.taper_mode}): max |logit diff| {diff:.2e}")
-    return ref, {"max_abs_diff": diff, "logit_scale": scale}

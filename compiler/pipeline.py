@@ -9,6 +9,7 @@ The `compile` and `demo` commands that drive it are in cli.py.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import json
 import math
@@ -40,10 +41,13 @@ from .defaults import DEFAULT_PROMPT, PARITY_TOKENS
 from .hf_compile import load_for_compile
 from .onnx_fold import check_statistics
 from .onnx_io import load_onnx
-from .lean import LeanError, write_genai_config
+from .lean import NEAREST, LeanError, spec_for, write_genai_config
 from .tokenizer_files import COPIED_FILES, copy_tokenizer_files, update_runtime_json
 from .lean.export import export_lean_pair, optimized_counts
 from .precision import apply_precision, plan_precision, precision_parity
+from .lean.builder import build_lean
+from .load import check_fits, checkpoint_dtype
+from .stages import Stages
 
 __all__ = ["compile_checkpoint", "CompileError", "ParityError", "ort_greedy", "torch_greedy", "summary_text",
            "DEFAULT_PROMPT", "PARITY_TOL"]
@@ -102,11 +106,19 @@ def torch_greedy(model, prompt: list[int], n_new: int) -> tuple[list[int], list[
     return tokens, logits_seen
 
 
-def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: str) -> dict:
-    """Prompt logits max |diff| vs PyTorch and greedy tokens for every session; raises ParityError."""
+def torch_reference(model, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """PyTorch's side of parity: (greedy tokens, their float32 logits, full-prompt logits (T, V)); small enough
+    to keep while the model itself is freed before onnxruntime loads the graphs."""
     ref_tokens, ref_logits = torch_greedy(model, prompt, n_new)
     with torch.no_grad():  # full-prompt logits (every position), no cache
         ref_full = model(torch.tensor([prompt])).float().numpy()[0]  # (T, V)
+    return ref_tokens, ref_logits, ref_full
+
+
+def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: str) -> dict:
+    """Prompt logits max |diff| vs PyTorch and greedy tokens for every session; raises ParityError.
+    `model` is the PyTorch model or its torch_reference(...) triple."""
+    ref_tokens, ref_logits, ref_full = model if isinstance(model, tuple) else torch_reference(model, prompt, n_new)
     scale = max(1.0, float(np.abs(ref_full).max()))
     out = {"prompt_tokens": len(prompt), "new_tokens": n_new, "torch_tokens": ref_tokens, "logit_scale": scale,
            "tolerance": PARITY_TOL[dtype] * scale, "graphs": {}}
@@ -227,9 +239,14 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                        allow_unfolded: bool = False, parity_tokens: int = PARITY_TOKENS, prompt: str = DEFAULT_PROMPT,
                        provider: str = "cpu", log=None, inline_limit: int = INLINE_LIMIT, graph: str = "lean",
                        fallback_generic: bool = False, precision: str = "fp32", block_size: int = 32,
-                       accuracy_level: int | None = None) -> dict:
-    """Compile a checkpoint into `out_dir` (model.onnx, model_unfused.onnx, runtime.json, report); returns the report.
+                       accuracy_level: int | None = None, unfused: bool = False) -> dict:
+    """Compile a checkpoint into `out_dir` (model.onnx, runtime.json, report; model_unfused.onnx with `unfused`);
+    returns the report.
 
+    `unfused`: also write model_unfused.onnx (the explicit gate-0 maps, for benchmarks and debugging) and check
+    its parity too. Before anything is loaded, the expected peak memory is checked against what is available
+    (compiler/load.py: CompileFitError with the estimate and the fix). Each stage logs one line with its time and
+    peak RSS; the report's "stages" records them.
     `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB).
     `graph`: "lean" (compiler.lean: GroupQueryAttention, shared KV buffer, fused Skip norms; also writes
     genai_config.json) or "generic" (the torch.onnx dynamo export). A model the lean builder cannot express
@@ -251,23 +268,42 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         log(f"{ckpt} is a run directory; compiling its final model, {ckpt / 'model'}")  # as `tapernorm eval` does
         ckpt = ckpt / "model"
     foreign = _prepare_out(out_dir)
+    stages = Stages(log)
+    with stages("check", "memory estimate from the safetensors headers"):
+        fit = check_fits(ckpt, dtype)  # refuses before loading a model that would not fit; nothing written
+    ckpt_dtype = checkpoint_dtype(ckpt) if fit else None
+    stages.begin("load", f"{ckpt_dtype or 'checkpoint'} weights")
     model, info = load_for_compile(ckpt, log)  # a run dir, a tapered HF dir or a FakeLN HF dir (hf_compile.py)
-    if info.get("hf") and not info["hf"].get("decoderlm") and graph == "lean":  # the lean builder maps DecoderLM
-        log(f"{info['hf']['class']}: the lean graph builder does not map Hugging Face models; using --graph generic")
-        graph = "generic"
+    hf_info = info.get("hf")
+    if hf_info and graph == "lean":  # the lean builder maps every family with a spec (compiler/lean/families.py)
+        near = NEAREST.get(hf_info["model_type"])
+        if spec_for(hf_info["model_type"]) is None:
+            hf_info["lean"] = (f"model_type {hf_info['model_type']!r}: no lean spec"
+                               + (f" (nearest family: {near})" if near else "") + "; using --graph generic")
+            log(hf_info["lean"])
+            graph = "generic"
+        fallback_generic = True  # a feature GroupQueryAttention cannot express: one line, then the generic export
     cfg = model.config
     if parity_tokens >= cfg.max_seq_len:
         raise CompileError(f"--parity-tokens {parity_tokens} does not fit {ckpt}'s {cfg.max_seq_len}-token context; "
                            f"use at most {cfg.max_seq_len - 1}")
     unfolded = _check_gates(model, ckpt, allow_unfolded)
-    model = model.to(DTYPES[dtype]).eval()
+    model = model.to(DTYPES[dtype]).eval()  # the compute dtype; a no-op (no copy) when the checkpoint has it
+    stages.begin("check-finite", f"{ckpt_dtype or 'checkpoint'} -> {dtype}")
     _check_finite(model, cfg, ckpt, dtype)
     wrapper = KVCacheLM(model)
     args, ds = example_inputs(cfg, dtype=dtype), dynamic_shapes(cfg.n_layers)
     log(f"capture {type(model).__name__} ({cfg.arch}, {cfg.taper_mode}, {dtype})")
+    stages.begin("capture", "torch.export")
     gm = capture(wrapper, args, dynamic_shapes=ds)
+    stages.begin("fold")
     gm_fold, rep_fold = fold(gm, args, dynamic_shapes=ds, original=wrapper)
-    gm_unf, rep_unf = materialize(gm, args, dynamic_shapes=ds, original=wrapper)
+    gm_unf = rep_unf = None
+    if unfused:
+        stages.begin("materialize", "--unfused")
+        gm_unf, rep_unf = materialize(gm, args, dynamic_shapes=ds, original=wrapper)
+    stages.end()
+    variants = ("model.onnx", "model_unfused.onnx") if unfused else ("model.onnx",)
     t_pass = time.perf_counter()
 
     folded = sorted(n for n, r in rep_fold["layers"].items() if r["status"] == "folded")
@@ -283,63 +319,79 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         return {"tapernorm.statistics_check": stats, "tapernorm.folded_layers": folded}
 
     with staged_dir(out_dir, "build") as tmp:
+        stages.begin("build", f"{graph} graph, {', '.join(variants)}")
         meta = {"tapernorm.source": str(ckpt), "tapernorm.taper_mode": cfg.taper_mode}
         if graph == "lean":
             log("build lean model.onnx (folded) and model_unfused.onnx")
             try:
-                exp_f, exp_u, stats = export_lean_pair(model, gm_fold, rep_fold, gm_unf, rep_unf, tmp,
-                                                       DTYPES[plan.graph_dtype], meta, inline_limit)
+                exp_f, exp_u, stats = _export_lean(model, gm_fold, rep_fold, gm_unf, rep_unf, tmp,
+                                                   DTYPES[plan.graph_dtype], meta, inline_limit)
             except LeanError as e:
                 if not fallback_generic:
                     raise CompileError(f"{ckpt}: lean graph: {e}") from None
-                log(f"lean graph not possible ({e}); using --graph generic as asked")
+                log(f"lean graph not possible ({e}); using --graph generic")
+                if hf_info:
+                    hf_info["lean"] = str(e)
                 graph = "generic"
         if graph == "generic":
             log("export model.onnx (folded)")
             exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype, metadata={**meta, "tapernorm.graph": "folded"},
                                 annotate=annotate_folded, inline_limit=inline_limit)
             stats = stats_holder["stats"]
-            log("export model_unfused.onnx")
-            exp_u = export_onnx(gm_unf, cfg, tmp / "model_unfused.onnx", dtype,
-                                metadata={**meta, "tapernorm.graph": "unfused"}, inline_limit=inline_limit)
-            for f in ("model.onnx", "model_unfused.onnx"):
+            exp_u = None
+            if unfused:
+                log("export model_unfused.onnx")
+                exp_u = export_onnx(gm_unf, cfg, tmp / "model_unfused.onnx", dtype,
+                                    metadata={**meta, "tapernorm.graph": "unfused"}, inline_limit=inline_limit)
+            for f in variants:
                 load_onnx(tmp / f, load_external_data=False)  # re-read what was written (IR, checker)
         if not stats["ok"]:
             raise ParityError(f"statistics check failed (nothing written): {stats['reason']}")
         t_export = time.perf_counter()
+        stages.begin("files", "tokenizer, runtime.json")
         # runtime.json first: the runtime sessions of the parity check read the context limit from it
         toks = copy_tokenizer_files(ckpt, tmp, cfg.vocab_size)  # tokenizer files, chat template, stop ids, BOS rule
         tok_ids = {"eos_id": toks.eos_id, "bos_id": toks.bos_id}
         for note in toks.notes:
             log(f"note: {note}")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
-        prec = apply_precision(tmp, plan, graph, log=log)  # int8/int4: MatMulNBits; generic fp16: cast
+        prec = apply_precision(tmp, plan, graph, files=variants, log=log)  # int8/int4: MatMulNBits; generic fp16: cast
         write_runtime_json(tmp, cfg, plan.graph_dtype, **tok_ids)
         update_runtime_json(tmp, toks)  # eos_ids (every end token), add_bos, tokenizer file
-        log(f"parity: {parity_tokens} greedy tokens, PyTorch vs ORT folded / unfused")
-        sessions = {f: _session(tmp / f, provider, out_dir) for f in ("model.onnx", "model_unfused.onnx")}
+        stages.begin("parity", f"{parity_tokens} greedy tokens, PyTorch vs ORT {' / '.join(variants)}")
         prompt_ids = _prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new fit the context
-        if plan.precision == "fp32":
-            parity = _parity(model, cfg, sessions, prompt_ids, parity_tokens, dtype)
+        n_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if plan.precision == "fp32":  # PyTorch's answer first, then free its weights before ORT loads the graph
+            ref = torch_reference(model, prompt_ids, parity_tokens)
+            del model, wrapper, gm, gm_fold, gm_unf
+            gc.collect()
+            sessions = {f: _session(tmp / f, provider, out_dir) for f in variants}
+            parity = _parity(ref, cfg, sessions, prompt_ids, parity_tokens, dtype)
         else:  # against the fp32 model: a tolerance per precision and a greedy-agreement rate
+            sessions = {f: _session(tmp / f, provider, out_dir) for f in variants}
             parity = precision_parity(model, cfg, sessions, info, _prompt_ids, torch_greedy, parity_tokens, plan)
         del sessions
+        stages.begin("finish", "genai_config.json, ORT node counts, report")
         if graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
             write_genai_config(tmp, cfg, eos_id=tok_ids["eos_id"], bos_id=tok_ids["bos_id"], provider=provider)
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": plan.graph_dtype, "arch": cfg.arch, "graph": graph,
             "precision": prec,
-            "ort_optimized": optimized_counts(tmp),
+            "ort_optimized": optimized_counts(tmp) if n_weights <= inline_limit else {},  # skips a 2nd big copy
             "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded, "hf": info.get("hf"),
             "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": toks.tokenizer is not None,
             "tokenizer_files": toks.files, "eos_ids": toks.eos_ids, "add_bos": toks.add_bos,
-            "passes": {"fold": rep_fold, "materialize": rep_unf}, "statistics_check": stats,
-            "export": {"model.onnx": exp_f, "model_unfused.onnx": exp_u},
+            "passes": {"fold": rep_fold, **({"materialize": rep_unf} if unfused else {})}, "statistics_check": stats,
+            "export": {"model.onnx": exp_f, **({"model_unfused.onnx": exp_u} if unfused else {})}, "unfused": unfused,
+            "checkpoint_dtype": ckpt_dtype, "compute_dtype": dtype,
+            "fit_estimate": fit.__dict__ if fit else None,
             "opset": exp_f["opset"], "ir_version": exp_f["ir_version"],
             "providers": parity["graphs"]["model.onnx"]["providers"], "parity": parity,
             "versions": _versions(), "seconds": {"passes": round(t_pass - t0, 2), "export": round(t_export - t_pass, 2),
                                                  "total": round(time.perf_counter() - t0, 2)},
         }
+        stages.end()
+        report.update(stages.record())  # "stages": per-stage seconds and peak RSS, "peak_rss_bytes", "total_seconds"
         (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
         for name in foreign:  # the user's files in a previous output: kept, not deleted by the swap
             if not os.path.lexists(tmp / name):
@@ -362,9 +414,28 @@ def summary_text(rep: dict) -> str:
             f"  folded {len(rep['folded_layers'])} norm(s); statistics check: "
             f"{'ok' if rep['statistics_check']['ok'] else rep['statistics_check']['reason']} "
             f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"
-            f"  parity: prompt logits max|diff| folded {g['model.onnx']['prompt_logits_max_abs_diff']:.2e}, "
-            f"unfused {g['model_unfused.onnx']['prompt_logits_max_abs_diff']:.2e}; "
-            + (f"{p['new_tokens']} greedy tokens identical in PyTorch / folded / unfused" if "precision" not in p else
-               f"{rep['precision']['name']} vs fp32 PyTorch, greedy agreement folded "
-               f"{g['model.onnx']['greedy_agreement']:.0%}, unfused {g['model_unfused.onnx']['greedy_agreement']:.0%}"
-               f" over {p['prompts']} prompts x {p['new_tokens']} tokens"))
+            f"  parity: prompt logits max|diff| "
+            + ", ".join(f"{_SHORT[f]} {g[f]['prompt_logits_max_abs_diff']:.2e}" for f in g) + "; "
+            + (f"{p['new_tokens']} greedy tokens identical in PyTorch / {' / '.join(_SHORT[f] for f in g)}"
+               if "precision" not in p else
+               f"{rep['precision']['name']} vs fp32 PyTorch, greedy agreement "
+               + ", ".join(f"{_SHORT[f]} {g[f]['greedy_agreement']:.0%}" for f in g)
+               + f" over {p['prompts']} prompts x {p['new_tokens']} tokens")
+            + (f"\n  {len(rep['stages'])} stages in {rep['total_seconds']:.1f} s, peak RSS "
+               f"{rep['peak_rss_bytes'] / 2**30:.2f} GiB" if rep.get("stages") else ""))
+
+
+_SHORT = {"model.onnx": "folded", "model_unfused.onnx": "unfused"}
+
+
+def _export_lean(model, gm_fold, rep_fold: dict, gm_unf, rep_unf, out: Path, dtype: torch.dtype, meta: dict,
+                 inline_limit: int) -> tuple[dict, dict | None, dict]:
+    """The lean model.onnx (and model_unfused.onnx when gm_unf is given): (facts folded, facts unfused or None,
+    statistics check of the folded graph)."""
+    if gm_unf is not None:
+        return export_lean_pair(model, gm_fold, rep_fold, gm_unf, rep_unf, out, dtype, meta, inline_limit)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    facts = build_lean(model, gm_fold, rep_fold, out / "model.onnx", dtype, {**meta, "tapernorm.graph": "folded"},
+                       external_data=size > inline_limit)
+    load_onnx(out / "model.onnx", load_external_data=False)  # re-read what was written (IR, checker)
+    return facts, None, facts["statistics_check"]

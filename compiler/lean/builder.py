@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from tapernorm.passes.pipeline import site_results
 
-from ..onnx_io import max_ir_version, save_onnx
+from ..onnx_io import max_ir_version, save_onnx, stream_initializers, write_onnx_header
 from ..onnx_stats import check_statistics
 from .families import NEAREST, SPECS, FamilySpec, dims_of, spec_for
 from .hf_arch import SpecLean
@@ -63,7 +63,8 @@ def _prefix(paths, lm_head: str) -> str:
 
 
 def lean_model_proto(model: nn.Module, gm: fx.GraphModule, report: dict | None, dtype: torch.dtype,
-                     metadata: dict[str, str] | None = None) -> tuple[onnx.ModelProto, dict]:
+                     metadata: dict[str, str] | None = None, data_path: Path | None = None
+                     ) -> tuple[onnx.ModelProto, dict]:
     """The lean graph of `model` (a DecoderLM, an HFDecoder, or KVCacheLM around either) with the weights of
     `gm` (fold or materialize output, whose typed site results say what each norm became).
 
@@ -88,7 +89,10 @@ def lean_model_proto(model: nn.Module, gm: fx.GraphModule, report: dict | None, 
     g = builder.build()
     meta = {"tapernorm.graph_kind": "lean", "tapernorm.kv_cache": "shared", "tapernorm.logits": "last",
             "tapernorm.family": spec.name, **{k: str(v) for k, v in (metadata or {}).items()}}
-    proto = ir.to_proto(g.model(builder.logits, meta, max_ir_version()))
+    irm = g.model(builder.logits, meta, max_ir_version())
+    if data_path is not None:  # weights streamed to external data one tensor at a time: the proto is the graph only
+        stream_initializers(irm, data_path)
+    proto = ir.to_proto(irm)
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -103,13 +107,18 @@ def lean_model_proto(model: nn.Module, gm: fx.GraphModule, report: dict | None, 
 
 def build_lean(model: nn.Module, gm: fx.GraphModule, report: dict, path: str | Path, dtype: torch.dtype,
                metadata: dict[str, str] | None = None, external_data: bool | None = None) -> dict:
-    """Write the lean graph to `path` atomically (external data when the weights near protobuf's 2 GB)."""
-    proto, facts = lean_model_proto(model, gm, report, dtype, metadata)
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    """Write the lean graph to `path` (external data when the weights near protobuf's 2 GB: streamed tensor by
+    tensor into `<name>.data` while the graph is built, never held whole as a ModelProto)."""
+    path = Path(path)
+    size = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     external = size > 2**31 - 2**27 if external_data is None else external_data
-    if not external:
+    proto, facts = lean_model_proto(model, gm, report, dtype, metadata,
+                                    data_path=path.with_name(path.name + ".data") if external else None)
+    if external:
+        write_onnx_header(proto, path)
+    else:
         onnx.checker.check_model(proto)
-    save_onnx(proto, path, external_data=external)
+        save_onnx(proto, path)
     facts.update(path=str(path), ir_version=proto.ir_version, external_data=external,
                  opset={o.domain or "ai.onnx": o.version for o in proto.opset_import},
                  bytes=Path(path).stat().st_size + (Path(str(path) + ".data").stat().st_size if external else 0))

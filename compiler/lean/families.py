@@ -45,6 +45,9 @@ def _first(cfg, *names, default=None):
 
 def dims_of(cfg) -> DecoderDims:
     """DecoderDims of a tapernorm ModelConfig (`dim`, `n_heads`) or a Hugging Face text config."""
+    if hasattr(cfg, "num_kv_heads") and hasattr(cfg, "n_layers"):  # compiler.hf_compile.HFCompileConfig
+        return DecoderDims(cfg.n_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden, cfg.vocab_size,
+                           cfg.max_seq_len)
     if hasattr(cfg, "n_layers") and hasattr(cfg, "dim"):  # tapernorm ModelConfig: multi-head attention
         return DecoderDims(cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.dim, cfg.vocab_size,
                            cfg.max_seq_len)

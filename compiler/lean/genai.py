@@ -13,31 +13,35 @@ from pathlib import Path
 
 from tapernorm.fileio import atomic_write_text
 
+from .families import DecoderDims, dims_of
+
 __all__ = ["genai_config", "write_genai_config", "GENAI_MODEL_TYPE"]
 
-GENAI_MODEL_TYPE = {"llama": "llama", "gpt2": "llama"}  # both are plain decoders over the same interface
+GENAI_MODEL_TYPE = "llama"  # every lean graph has the same plain decoder interface, whatever the family
 
 
 def genai_config(cfg, *, filename: str = "model.onnx", eos_id: int | None = None, bos_id: int | None = None,
                  provider: str = "cpu") -> dict:
-    """The genai_config.json dict for a lean graph of `cfg` (eos falls back to 0 when the model has none)."""
-    eos = eos_id if eos_id is not None and 0 <= eos_id < cfg.vocab_size else 0  # genai refuses out-of-vocab eos
+    """The genai_config.json dict for a lean graph of `cfg` (a DecoderLM ModelConfig, an HFCompileConfig or
+    DecoderDims; eos falls back to 0 when the model has none)."""
+    d = cfg if isinstance(cfg, DecoderDims) else dims_of(cfg)
+    eos = eos_id if eos_id is not None and 0 <= eos_id < d.vocab else 0  # genai refuses out-of-vocab eos
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else
                             [{"cuda": {}}]},
-        "filename": filename, "head_size": cfg.head_dim, "hidden_size": cfg.dim,
+        "filename": filename, "head_size": d.head_dim, "hidden_size": d.hidden,
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
         "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value"},
-        "num_attention_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers, "num_key_value_heads": cfg.n_heads,
+        "num_attention_heads": d.num_heads, "num_hidden_layers": d.num_layers, "num_key_value_heads": d.num_kv_heads,
     }
     return {
         "model": {"bos_token_id": bos_id if bos_id is not None and bos_id >= 0 else eos,
-                  "context_length": cfg.max_seq_len, "decoder": decoder, "eos_token_id": eos, "pad_token_id": eos,
-                  "type": GENAI_MODEL_TYPE[cfg.arch], "vocab_size": cfg.vocab_size},
+                  "context_length": d.max_seq_len, "decoder": decoder, "eos_token_id": eos, "pad_token_id": eos,
+                  "type": GENAI_MODEL_TYPE, "vocab_size": d.vocab},
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": cfg.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "max_length": d.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }

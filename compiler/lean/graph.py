@@ -19,6 +19,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
+from ..onnx_io import lazy_initializer
 from .weights import NormSpec
 
 __all__ = ["LeanGraph", "ONNX_DTYPES", "OPSET"]
@@ -56,13 +57,13 @@ class LeanGraph:
         return self.tape.op_multi_out(op_type, inputs, attrs, domain=domain, num_outputs=n_out, name=name)
 
     def weight(self, name: str, t: torch.Tensor) -> ir.Value:
-        """An initializer in the graph dtype from a torch tensor (any float dtype; bf16 included)."""
-        t = t.detach().to(self.dtype).contiguous()
-        return self.tape.initializer(TorchTensor(t, name=name), name=name)
+        """An initializer in the graph dtype from a torch tensor (any float dtype; bf16 included), converted
+        when it is written (onnx_io.lazy_initializer: no converted copy of the whole model is held)."""
+        return self.tape.initializer(lazy_initializer(t, self.dtype, name), name=name)
 
     def matmul_weight(self, name: str, w: torch.Tensor) -> ir.Value:
-        """W (out, in) stored transposed (in, out), as MatMul(x, W^T) wants it."""
-        return self.weight(name, w.t())
+        """W (out, in) stored transposed (in, out), as MatMul(x, W^T) wants it (transposed when written)."""
+        return self.tape.initializer(lazy_initializer(w, self.dtype, name, transpose=True), name=name)
 
     def const_i64(self, values, name: str) -> ir.Value:
         """An int64 initializer (cached by name)."""
@@ -111,14 +112,14 @@ class LeanGraph:
                   softcap: float | None = None, window: int | None = None) -> ir.Value:
         """GroupQueryAttention on packed qkv (B, T, (H + 2 Hkv) D) or [q, k, v]; records the presents;
         returns (B, T, H D). `scale`: the softmax scale (None: 1/sqrt(D)); `softcap`: tanh capping of the
-        scores; `window`: sliding window in tokens (a query sees itself and the window - 1 before it).
+        scores; `window`: sliding window in tokens as Hugging Face counts it (the query itself and window - 1 before it).
 
         Rotary (cos/sin given, (S, R/2) with R <= D rotated dims) runs inside GroupQueryAttention (`do_rotary`),
         whose CPU kernel needs head_dim % 16 == 0; smaller heads (test-size models) get a separate
         RotaryEmbedding on q and k.
         """
         attrs = {"num_heads": self.n_heads, "kv_num_heads": self.kv_heads,
-                 "local_window_size": int(window) - 1 if window else -1}
+                 "local_window_size": int(window) if window else -1}
         if scale is not None:
             attrs["scale"] = float(scale)
         if softcap:

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn as nn
 
+from tapernorm.hf_config import GUARDED_KEY
+
 from .families import DecoderDims, FamilySpec
 from .graph import MS, LeanGraph
 from .weights import LeanError, NormSpec
@@ -31,8 +33,9 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # a fixed cos/sin cache ex
 
 
 def _act_key(cfg, default: str) -> tuple[str, str]:
+    guarded = getattr(cfg, GUARDED_KEY, None) or {}  # a tapered model's live config keeps the real value here
     for key in ("hidden_activation", "hidden_act", "activation_function"):
-        v = getattr(cfg, key, None)
+        v = guarded.get(key, getattr(cfg, key, None))
         if v is not None:
             return key, str(v)
     return "spec act", default  # tapernorm's ModelConfig: the arch fixes it
