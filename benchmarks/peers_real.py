@@ -1,0 +1,180 @@
+"""Decode speed on a real pretrained checkpoint (SmolLM2-135M-Instruct, fp32): our compiled directories against
+onnxruntime-genai's model builder graph + genai's loop, on the same Hugging Face directory.
+
+Variants, all in ONE process (the genai venv's worker: onnxruntime-genai 0.18 and its onnxruntime), so every
+variant runs on the same onnxruntime build:
+    ours_lean        `tapernorm compile` of the plain checkpoint (lean graph), our runtime's loop (SharedKVDecoder)
+    ours_lean_aa     the same directory in a second session: the A/A noise floor
+    genai_lean       the same directory under genai's loop (`tapernorm generate --engine genai`)
+    ours_generic     the same checkpoint compiled with --graph generic, our loop
+    ours_tapered     the checkpoint taperized (all), calibrated, gate 0, compiled lean (every norm folded)
+    genai_tapered    that directory under genai's loop
+    genai_builder    `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32 -e cpu`, genai's loop
+Lockstep: each round draws one random prompt (B, P); every variant decodes it as one block (prefill + N - 1
+timed steps) in an order reshuffled each round. tok/s = B (N - 1) / decode seconds; ratios are medians over
+rounds of same-round pairs, with min-max spread. ORT: intra-op --threads, inter-op 1, no spinning.
+The GGUF -> HF conversion is benchmarks/real_checkpoint.py's (the package never does it).
+
+    nice -n 10 .venv/bin/python benchmarks/peers_real.py [--batches 1,4 --rounds 7 --save]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_output_args, library_versions, loadavg, machine_info, output_dir, spread, write_results  # noqa: E402
+from peers_common import GenaiWorker, find_genai_python  # noqa: E402
+from peers_models import genai_builder_graph  # noqa: E402
+from real_checkpoint import smollm2_dir  # noqa: E402
+
+PAIRS = [("ours_lean / genai_builder", "ours_lean", "genai_builder"),
+         ("genai_lean / genai_builder", "genai_lean", "genai_builder"),
+         ("ours_tapered / genai_builder", "ours_tapered", "genai_builder"),
+         ("genai_tapered / genai_builder", "genai_tapered", "genai_builder"),
+         ("ours_lean / ours_generic", "ours_lean", "ours_generic"),
+         ("ours_tapered / ours_lean", "ours_tapered", "ours_lean"),
+         ("A/A: ours_lean_aa / ours_lean", "ours_lean_aa", "ours_lean")]
+
+
+def tapered_dir(hf_dir: Path, out: Path, mode: str, log=print) -> Path:
+    """The checkpoint taperized (`mode`), calibrated on a few chat-text batches, gate 0, saved (cached)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer
+
+    import tapernorm
+    from tapernorm.layers import calibrate, set_gate, taperize
+    model = tapernorm.from_pretrained(hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+            "Water boils at one hundred degrees Celsius at sea level. ") * 16
+    ids = torch.tensor(tok(text)["input_ids"][:256]).reshape(4, 64)  # (4, 64) calibration tokens
+    taperize(model, mode=mode)
+    calibrate(model, [ids[:2], ids[2:]])
+    set_gate(model, 0.0)
+    with torch.no_grad():
+        finite = bool(torch.isfinite(model(input_ids=ids).logits).all())
+    if not finite:
+        raise RuntimeError(f"tapered ({mode}) logits are not finite at gate 0 without fine-tuning (issue 19); "
+                           "try --taper-mode internal")
+    tapernorm.save_pretrained(model, out, tokenizer_from=hf_dir)
+    log(f"[bench] tapered ({mode}) checkpoint -> {out}")
+    return out
+
+
+def compiled(src: Path, out: Path, graph: str, log=print) -> Path:
+    """`tapernorm compile` of `src` into `out` (cached by its compile_report.json)."""
+    if not (out / "compile_report.json").is_file():
+        from tapernorm.compiler.pipeline import compile_checkpoint
+        t0 = time.perf_counter()
+        compile_checkpoint(src, out, graph=graph, log=lambda m: None)
+        log(f"[bench] compiled {src.name} ({graph}) in {time.perf_counter() - t0:.0f} s -> {out}")
+    rep = json.loads((out / "compile_report.json").read_text())
+    if rep["graph"] != graph:
+        raise RuntimeError(f"{out}: compiled as {rep['graph']}, not {graph}")
+    return out
+
+
+def run_batch(worker: GenaiWorker, names: list[str], batch: int, args, vocab: int) -> dict:
+    """All rounds at one batch size; {variant: [tok/s per round]} and the token agreement."""
+    rng = np.random.default_rng(args.seed + batch)
+    toks: dict[str, list[float]] = {n: [] for n in names}
+    agree = {n: True for n in names}
+    for r in range(args.rounds + 1):  # round 0 warms up every variant and is not recorded
+        prompt = rng.integers(3, vocab, (batch, args.prompt_len)).tolist()
+        seqs = {}
+        for n in rng.permutation(names):
+            out = worker.call({"cmd": "run", "name": str(n), "prompt": prompt, "new": args.new_tokens})
+            seqs[str(n)] = np.asarray(out["tokens"])  # (N, B)
+            if r > 0:
+                toks[str(n)].append(batch * (args.new_tokens - 1) / out["decode_s"])
+        for n in names:  # the plain checkpoint's graphs: greedy tokens against the builder graph's, first 8 steps
+            if "tapered" not in n:
+                agree[n] &= bool(np.array_equal(seqs[n][:8], seqs["genai_builder"][:8]))
+    return {"tok_s": toks, "tokens_match_builder_first8": agree}
+
+
+def ratios(tok_s: dict) -> dict:
+    out = {}
+    for label, a, b in PAIRS:
+        if a in tok_s and b in tok_s:
+            rs = [x / y for x, y in zip(tok_s[a], tok_s[b])]
+            out[label] = {"median": statistics.median(rs), **spread(rs)}
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Real checkpoint decode: {res['checkpoint']}", "",
+             f"fp32, prompt {res['settings']['prompt_len']}, {res['settings']['new_tokens'] - 1} timed steps, "
+             f"{res['settings']['rounds']} rounds, {res['settings']['threads']} threads, one process "
+             f"(onnxruntime-genai {res['genai_version']}). Compiled node counts after ORT optimization: "
+             + ", ".join(f"{k} {v}" for k, v in res["ort_nodes"].items()), ""]
+    for b, r in res["batches"].items():
+        lines += [f"## batch {b}", "", "| variant | median tok/s |", "|---|---|"]
+        lines += [f"| {n} | {statistics.median(v):.1f} |" for n, v in r["tok_s"].items()]
+        lines += ["", "| ratio | median | min | max |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for k, v in r["ratios"].items()]
+        lines += ["", f"greedy tokens equal to the builder graph's (first 8 steps): {r['tokens_match_builder_first8']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--taper-mode", default="all", choices=["all", "internal"])
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "tapernorm" / "peers_real"))
+    ap.add_argument("--no-generic", action="store_true", help="skip the generic export (slow to compile)")
+    ap.add_argument("--genai-python", default=None)
+    add_output_args(ap)
+    args = ap.parse_args()
+    gpy = find_genai_python(args.genai_python)
+    if gpy is None:
+        raise SystemExit("no onnxruntime-genai venv: pass --genai-python (see README, `make genai-venv`)")
+    work, hf = Path(args.work), smollm2_dir()
+    worker = GenaiWorker(gpy, Path(__file__).resolve().parent / "genai_worker.py")
+    dirs = {"lean": compiled(hf, work / "lean", "lean"),
+            "tapered": compiled(tapered_dir(hf, work / f"hf_tapered_{args.taper_mode}", args.taper_mode),
+                                work / f"lean_tapered_{args.taper_mode}", "lean"),
+            "builder": genai_builder_graph(hf, work / "genai_builder", worker.builder_py)}
+    if not args.no_generic:
+        dirs["generic"] = compiled(hf, work / "generic", "generic")
+    ctx = args.prompt_len + args.new_tokens
+    loads = {"ours_lean": ("load_ours", "lean"), "ours_lean_aa": ("load_ours", "lean"),
+             "genai_lean": ("load", "lean"), "ours_tapered": ("load_ours", "tapered"),
+             "genai_tapered": ("load", "tapered"), "genai_builder": ("load", "builder"),
+             **({"ours_generic": ("load_ours", "generic")} if "generic" in dirs else {})}
+    for name, (cmd, d) in loads.items():
+        worker.call({"cmd": cmd, "name": name, "dir": str(dirs[d]), "threads": args.threads, "max_len": ctx})
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    res = {"checkpoint": str(hf), "machine": machine_info(), "versions": library_versions(),
+           "genai_version": worker.version, "loadavg_before": loadavg(), "settings": vars(args),
+           "ort_nodes": {k: json.loads((v / "compile_report.json").read_text())["ort_optimized"]["model.onnx"]["nodes"]
+                         for k, v in dirs.items() if (v / "compile_report.json").is_file()},
+           "batches": {}}
+    for b in (int(x) for x in args.batches.split(",")):
+        r = run_batch(worker, list(loads), b, args, vocab)
+        r["ratios"] = ratios(r["tok_s"])
+        res["batches"][str(b)] = r
+        print(f"[bench] batch {b}: " + ", ".join(f"{k} x{v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
+    worker.close()
+    res["loadavg_after"] = loadavg()
+    paths = write_results(output_dir(args) / "peers_real", res, markdown(res))
+    print(f"[bench] wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
