@@ -33,7 +33,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from bench_common import RESULTS, library_versions, loadavg, machine_info, spread, write_results
+from bench_common import add_output_args, library_versions, loadavg, machine_info, output_dir, spread, write_results
 from tapernorm import build_model, calibrate, set_gate
 from tapernorm.checkpoint import save_checkpoint
 from tapernorm.compiler.export_onnx import KVCacheLM, export_onnx, write_runtime_json
@@ -90,7 +90,8 @@ def build_variants(width: int, args, cache: Path) -> dict:
         shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
         save_checkpoint(taper, d / "taper_ckpt")
-        compile_checkpoint(d / "taper_ckpt", d / "taper", parity_tokens=4, graph="generic")  # lean: bench_peers.py
+        compile_checkpoint(d / "taper_ckpt", d / "taper", parity_tokens=4, graph="generic",  # lean: bench_peers.py
+                           unfused=True)
         export_onnx(KVCacheLM(base).eval(), base.config, paths["onnx_rmsnorm"])
         div = build_model(base.config)
         div.load_state_dict(base.state_dict())
@@ -326,11 +327,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tapernorm-bench-decode-cache"),
                    help="where compiled ONNX variants are kept between runs")
-    p.add_argument("--out", default=str(RESULTS))
+    add_output_args(p)  # decode.{json,md}: scratch directory by default, benchmarks/results/ with --save
     args = p.parse_args(argv)
+    out = output_dir(args)
     res = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_results(out / "decode", res, markdown(res))
     print(markdown(res))

@@ -10,14 +10,13 @@ are explicit (intra-op --threads, inter-op 1, no spinning), torch threads too. B
 memory-bandwidth probe and the GB/s each variant reaches, our loop's per-step Python overhead (step time minus
 run_with_iobinding time), the baseline's norm share from ORT's profiler next to the measured fold gain, node
 counts after ORT optimization and a launch-count estimate of the fold gain on CUDA. Writes
-results/peers.{json,md,png}.
+peers.{json,md,png} into a scratch directory (benchmarks/results/ with --save).
 
     .venv/bin/python benchmarks/bench_peers.py --genai-python /work/genai-venv/bin/python
     .venv/bin/python benchmarks/bench_peers.py --widths 128 --batches 1 --rounds 3 --no-compile   # quick look
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, library_versions, loadavg, machine_info, write_results  # noqa: E402
+from bench_common import library_versions, loadavg, machine_info, output_dir, write_results  # noqa: E402
+from bench_peers_args import build_parser  # noqa: E402
 from peers_common import (GenaiWorker, bandwidth_probe, find_genai_python, norm_share, ort_nodes,  # noqa: E402
                           summarize_config)
 from peers_models import compile_all, genai_builder_graph, hf_llama, weight_bytes_per_step  # noqa: E402
@@ -165,40 +165,16 @@ def run_width(width: int, res: dict, genai, args, cache: Path, tmp: Path) -> Non
         res["configs"].append(cfg)
         print(f"[bench] w{width} B{batch}: " + ", ".join(f"{v} {d['tok_s']:.0f}" for v, d in
                                                          cfg["variants"].items()) + " tok/s", file=sys.stderr)
-        out = Path(args.out)  # partial results after every config: a later failure loses nothing
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_dir(args)  # partial results after every config: a later failure loses nothing
         write_results(out / "peers", {**res, "partial": True}, markdown({**res, "bandwidth_end": res["bandwidth"],
                                                                          "partial": True}))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tapernorm bench", description=__doc__.splitlines()[0])
-    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=32, help="heads = width / head-dim (GroupQueryAttention's "
-                   "rotary needs head_dim %% 16 == 0)")
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--max-seq", type=int, default=512)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (genai too) and torch threads")
-    p.add_argument("--profile-steps", type=int, default=32)
-    p.add_argument("--no-torch", action="store_true", help="skip eager PyTorch")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (10-50 s per config)")
-    p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai variants")
-    p.add_argument("--genai-python", default=None, help="python of a venv with onnxruntime-genai (else "
-                   "$TAPERNORM_GENAI_PYTHON, else .venv-genai/bin/python beside the repo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", default="", help="free text stored with the results (e.g. 'reduced setting')")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tapernorm-bench-peers-cache"))
-    p.add_argument("--out", default=str(RESULTS))
+    p = build_parser()  # bench_peers_args.py: the flags, importable without torch (fast `tapernorm bench --help`)
     args = p.parse_args(argv)
     res = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args)
     md = markdown(res)
     write_results(out / "peers", res, md)
     chart(res, out / "peers.png")

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import RESULTS, library_versions, loadavg, machine_info, spread, write_results
+from bench_common import add_output_args, library_versions, loadavg, machine_info, output_dir, spread, write_results
 
 STAT = re.compile(r"prefill ([\d.]+) ms \| decode ([\d.]+) tok/s")
 
@@ -87,15 +87,23 @@ def save_optimized(model: Path, dst: Path) -> None:
 
 
 def main(argv=None) -> int:
-    """Run both parts and write results/startup.json + .md."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run both parts and write startup.json + .md (scratch dir by default, benchmarks/results with --save)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model-dir", required=True, type=Path, help="a `tapernorm compile` output directory")
     ap.add_argument("--baseline-pkg", default=None, help="PYTHONPATH holding an older tapernorm package")
     ap.add_argument("--prompt", default="The for statement is used")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=RESULTS / "startup")
+    ap.add_argument("--no-pieces", action="store_true", help="skip part 2 (the start-up pieces)")
+    add_output_args(ap)
     args = ap.parse_args(argv)
+    # the generate children run in the temp dir (no stray files in the caller's tree): paths must be absolute
+    args.model_dir = args.model_dir.resolve()
+    if not (args.model_dir / "model.onnx").is_file():
+        ap.error(f"--model-dir {args.model_dir} has no model.onnx; pass a `tapernorm compile` output directory")
+    if args.baseline_pkg:
+        args.baseline_pkg = str(Path(args.baseline_pkg).resolve())
     variants = {"this tree": None, **({"baseline": args.baseline_pkg} if args.baseline_pkg else {})}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     rng = random.Random(0)
@@ -109,7 +117,7 @@ def main(argv=None) -> int:
         opt = Path(td) / "model.opt.onnx"
         save_optimized(args.model_dir / "model.onnx", opt)
         pieces: dict[str, list[float]] = {k: [] for k in PIECES}
-        for _ in range(args.rounds):
+        for _ in range(0 if args.no_pieces else args.rounds):
             order = list(PIECES)
             rng.shuffle(order)
             for name in order:
@@ -120,8 +128,9 @@ def main(argv=None) -> int:
     ratio = None
     if "baseline" in runs:
         ratio = spread([b["startup_s"] / a["startup_s"] for a, b in zip(runs["this tree"], runs["baseline"])])
-    piece_med = {k: statistics.median(v) for k, v in pieces.items()}
-    session_gain = spread([a / b for a, b in zip(pieces["session_optimize_all"], pieces["session_preoptimized"])])
+    piece_med = {k: statistics.median(v) for k, v in pieces.items() if v}
+    session_gain = spread([a / b for a, b in zip(pieces["session_optimize_all"], pieces["session_preoptimized"])]
+                          or [float("nan")])
     result = {"machine": machine_info(), "loadavg_end": loadavg(), "versions": library_versions(),
               "settings": {**{k: str(v) for k, v in vars(args).items()}, "threads": 1}, "runs": runs,
               "median": summary, "baseline_over_this_startup": ratio, "pieces_median_s": piece_med,
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
           "\n\n## Pieces (fresh interpreter each, median ms)\n\n| piece | ms |\n|---|---|\n" + prow +
           f"\n\nsession with full optimization / from a saved optimized graph: median x{session_gain['median']:.2f} "
           f"(p25 {session_gain['p25']:.2f}, p75 {session_gain['p75']:.2f})\n")
-    js, mdp = write_results(args.out, result, md)
+    js, mdp = write_results(output_dir(args) / "startup", result, md)
     print(md)
     print(f"wrote {js} and {mdp}")
     return 0

@@ -6,7 +6,7 @@ the same seed; every round times each variant once (--inner steps) in a freshly 
 figure reported is the median over rounds of the paired ratio t_variant / t_rmsnorm, with its spread.
 
     .venv/bin/python benchmarks/bench_train_step.py --rounds 20
-Writes benchmarks/results/train_step_<device>.json and .md.
+Writes train_step_<device>.json and .md into a scratch directory (benchmarks/results/ with --save).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import RESULTS, loadavg, machine_info, spread, write_results
+from bench_common import add_output_args, loadavg, machine_info, output_dir, spread, write_results
 from tapernorm import build_model, calibrate, set_gate
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output stem (default results/train_step_<device>)")
+    add_output_args(p)  # writes train_step_<device>.{json,md} there
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     r_0 = result["ratio_vs_rmsnorm"][labels["taper_gate0"]]["median"]
     result["verdict"] = {"taper_overhead_ok": r_mid <= 1.05, "gate0_faster": r_0 < 1.0}
     result["machine"]["loadavg_end"] = loadavg()
-    stem = Path(args.out) if args.out else RESULTS / f"train_step_{device.type}"
+    stem = output_dir(args) / f"train_step_{device.type}"
     md = [f"# Training step: TaperNorm vs RMSNorm ({device.type})", "",
           f"{result['date']}; {result['machine']['cpu']} ({result['machine']['cores']} cores)"
           f"{'; ' + result['machine']['gpu'] if 'gpu' in result['machine'] else ''}; torch {torch.__version__}; "

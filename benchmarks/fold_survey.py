@@ -11,7 +11,7 @@ generic config cannot build, a norm taperize refuses, ...). Not a speed benchmar
     .venv/bin/python benchmarks/fold_survey.py --rows rows.jsonl    # append rows; re-run to resume
     .venv/bin/python benchmarks/fold_survey.py --render rows.jsonl  # markdown/JSON from saved rows
 
-Writes benchmarks/results/fold_survey.{json,md}.
+Writes fold_survey.{json,md} into a scratch directory (benchmarks/results/ with --save).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import library_versions, machine_info, write_results  # noqa: E402
+from bench_common import add_output_args, library_versions, machine_info, output_dir, write_results  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
                                                       "of a family wins)")
     ap.add_argument("--rows", metavar="JSONL", help="also append each row here as it completes")
     ap.add_argument("--max-gb", type=int, default=10, help="address-space cap: a family that needs more is an error row")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fold_survey"))
+    add_output_args(ap)  # fold_survey.{json,md}: scratch directory by default, benchmarks/results/ with --save
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.render:  # a later row of the same family replaces an earlier one (re-runs appended)
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
                 with open(args.rows, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
     result, md = render(rows)
-    js, mdp = write_results(Path(args.out), result, md)
+    js, mdp = write_results(output_dir(args) / "fold_survey", result, md)
     print(f"wrote {js} and {mdp}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, library_versions, loadavg, machine_info, write_results  # noqa: E402
+from bench_common import add_output_args, library_versions, loadavg, machine_info, output_dir, write_results  # noqa: E402
 
 V = 256
 
@@ -119,6 +119,7 @@ def main() -> int:
     """Run the survey; write results/hf_compile_families.{json,md}."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="comma-separated families (default: all)")
+    add_output_args(ap)  # hf_compile_families.{json,md}: scratch directory by default, benchmarks/results/ with --save
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -135,7 +136,7 @@ def main() -> int:
             res["rows"].append(one(f, fams[f], root, tok))
             print(json.dumps(res["rows"][-1]), flush=True)
     res["loadavg_end"] = loadavg()
-    js, md = write_results(RESULTS / "hf_compile_families", res, markdown(res))
+    js, md = write_results(output_dir(a) / "hf_compile_families", res, markdown(res))
     print(f"wrote {js} and {md}")
     return 0
 

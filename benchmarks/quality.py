@@ -11,9 +11,9 @@ Flatness: the baseline's periodic full-split evaluations (last quarter of traini
 
     .venv/bin/python benchmarks/quality.py              # default: ~1 h on 2 free cores
     .venv/bin/python benchmarks/quality.py --quick      # smoke run, minutes
-    .venv/bin/python benchmarks/quality.py --aux-form paper --aux-lambda 0.1 --out benchmarks/results/quality_paper_form
+    .venv/bin/python benchmarks/quality.py --aux-form paper --aux-lambda 0.1 --save --name quality_paper_form
 Runs are cached in --work by a hash of their settings (an interrupted benchmark continues where it stopped).
-Writes benchmarks/results/quality.json, quality.md and quality_*.png.
+Writes quality.json, quality.md and quality_*.png into a scratch directory (benchmarks/results/ with --save).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_common import RESULTS, library_versions, loadavg, machine_info, write_results
+from bench_common import RESULTS, add_output_args, library_versions, loadavg, machine_info, output_dir, write_results
 from quality_runs import Arm, run_all, run_key
 from quality_stats import mean_sd, paired_test
 from quality_report import markdown, sweep_summary, table_summary
@@ -67,7 +67,8 @@ def _args(argv):
     p.add_argument("--no-figures", action="store_true", help="write only the JSON and markdown")
     p.add_argument("--workers", type=int, default=2, help="training processes (one torch thread each)")
     p.add_argument("--work", default="runs/quality", help="run cache directory")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality)")
+    add_output_args(p)
+    p.add_argument("--name", default="quality", help="file stem of the JSON / markdown / figures in that directory")
     a = p.parse_args(argv)
     q = a.quick
     defaults = dict(widths=[16] if q else [32, 64], depth=2, seeds=2 if q else 3, steps=40 if q else 3000,
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         "seconds": None, "train_seconds_total": sum(r["seconds"] for r in recs.values()),
         "runs_cached": sum(bool(r.get("cached")) for r in recs.values()), "runs": {k: {kk: vv for kk, vv in r.items() if kk != "curves"} for k, r in recs.items()},
     }
-    stem = Path(a.out) if a.out else RESULTS / "quality"
+    stem = output_dir(a) / a.name
     from quality_plots import plot_all
     figs = [] if a.no_figures else plot_all({w: table[w] for w in a.widths}, sweep, stem)
     result["figures"] = [f.name for f in figs]

@@ -11,7 +11,7 @@ AdamW barely moves them: the surrogate fine-tunes everything but the LN gains (B
 
     .venv/bin/python benchmarks/quality_table3.py            # ~15 min on 2 free cores
     .venv/bin/python benchmarks/quality_table3.py --quick    # smoke run
-Writes benchmarks/results/quality_table3.json and .md.
+Writes quality_table3.json and .md into a scratch directory (benchmarks/results/ with --save).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_common import RESULTS, library_versions, loadavg, machine_info, write_results
+from bench_common import add_output_args, library_versions, loadavg, machine_info, output_dir, write_results
 from quality_stats import mean_sd, paired_test
 
 EPS_HACK = 1e12
@@ -45,7 +45,8 @@ def _args(argv):
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 2)")
     p.add_argument("--max-chars", type=int, default=None)
     p.add_argument("--work", default="runs/quality_t3")
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality_table3)")
+    add_output_args(p)
+    p.add_argument("--name", default="quality_table3", help="file stem of the JSON / markdown in that directory")
     a = p.parse_args(argv)
     q = a.quick
     for k, v in dict(width=32 if q else 64, pretrain_steps=30 if q else 3000, seeds=1 if q else 2,
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
            "one step (Baroni et al. remove them in stages with their own auxiliary loss) and, through the eps "
            "hack, leaves the LN gains effectively frozen. OpenWebText / The Pile evaluations of the paper are out "
            "of reach here (no dataset hub, CPU only).", ""]
-    stem = Path(a.out) if a.out else RESULTS / "quality_table3"
+    stem = output_dir(a) / a.name
     write_results(stem, res, "\n".join(md))
     print("\n".join(md))
     return 0

@@ -1,7 +1,8 @@
 """`tapernorm bench`: the decode benchmark against the onnxruntime peers (benchmarks/bench_peers.py).
 
-The parser only forwards the arguments (`tapernorm bench --help` shows the benchmark's own flags); the
-benchmark lives in the repository's benchmarks/ directory, beside this package in a source checkout.
+The parser only forwards the arguments (`tapernorm bench --help` shows the benchmark's own flags, from
+benchmarks/bench_peers_args.py, which imports nothing heavy, so the help is instant); the benchmark lives in
+the repository's benchmarks/ directory, beside this package in a source checkout.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def _cmd_bench(args) -> int:
         raise FileNotFoundError(f"{script} is missing; `tapernorm bench` runs from a source checkout of tapernorm "
                                 "(the benchmarks/ directory is not installed with the package)")
     sys.path.insert(0, str(BENCH_DIR))
+    if any(a in ("-h", "--help") for a in args.bench_args):
+        import bench_peers_args  # the flags only: no torch
+
+        bench_peers_args.build_parser().parse_args(args.bench_args)  # prints the help and exits
+        return 0
     import bench_peers  # loaded on use: torch, onnx, the compiler
 
     return int(bench_peers.main(args.bench_args) or 0)
@@ -31,6 +37,7 @@ def add_cli(subparsers) -> None:
         "bench", add_help=False, prefix_chars="+", help="decode speed of the lean graph against its onnxruntime peers",
         description="Runs benchmarks/bench_peers.py: lean folded / unfused / baseline, generic, onnxruntime-genai "
                     "(builder graph and ours), eager and torch.compile on the same weights; writes "
-                    "benchmarks/results/peers.{json,md,png}. `tapernorm bench --help` lists its flags.")
+                    "peers.{json,md,png} into a scratch directory (benchmarks/results/ with --save). "
+                    "`tapernorm bench --help` lists its flags with their defaults.")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags passed to bench_peers.py")
     p.set_defaults(func=_cmd_bench)

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from tapernorm import __version__
-from tapernorm.runtime import generate as runtime_generate
+from tapernorm.runtime import generate_cli as runtime_generate
 from tapernorm.train import cli as train_cli
 from tapernorm.train import finetune_cli
 
@@ -68,7 +68,9 @@ def _cmd_demo(args) -> int:
     rep = compile_checkpoint(res.model_dir, out / "compiled", parity_tokens=args.parity_tokens,
                              log=lambda m: print(f"[demo] {m}", file=sys.stderr))
     print(summary_text(rep))
-    gen = runtime_generate.Generator(out / "compiled", provider="cpu", threads=1)
+    from tapernorm.runtime.generate import Generator
+
+    gen = Generator(out / "compiled", provider="cpu", threads=1)
     text = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"[demo] ORT ({gen.session.providers[0]}) greedy: {args.prompt!r} -> {text!r}")
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s; try: tapernorm generate {out / 'compiled'} "

@@ -259,7 +259,7 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         _keep_varargs_signature(gm, module)
     gm.meta[SITES_META] = _typed_results(state)
     if verify:
-        report["verify"] = compare_outputs(ref, run_outputs(gm, example_args, example_kwargs))
+        report["verify"] = compare_outputs(ref, run_outputs(gm, example_args, example_kwargs), original=original)
     return gm, report
 
 

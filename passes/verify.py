@@ -31,8 +31,35 @@ def run_outputs(fn, args: tuple, kwargs: dict | None) -> list:
     return pytree.tree_leaves(out)
 
 
-def compare_outputs(ref: list, new: list, strict: bool = True) -> dict:
-    """Max abs diff of every output leaf, tolerances and argmax agreement of the first float output."""
+def _nonfinite_message(ref: list, original=None) -> str | None:
+    """One line when the ORIGINAL model's outputs are not finite (then no fold can be checked), else None; at gate 0
+    it adds why that usually happens (a pretrained model tapered without fine-tuning overflows)."""
+    for i, r in enumerate(ref):
+        if isinstance(r, torch.Tensor) and r.is_floating_point() and r.numel() and not torch.isfinite(r).all():
+            nan, inf = int(torch.isnan(r).sum()), int(torch.isinf(r).sum())
+            msg = (f"verify: the original model's outputs are not finite (output {i} {list(r.shape)}: {nan} nan, "
+                   f"{inf} inf of {r.numel()} values), so the rewrite cannot be checked against them")
+            gates = []
+            if original is not None:
+                from tapernorm.layers import taper_layers
+                gates = [m.gate for _, m in taper_layers(original)]
+            if gates and all(g == 0.0 for g in gates):
+                msg += ("; at gate 0 a real pretrained model tapered without fine-tuning overflows: fine-tune through "
+                        "the taper schedule first (tapernorm finetune), then fold")
+            else:
+                msg += "; check the weights and the example inputs"
+            return msg
+    return None
+
+
+def compare_outputs(ref: list, new: list, strict: bool = True, original=None) -> dict:
+    """Max abs diff of every output leaf, tolerances and argmax agreement of the first float output.
+
+    Non-finite reference outputs are a VerifyError that says so first (`original`, the source module, lets it
+    name the gate-0 cause)."""
+    bad_ref = _nonfinite_message(ref, original)
+    if bad_ref and strict:
+        raise VerifyError(bad_ref)
     if len(ref) != len(new):
         raise VerifyError(f"verify: the rewritten module returns {len(new)} outputs, the original {len(ref)}")
     rows, worst, failures, agree = [], 0.0, [], None

@@ -1,26 +1,29 @@
 """tapernorm.runtime: run compiled models with onnxruntime, and a static-KV-cache PyTorch reference.
 
 Imports no torch and nothing else of ours: it knows a model only through the compiled directory's
-files (model.onnx, runtime.json, tokenizer.model). The PyTorch reference decoder (torch_ref) loads
-the core and torch only when one of its names is asked for.
+files (model.onnx, runtime.json, tokenizer.json / tokenizer.model, chat template). Every name is loaded on
+first use (so `tapernorm --help` and `tapernorm bench --help` import neither numpy nor onnxruntime); the
+PyTorch reference decoder (torch_ref) loads the core and torch only when one of its names is asked for.
 """
-from .sampling import Sampler, SamplingParams, filter_logits, sample_logits
-from .session import DecoderSession, ModelDirError, RuntimeConfig, cuda_loadable, resolve_model_path
-from .generate import (
-    GenerationResult, Generator, OrtDecoder, TextStreamer, generate_ids, iter_tokens, load_tokenizer, pad_prompts,
-    stream_ids,
-)
+import importlib
 
-__all__ = [
-    "DecoderSession", "ModelDirError", "RuntimeConfig", "cuda_loadable", "resolve_model_path",
-    "OrtDecoder", "Generator", "GenerationResult", "TextStreamer", "generate_ids", "stream_ids", "iter_tokens",
-    "pad_prompts", "load_tokenizer", "SamplingParams", "Sampler", "filter_logits", "sample_logits",
-    "StaticDecoder", "TorchRefDecoder", "prefill", "decode_one_token",
-]
+_WHERE = {
+    "Sampler": "sampling", "SamplingParams": "sampling", "filter_logits": "sampling", "sample_logits": "sampling",
+    "DecoderSession": "session", "ModelDirError": "session", "RuntimeConfig": "session", "cuda_loadable": "session",
+    "resolve_model_path": "session",
+    "GenerationResult": "generate", "Generator": "generate", "OrtDecoder": "generate", "TextModel": "generate",
+    "generate_ids": "generate", "iter_tokens": "generate", "pad_prompts": "generate", "stream_ids": "generate",
+    "TextStreamer": "tokenizer", "load_tokenizer": "tokenizer", "PromptRules": "tokenizer",
+    "StopStrings": "tokenizer", "ChatTemplate": "chat", "load_chat_template": "chat",
+    "StaticDecoder": "torch_ref", "TorchRefDecoder": "torch_ref", "prefill": "torch_ref",
+    "decode_one_token": "torch_ref", "KVCache": "torch_ref", "greedy_full_forward": "torch_ref",
+}
+
+__all__ = [n for n in _WHERE if n not in ("KVCache", "greedy_full_forward")]
 
 
-def __getattr__(name):  # torch_ref imports torch; load it only when asked for
-    if name in ("StaticDecoder", "TorchRefDecoder", "prefill", "decode_one_token", "KVCache", "greedy_full_forward"):
-        from . import torch_ref
-        return getattr(torch_ref, name)
-    raise AttributeError(f"module 'tapernorm.runtime' has no attribute {name!r}")
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'tapernorm.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)

@@ -179,7 +179,8 @@ def add_chat_cli(subparsers, handler, formatter) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop the reply when this text appears; it is not printed (repeatable)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=handler, provider="cpu", unfused=False, stop_token=[])
 

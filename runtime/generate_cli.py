@@ -1,6 +1,7 @@
 """`tapernorm generate` and `tapernorm chat`: the flags, and the handlers over either engine (ort or genai).
 
-Importing this module loads onnxruntime but no torch (the parser is built by compiler/cli.py).
+Importing this module loads nothing heavy (no numpy, onnxruntime or torch): `tapernorm --help` stays instant; the
+handlers import the engines when they run.
 """
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import argparse
 import sys
 import warnings
 
-from .generate import Generator, TextModel
-from .sampling import SamplingParams
 
 __all__ = ["add_cli", "open_text_model", "cmd_chat", "DefaultsFormatter"]
 
@@ -21,10 +20,11 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if ("default" in h or action.default in (None, False, [], argparse.SUPPRESS)
-                or not action.option_strings):
+        d = action.default
+        if ("default" in h or not action.option_strings or d is None or d is False or d is argparse.SUPPRESS
+                or (isinstance(d, list) and not d)):
             return h
-        return h + " (default: %(default)s)"
+        return (h + " " if h else "") + "(default: %(default)s)"
 
 
 def _check_cli_values(args) -> None:
@@ -52,8 +52,10 @@ def _check_stop_tokens(stop_tokens, vocab_size: int) -> None:
         raise ValueError(f"--stop-token {bad[0]} is not a token id of this model (its vocabulary is 0..{vocab_size - 1})")
 
 
-def open_text_model(args) -> TextModel:
-    """The engine `args.engine` names over args.model_dir (a provider fallback is one warning line)."""
+def open_text_model(args):
+    """The engine `args.engine` names over args.model_dir: a runtime.generate.TextModel (ort: Generator, genai:
+    GenaiText); a provider fallback is one warning line."""
+    from .generate import Generator
     if getattr(args, "engine", "ort") == "genai":  # onnxruntime-genai's C++ loop on the same directory
         from .genai_engine import open_genai_text
         return open_genai_text(args)
@@ -66,7 +68,8 @@ def open_text_model(args) -> TextModel:
     return gen
 
 
-def _sampling(args) -> SamplingParams:
+def _sampling(args):
+    from .sampling import SamplingParams
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
@@ -123,7 +126,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="prompt text (with --chat: the user message)")
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template to the prompt")
     p.add_argument("--system", default=None, help="with --chat: a system message (default: the template's own)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider; cuda falls back to cpu with a warning when it cannot load")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

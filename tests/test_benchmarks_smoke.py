@@ -15,10 +15,10 @@ def _run(*args):
 
 def test_bench_train_step_writes_results(tmp_path):
     _run(BENCH / "bench_train_step.py", "--rounds", 2, "--inner", 1, "--warmup", 1, "--batch", 2, "--seq", 16,
-         "--dim", 32, "--layers", 2, "--heads", 4, "--vocab", 256, "--out", tmp_path / "ts")
-    res = json.loads((tmp_path / "ts.json").read_text())
+         "--dim", 32, "--layers", 2, "--heads", 4, "--vocab", 256, "--out", tmp_path)
+    res = json.loads((tmp_path / "train_step_cpu.json").read_text())
     assert {"machine", "ratio_vs_rmsnorm", "verdict"} <= set(res) and res["machine"]["cores"]
-    assert "| RMSNorm |" in (tmp_path / "ts.md").read_text()
+    assert "| RMSNorm |" in (tmp_path / "train_step_cpu.md").read_text()
 
 
 def test_bench_decode_writes_results(tmp_path):

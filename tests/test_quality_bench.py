@@ -32,7 +32,7 @@ def test_paired_test_on_relative_gaps():
 def test_quality_quick_writes_results(tmp_path):
     cmd = [sys.executable, str(BENCH / "quality.py"), "--quick", "--steps", "20", "--widths", "16", "--seeds", "2",
            "--sweep-seeds", "1", "--max-chars", "3000", "--no-horizon", "--workers", "1", "--eval-points", "2",
-           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "q")]
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path), "--name", "q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "q.json").read_text())
@@ -52,7 +52,7 @@ def test_quality_quick_writes_results(tmp_path):
 def test_quality_table3_quick_writes_results(tmp_path):
     """Pre-train a tiny GPT-2, fine-tune it to Internal/All-TaperLN, the FakeLN surrogate and a plain continuation."""
     cmd = [sys.executable, str(BENCH / "quality_table3.py"), "--quick", "--pretrain-steps", "8", "--ft-schedule", "6",
-           "1", "1", "4", "--max-chars", "20000", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "t3")]
+           "1", "1", "4", "--max-chars", "20000", "--work", str(tmp_path / "work"), "--out", str(tmp_path), "--name", "t3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "t3.json").read_text())

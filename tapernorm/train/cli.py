@@ -16,7 +16,21 @@ from tapernorm.model_config import PRESETS
 
 from .config import MODES, SCALE_FORMS, TrainConfig
 
-__all__ = ["add_cli", "config_from_args"]
+__all__ = ["add_cli", "config_from_args", "DefaultsFormatter"]
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help once: not when the help already says its default, nor for
+    defaults not worth saying (None, off switches, empty lists). argparse's ArgumentDefaultsHelpFormatter
+    printed "(default: the schedule's) (default: None)"."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if ("default" in h or not action.option_strings or d is None or d is False or d is argparse.SUPPRESS
+                or (isinstance(d, list) and not d)):
+            return h
+        return (h + " " if h else "") + "(default: %(default)s)"
 
 # one line per TrainConfig field; a test checks that every field has one
 _HELP = {
@@ -57,7 +71,7 @@ _HELP = {
     "stop_after": "stop with a checkpoint after this many steps; continue with --resume (default: run all steps)",
     "resume": "continue RUN/checkpoint exactly (same next loss as an uninterrupted run)",
     "overwrite": "replace an existing run directory",
-    "progress": "progress bar (shown only when stderr is a terminal)",
+    "progress": "progress: a bar when stderr is a terminal, else a flushed line every 5%% of the steps",
 }
 _SHORT = {"out_dir": "--out"}
 
@@ -126,12 +140,14 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     for flag, v in (("--batches", args.batches), ("--batch-size", args.batch_size)):
-        if v < 1:
+        if v is not None and v < 1:
             raise ValueError(f"{flag} {v} must be >= 1")
     from .trainer import evaluate_checkpoint  # loaded on use
     r = evaluate_checkpoint(args.dir, corpus=args.corpus, batches=args.batches, batch_size=args.batch_size)
-    print(json.dumps(r) if args.json else f"val_loss {r['val_loss']:.4f} (gate {r['gate']}, mode {r['mode']}, "
-                                          f"{r['tokens']} tokens) {r['dir']}")
+    where = ("the full held-out split, as train's summary.json" if r["full_split"] else
+             f"the first {args.batches} validation batches; train's summary.json uses the full split (drop --batches)")
+    print(json.dumps(r) if args.json else f"val_loss {r['val_loss']:.4f} on {r['tokens']} tokens, {where} "
+                                          f"(gate {r['gate']}, mode {r['mode']}) {r['dir']}")
     return 0
 
 
@@ -153,19 +169,21 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
     e = subparsers.add_parser("eval", help="validation loss of a trained model (gate as trained)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              formatter_class=DefaultsFormatter,
                               description="Mean validation cross-entropy of a trained model on its run's held-out "
                                           "split (the gate stays as trained).")
     e.add_argument("dir", help="a run directory or a model/checkpoint directory")
     e.add_argument("--corpus", default=None, help="corpus spec instead of the one the run trained on")
-    e.add_argument("--batches", type=int, default=8, help="validation batches")
+    e.add_argument("--batches", type=int, default=None,
+                   help="evaluate only this many validation batches (default: the whole held-out split, like "
+                        "train's summary.json)")
     e.add_argument("--batch-size", type=int, default=16, help="sequences per validation batch")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     e.set_defaults(func=_cmd_eval)
 
     q = subparsers.add_parser("plot", help="plot loss, gate/LR and logit-norm curves of a run to PNG",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              formatter_class=DefaultsFormatter,
                               description="Plot a run's log.jsonl: losses, the gate and LR schedule, and the logit "
                                           "norm with the pre-logit RMS, each on its own axis (needs matplotlib).")
     q.add_argument("run_dir", metavar="RUN", help="the --out directory of a `tapernorm train` run")

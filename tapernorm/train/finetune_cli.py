@@ -15,6 +15,7 @@ import os
 import typing
 from dataclasses import dataclass
 
+from .cli import DefaultsFormatter
 from .config import SCALE_FORMS
 
 __all__ = ["FinetuneConfig", "SCHEDULES", "MODES", "add_cli", "config_from_args"]
@@ -130,7 +131,7 @@ _HELP = {
 def add_cli(subparsers) -> None:
     """Register `tapernorm finetune`."""
     p = subparsers.add_parser(
-        "finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "finetune", formatter_class=DefaultsFormatter,
         help="fine-tune a Hugging Face causal LM with tapering (HF Trainer; torchrun for DDP)",
         description="Taperize an HF causal LM, fine-tune it with HF's Trainer: the gate is held at 1 through warmup, "
                     "c is calibrated at the taper start, the gate decays by cosine to exactly 0 and stays there. "

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_resume, save_checkpoint
 from ..data import Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
 from ..layers import begin_calibration, finish_calibration, set_gate, taper_layers
 from ..fileio import atomic_write_text, dir_lock
 from ..model import DecoderLM, preset
+from .progress import Progress
 from .config import RESUME_FREE, TrainConfig
 from .rundir import TrainingDiverged, clear_run_dir, divergence_message, prepare_run_dir, recover_run
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
@@ -144,6 +145,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     state = resumed[2] if resumed else None
     if state is not None:
         _check_resume(cfg, state["json"]["train_config"])
+        if int(state["json"]["step"]) >= cfg.steps and (run / "summary.json").is_file() \
+                and (run / "model" / "config.json").is_file():
+            return _already_complete(run, cfg, rank)
 
     # The tokenizer and token streams are built before the run directory is created, so a corpus that
     # cannot be tokenized leaves no files behind. Under DDP rank 0 trains the tokenizer, the others load it.
@@ -204,6 +208,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                   else {"broadcast_buffers": False})
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=tapering, **nosync)
+        # needed from the taper end on (gate 0 leaves gamma unused); until then torch warns on every rank
+        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor")
     if tapering and start <= sched.taper_start:
         begin_calibration(model)
     groups = grad_groups(model)
@@ -235,8 +241,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if state is not None:
         initial_val = state["json"].get("initial_val_loss")  # measured before the run was interrupted
     end = cfg.stop_after or cfg.steps
-    show_bar = cfg.progress and rank == 0 and sys.stderr.isatty()  # no carriage-return spam in logs
-    bar = tqdm(total=cfg.steps, initial=start, disable=not show_bar, desc="train", unit="step")
+    # a bar on a terminal; periodic flushed lines when stderr is a log file or a pipe (no carriage-return spam)
+    bar = Progress(cfg.steps, start, cfg.progress and rank == 0)
     for step in range(start, end):
         if tapering and step == sched.taper_start:
             _finish_calibration(model, world)
@@ -272,9 +278,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
             log.write({"kind": "train", "step": step, "ce": stats[0], "scale_loss": stats[1], "loss": stats[0] + stats[1],
                        "gate": _gate(model), "lr": lr, "logit_norm": stats[2], "prelogit_rms": stats[3],
                        "s_tgt": target.frozen, "grad_norm": total, **{f"grad_norm_{k}": v for k, v in gnorms.items()}})
-        bar.update(1)
-        bar.set_postfix(ce=f"{stats[0]:.3f}", gate=f"{_gate(model) or 0:.3f}", refresh=False)
         done = step + 1
+        bar.update(done, ce=stats[0], gate=float(_gate(model) or 0.0), lr=lr)
         if cfg.eval_every > 0 and done % cfg.eval_every == 0 and done < cfg.steps and rank == 0:
             run_eval(done)
         if (cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0) or done == end:
@@ -303,6 +308,22 @@ def _train(cfg: TrainConfig) -> TrainResult:
         dist.barrier()
     return TrainResult(str(run), str(run / "model"), val, initial_val, cfg.steps, _gate(model),
                        prior_s + time.time() - t_start, str(run / "log.jsonl"))
+
+
+def _already_complete(run: Path, cfg: TrainConfig, rank: int) -> TrainResult:
+    """--resume of a run that finished: say so (rank 0) and return its summary; nothing is re-evaluated."""
+    try:
+        s = json.loads((run / "summary.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        s = {}
+    val = s.get("val_loss")
+    if rank == 0:
+        print(f"[train] {run} is already complete ({cfg.steps}/{cfg.steps} steps, val_loss "
+              f"{val if val is None else f'{val:.4f}'} in summary.json); nothing to resume - pass --overwrite to "
+              "train it again, or a new --out", file=sys.stderr, flush=True)
+    return TrainResult(str(run), str(run / "model"), float("nan") if val is None else float(val),
+                       s.get("initial_val_loss"), cfg.steps, s.get("final_gate"), float(s.get("seconds", 0.0)),
+                       str(run / "log.jsonl"))
 
 
 def _val_tokens(stream: torch.Tensor, seq_len: int) -> int:
@@ -335,14 +356,15 @@ def _finish_calibration(model: DecoderLM, world: int) -> dict:
     """Average the calibration EMAs over ranks (the EMA is linear, so this is the EMA of the means), then freeze c."""
     if world > 1:
         for _, m in taper_layers(model):
-            for buf in (m.calib_num, m.calib_den):
+            for buf in m.calib_tensors():
                 _allreduce_mean(buf, world)
     return finish_calibration(model)
 
 
-def evaluate_checkpoint(ckpt_dir: str, corpus: str | None = None, batches: int | None = 8,
+def evaluate_checkpoint(ckpt_dir: str, corpus: str | None = None, batches: int | None = None,
                         batch_size: int = 16) -> dict:
-    """Validation loss of a saved model (gate as trained) on the held-out split of its training corpus."""
+    """Validation loss of a saved model (gate as trained) on the held-out split of its training corpus: the whole
+    split by default (what train's summary.json reports), or its first `batches` batches."""
     d = Path(ckpt_dir)
     if (d / "model" / "config.json").is_file():
         d = d / "model"
@@ -354,7 +376,9 @@ def evaluate_checkpoint(ckpt_dir: str, corpus: str | None = None, batches: int |
     seq_len = int(tr.get("seq_len", min(64, info["config"].max_seq_len)))
     data = tokenize_corpus(docs, Tokenizer.load(info["tokenizer_path"]), seq_len, tr.get("val_frac", 0.1))
     val = evaluate(model, data.val, batch_size, seq_len, batches)
+    full = batches is None or batches * batch_size * seq_len >= _val_tokens(data.val, seq_len)
     return {"dir": str(d), "val_loss": val, "gate": info["gate"], "mode": info["config"].taper_mode,
-            "tokens": min(len(data.val) - 1, (batches or 10**9) * batch_size * seq_len)}
+            "tokens": _val_tokens(data.val, seq_len) if full else batches * batch_size * seq_len,
+            "full_split": full, "batches": batches}
 
 
