@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "TaperNorm", "TaperLayerNorm", "TAPER_TYPES", "taperize", "calibrate", "set_gate", "get_gate",
-    "taper_layers", "find_final_norm", "begin_calibration", "finish_calibration", "TaperError",
+    "taper_layers", "find_final_norm", "begin_calibration", "finish_calibration", "TaperError", "CALIB_STATS",
 ]
 
 
@@ -47,6 +47,11 @@ class _TaperBase(nn.Module):
         self.gate: float = 1.0
         self.calibrated: bool = False
         self.collecting: bool = False
+        # calibration options (begin_calibration's; plain attributes, not saved: c and gamma_t carry the result)
+        self.calib_skip: int = 0              # leading positions of each sequence left out (attention sinks)
+        self.calib_stat: str = "ls"           # "ls": least-squares c; "inv_rms": mean of 1 / r(h) per token
+        self.calib_per_feature: bool = False  # least-squares scale per feature, folded into gamma_t at freeze
+        self._feat: tuple[torch.Tensor, torch.Tensor] | None = None  # per-feature EMAs (d,), (d,) float64
         self.register_load_state_dict_post_hook(_sync_python_state)
 
     # -- gate -----------------------------------------------------------------------------------
@@ -69,6 +74,33 @@ class _TaperBase(nn.Module):
         self.calib_den.mul_(1 - b).add_(b * den.double())
         self.calib_count.add_(1)
 
+    @torch.no_grad()
+    def _collect(self, xc: torch.Tensor, r_inv: torch.Tensor) -> None:
+        """Calibration statistics of one batch: xc (..., T, d) float (centered for LN), r_inv (..., T) = 1 / r(h)."""
+        k = self.calib_skip
+        if k:
+            if xc.dim() < 3 or xc.shape[-2] <= k:
+                raise TaperError(f"calibration skips the first {k} position(s) but got input of shape "
+                                 f"{tuple(xc.shape)}; calibrate on (batch, seq > {k}, d) sequences")
+            xc, r_inv = xc[..., k:, :], r_inv[..., k:]
+        if self.calib_stat == "inv_rms":  # sink-robust: a huge token adds ~0 to the mean of 1 / r
+            self._observe(r_inv.mean(), torch.ones((), dtype=torch.float64))
+        else:
+            hg2 = (xc * self.weight.float()).pow(2).sum(-1)  # ||h*gamma||^2 per token
+            self._observe((hg2 * r_inv).mean(), hg2.mean())
+        if self.calib_per_feature:
+            x2 = xc.double().pow(2).reshape(-1, self.dim)  # (N, d)
+            num, den = (x2 * r_inv.double().reshape(-1, 1)).mean(0), x2.mean(0)
+            b = self.beta_ema
+            if self._feat is None:
+                self._feat = (torch.zeros_like(num), torch.zeros_like(den))
+            self._feat[0].mul_(1 - b).add_(b * num)
+            self._feat[1].mul_(1 - b).add_(b * den)
+
+    def calib_tensors(self) -> list[torch.Tensor]:
+        """Every calibration EMA (for averaging over ranks before freeze_c)."""
+        return [self.calib_num, self.calib_den, *(self._feat or ())]
+
     def calibrated_c(self) -> float:
         """Bias-corrected c* = m_hat_num / m_hat_den (the correction factors cancel in the ratio)."""
         n = int(self.calib_count)
@@ -89,6 +121,11 @@ class _TaperBase(nn.Module):
         c = self.calibrated_c()
         self.c.fill_(c)
         self.weight_t.copy_(self.weight)
+        if self.calib_per_feature and self._feat is not None:  # s_j = gamma_j * sum x_j^2 / r / sum x_j^2
+            num, den = self._feat
+            cf = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, c))
+            self.weight_t.copy_((self.weight.double() * cf / c).to(self.weight_t.dtype))
+            self._feat = None
         if hasattr(self, "bias_t"):
             self.bias_t.copy_(self.bias)
         self.calibrated = True
@@ -124,9 +161,7 @@ class TaperNorm(_TaperBase):
         xf = x.float()
         r_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1) = 1 / r(h)
         if self.collecting and self.training:
-            with torch.no_grad():
-                hg2 = (xf * self.weight.float()).pow(2).sum(-1)  # ||h*gamma||^2 per token
-                self._observe((hg2 * r_inv.squeeze(-1)).mean(), hg2.mean())
+            self._collect(xf, r_inv.squeeze(-1))
         normed = (xf * r_inv).type_as(x) * self.weight
         if g == 1.0:
             return normed
@@ -149,11 +184,8 @@ class TaperLayerNorm(_TaperBase):
         if g == 0.0:
             return centered * self.taper_scale().to(x.dtype) + self.bias_t
         if self.collecting and self.training:
-            with torch.no_grad():
-                cf = centered.float()
-                sigma = torch.sqrt(cf.pow(2).mean(-1) + self.eps)
-                hg2 = (cf * self.weight.float()).pow(2).sum(-1)
-                self._observe((hg2 / sigma).mean(), hg2.mean())
+            cf = centered.float()
+            self._collect(cf, torch.rsqrt(cf.pow(2).mean(-1) + self.eps))
         normed = F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         if g == 1.0:
             return normed
@@ -377,14 +409,28 @@ def get_gate(model: nn.Module) -> float | None:
     return gates.pop()
 
 
-def begin_calibration(model: nn.Module) -> None:
-    """Start collecting c statistics on every uncalibrated layer (needs model.train())."""
+CALIB_STATS = ("ls", "inv_rms")
+
+
+def begin_calibration(model: nn.Module, skip_positions: int = 0, stat: str = "ls", per_feature: bool = False) -> None:
+    """Start collecting c statistics on every uncalibrated layer (needs model.train()).
+
+    Options for checkpoints with attention sinks (a few tokens, usually position 0, with residual RMS ~100x the
+    rest; docs/real_checkpoints.md): skip_positions leaves each sequence's first positions out; stat "inv_rms"
+    takes c = mean over tokens of 1 / r(h) (a huge token adds ~0) instead of the least-squares fit "ls" (which
+    such a token dominates); per_feature fits a least-squares scale per feature and folds it into gamma_t, so
+    c * gamma_t is still one per-feature map (the fold is unchanged)."""
+    if stat not in CALIB_STATS:
+        raise TaperError(f"calibration statistic {stat!r} is not one of {', '.join(CALIB_STATS)}")
+    if int(skip_positions) != skip_positions or skip_positions < 0:
+        raise TaperError(f"skip_positions must be a non-negative integer, got {skip_positions!r}")
     layers = taper_layers(model)
     already = [n for n, m in layers if m.calibrated]
     if already:
         raise TaperError(f"already calibrated: {', '.join(already[:4])}; c is frozen once set")
     for _, m in layers:
         m.collecting = True
+        m.calib_skip, m.calib_stat, m.calib_per_feature = int(skip_positions), stat, bool(per_feature)
 
 
 def finish_calibration(model: nn.Module) -> dict[str, float]:
@@ -399,16 +445,18 @@ def finish_calibration(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, forward=None) -> dict[str, float]:
+def calibrate(model: nn.Module, batches: Iterable, forward=None, skip_positions: int = 0, stat: str = "ls",
+              per_feature: bool = False) -> dict[str, float]:
     """Run the taper-start calibration outside a trainer: EMA over `batches`, bias-corrected c,
     copy gamma -> gamma_t (beta -> beta_t), freeze c. `forward(model, batch)` defaults to model(batch).
+    skip_positions / stat / per_feature: begin_calibration's options for checkpoints with attention sinks.
 
     The gate is held at 1 while collecting. Only the TaperNorm layers are switched to train mode, so a
     model in eval mode calibrates deterministically (no dropout). Returns {layer name: c}.
     """
     if not taper_layers(model):
         raise TaperError("model has no TaperNorm layers; call taperize() first")
-    begin_calibration(model)
+    begin_calibration(model, skip_positions, stat, per_feature)
     layers = [m for _, m in taper_layers(model)]
     was_training = [m.training for m in layers]
     for m in layers:  # only the TaperNorm layers collect; dropout etc. keep the mode the caller set

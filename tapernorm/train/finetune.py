@@ -42,7 +42,9 @@ from ..hf import from_pretrained, save_pretrained
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from .finetune_cli import FinetuneConfig
 from .rundir import TrainingDiverged, divergence_message
+from .rms_loss import NormRmsLoss, add_rms_loss
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
+from .staged import StagedGates
 from .schedule import TaperSchedule, resolve_schedule
 from .trainer import _finish_calibration
 
@@ -69,9 +71,17 @@ class TaperCallback(_callback_base()):
     forward passes; at t == t0 it first freezes c (EMAs averaged over ranks) and the scale target.
     """
 
-    def __init__(self, schedule: TaperSchedule, target: ScaleTarget | None = None):
+    def __init__(self, schedule: TaperSchedule, target: ScaleTarget | None = None, calib_opts: dict | None = None,
+                 staged=None):
         self.schedule, self.target = schedule, target
         self.calibration: dict[str, float] = {}
+        self.calib_opts, self.staged = dict(calib_opts or {}), staged  # layers.begin_calibration's; StagedGates
+
+    def _set_gates(self, model, t: int) -> float:
+        if self.staged is not None:
+            return self.staged.apply(model, t)
+        set_gate(model, self.schedule.gate(t))
+        return self.schedule.gate(t)
 
     def _calibrate(self, model) -> None:
         if any(not m.calibrated for _, m in taper_layers(model)):
@@ -82,13 +92,13 @@ class TaperCallback(_callback_base()):
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.global_step <= self.schedule.taper_start and not any(m.calibrated for _, m in taper_layers(model)):
             set_gate(model, 1.0)
-            begin_calibration(model)
+            begin_calibration(model, **self.calib_opts)
 
     def on_step_begin(self, args, state, control, model=None, **kw):
         t = state.global_step
         if t >= self.schedule.taper_start:
             self._calibrate(model)
-        set_gate(model, self.schedule.gate(t))
+        self._set_gates(model, t)
 
     def on_log(self, args, state, control, logs=None, model=None, **kw):
         if state.is_world_process_zero and logs and "loss" in logs:
@@ -98,7 +108,7 @@ class TaperCallback(_callback_base()):
 
     def on_train_end(self, args, state, control, model=None, **kw):
         self._calibrate(model)
-        set_gate(model, self.schedule.gate(state.global_step))
+        self._set_gates(model, state.global_step)
 
 
 def _trainer_base():
@@ -113,9 +123,10 @@ class TaperTrainer(_trainer_base()):
     at the taper start. With gradient accumulation the term is divided by the accumulation steps, like the CE."""
 
     def __init__(self, *args, scale_target: ScaleTarget | None = None, scale_lambda: float = 1.0,
-                 scale_form: str = "relative", **kw):
+                 scale_form: str = "relative", rms_loss=None, **kw):
         super().__init__(*args, **kw)
         self.scale_target, self.scale_lambda, self.scale_form = scale_target, float(scale_lambda), scale_form
+        self.rms_loss = rms_loss  # rms_loss.NormRmsLoss or None
         final = find_final_norm(self.model)
         if final is None:
             raise ValueError(f"{type(self.model).__name__} has no final norm; the scale loss needs the pre-logit input")
@@ -158,7 +169,11 @@ class TaperTrainer(_trainer_base()):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._h.clear()
+        if self.rms_loss is not None:
+            self.rms_loss.clear()
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if model.training and self.rms_loss is not None:
+            out = add_rms_loss(out, self.rms_loss, return_outputs, self.args.gradient_accumulation_steps)
         if not model.training or self.scale_target is None or not self._h:
             return out
         loss, rest = (out[0], out[1:]) if return_outputs else (out, ())
@@ -386,9 +401,14 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=use_cpu,
         bf16=cfg.bf16, ddp_broadcast_buffers=False, ddp_find_unused_parameters=True,
         dataloader_num_workers=0, remove_unused_columns=False, ddp_backend="gloo" if use_cpu and world > 1 else None)
+    calib = {"skip_positions": cfg.calib_skip, "stat": cfg.calib_stat, "per_feature": cfg.calib_per_feature}
+    staged = (StagedGates(sched, cfg.taper_order, hold=cfg.taper_hold)
+              if tapering and (cfg.taper_order != "global" or cfg.taper_hold) else None)
+    rms = NormRmsLoss(model, cfg.rms_loss, cfg.calib_skip) if tapering and cfg.rms_loss > 0 else None
     trainer = TaperTrainer(model=model, args=args, train_dataset=_Chunks(data.train, cfg.seq_len),
-                           callbacks=[TaperCallback(sched, target)] if tapering else [], scale_target=target,
-                           scale_lambda=cfg.scale_lambda, scale_form=cfg.scale_form)
+                           callbacks=[TaperCallback(sched, target, calib, staged)] if tapering else [],
+                           scale_target=target, scale_lambda=cfg.scale_lambda, scale_form=cfg.scale_form,
+                           rms_loss=rms)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # the logs go to OUT/log_history.json, not stdout
     trainer.out_dir = out  # named by the divergence line

@@ -59,6 +59,13 @@ class FinetuneConfig:
     seed: int = 0
     bf16: bool = False
     overwrite: bool = False
+    # remedies for real checkpoints with attention sinks (docs/real_checkpoints.md)
+    calib_skip: int = 0               # leading positions of each sequence left out of c's statistic
+    calib_stat: str = "ls"            # ls | inv_rms
+    calib_per_feature: bool = False
+    rms_loss: float = 0.0             # lambda of the per-token norm-input RMS loss (rms_loss.py); 0 = off
+    taper_order: str = "global"       # global | first | last (staged.py)
+    taper_hold: int = 0               # steps at gate 1 after calibration before the taper
 
     def resolved_steps(self) -> tuple[int, int, int, int]:
         """(total, warmup, taper start, taper end): the preset's, with explicit flags taking precedence."""
@@ -86,7 +93,11 @@ class FinetuneConfig:
             raise ValueError("--lr and --grad-clip must be > 0, --scale-lambda >= 0, --beta-ema in (0, 1]")
         if self.scale_form not in SCALE_FORMS:
             raise ValueError(f"--scale-form {self.scale_form!r} is not one of {', '.join(SCALE_FORMS)}")
+        if self.calib_skip < 0 or self.rms_loss < 0 or self.taper_hold < 0:
+            raise ValueError("--calib-skip, --rms-loss and --taper-hold must be >= 0")
         T, W, t0, t1 = self.resolved_steps()
+        if self.taper_hold > t1 - t0:
+            raise ValueError(f"--taper-hold {self.taper_hold} is longer than the taper span {t1 - t0}")
         if not (T >= 2 and 0 <= W < T and 1 <= t0 <= t1 <= T and t0 < T):
             raise ValueError(f"schedule total {T}, warmup {W}, taper {t0}..{t1} is not valid: need 0 <= warmup < total, "
                              "1 <= taper start <= taper end <= total and taper start < total")
@@ -125,6 +136,14 @@ _HELP = {
     "seed": "seed of data order and initialization",
     "bf16": "bf16 mixed precision",
     "overwrite": "replace an existing output directory",
+    "calib_skip": "leave each sequence's first N positions (attention sinks) out of c's calibration",
+    "calib_stat": "c's statistic: ls (least squares, the paper's; extreme tokens dominate it) or inv_rms (mean of "
+                  "1 / RMS over tokens; robust to sink tokens)",
+    "calib_per_feature": "fit a least-squares scale per feature at calibration, folded into gamma_t",
+    "rms_loss": "lambda of the loss pulling every tapered norm's input RMS per token toward 1 / c (0: off)",
+    "taper_order": "global: one gate (the paper); first / last: blocks taper one after another from the first / "
+                   "last block (each over 30%% of the taper span)",
+    "taper_hold": "steps the gate stays 1 after calibration (the RMS loss already acts) before tapering",
 }
 
 
@@ -147,8 +166,9 @@ def add_cli(subparsers) -> None:
         base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in ("mode", "schedule", "scale_form"):
-            choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS}[f.name]
+        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order"):
+            choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS,
+                       "calib_stat": ("ls", "inv_rms"), "taper_order": ("global", "first", "last")}[f.name]
             p.add_argument(flag, choices=choices, **kw)
         else:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)

@@ -1,0 +1,128 @@
+"""Issue 19's remedies for real checkpoints (attention sinks), on tiny models: sink-robust calibration options,
+the per-token norm-input RMS loss, the staged taper schedule; each keeps the gate-0 model foldable and exact."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+from hf_models import hf_model, token_batches  # noqa: E402
+
+from tapernorm import TaperError, TaperLayerNorm, TaperNorm, calibrate, set_gate, taper_layers, taperize  # noqa: E402
+from tapernorm.train.rms_loss import NormRmsLoss  # noqa: E402
+from tapernorm.train.schedule import resolve_schedule  # noqa: E402
+from tapernorm.train.staged import StagedGates, block_index  # noqa: E402
+
+D = 16
+
+
+def _sink_batch(seed=0):
+    """(4, 9, D) with position 0 a ~1000x 'massive activation' token, as real checkpoints have."""
+    x = torch.randn(4, 9, D, generator=torch.Generator().manual_seed(seed)) * 2
+    x[:, 0] *= 1000.0
+    return x
+
+
+def _layer_c(cls, x, **opt):
+    layer = cls(D)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(D, generator=torch.Generator().manual_seed(1)) + 0.5)
+    seq = torch.nn.Sequential(layer)
+    calibrate(seq, [x], **opt)
+    return layer
+
+
+@pytest.mark.parametrize("cls", [TaperNorm, TaperLayerNorm])
+def test_skip_positions_equals_calibrating_without_them(cls):
+    x = _sink_batch()
+    ls_all = _layer_c(cls, x)
+    skip = _layer_c(cls, x, skip_positions=1)
+    rest = _layer_c(cls, x[:, 1:])
+    assert float(skip.c) == pytest.approx(float(rest.c), rel=1e-6)
+    assert float(ls_all.c) < 0.05 * float(skip.c)  # the sink dominates the least-squares c: the bug skip fixes
+
+
+def test_inv_rms_is_the_mean_inverse_rms_and_ignores_a_sink():
+    x = _sink_batch()
+    layer = _layer_c(TaperNorm, x, stat="inv_rms")
+    r_inv = torch.rsqrt(x.pow(2).mean(-1) + layer.eps)
+    assert float(layer.c) == pytest.approx(float(r_inv.mean()), rel=1e-5)
+    rest = _layer_c(TaperNorm, x[:, 1:], stat="inv_rms")
+    assert float(layer.c) == pytest.approx(float(rest.c), rel=0.15)  # the sink adds ~0 to a mean of 1 / r
+
+
+def test_per_feature_fit_is_folded_into_gamma_t():
+    x = _sink_batch()
+    layer = _layer_c(TaperNorm, x, per_feature=True)
+    r = torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + layer.eps)
+    want = layer.weight.double() * (x.double() ** 2 / r).sum((0, 1)) / (x.double() ** 2).sum((0, 1))
+    torch.testing.assert_close((layer.c * layer.weight_t).double(), want, rtol=1e-5, atol=0)
+    layer.set_gate(0.0)
+    torch.testing.assert_close(layer(x), x * layer.taper_scale())  # still one per-feature map
+
+
+def test_bad_calibration_options_are_refused():
+    with pytest.raises(TaperError, match="statistic"):
+        _layer_c(TaperNorm, _sink_batch(), stat="median")
+    with pytest.raises(TaperError, match="skip"):
+        _layer_c(TaperNorm, _sink_batch(), skip_positions=-1)
+    with pytest.raises(TaperError, match="skips the first 9"):
+        _layer_c(TaperNorm, _sink_batch(), skip_positions=9)
+
+
+def _fold_parity(model):
+    from tapernorm.passes import fold
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(5))
+    gm, report = fold(model, (), {"input_ids": ids, "use_cache": False})
+    assert report["folded"] == len(taper_layers(model)) and report["skipped"] == 0, report["layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(input_ids=ids, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,opt", [("llama", {"skip_positions": 1, "stat": "inv_rms"}),
+                                      ("llama", {"per_feature": True, "skip_positions": 1}),
+                                      ("gpt2", {"stat": "inv_rms", "per_feature": True})])
+def test_every_calibration_remedy_folds_exactly(kind, opt):
+    model = hf_model(kind)
+    taperize(model, "all")
+    calibrate(model, token_batches(), forward=lambda m, b: m(input_ids=b, use_cache=False), **opt)
+    set_gate(model, 0.0)
+    _fold_parity(model.eval())
+
+
+def test_rms_loss_is_zero_at_the_calibrated_scale_and_restoring():
+    layer = _layer_c(TaperNorm, torch.randn(2, 5, D))
+    layer.train()
+    loss = NormRmsLoss(torch.nn.Sequential(layer), lam=1.0)
+    x = torch.randn(2, 5, D)
+    x = (x / x.pow(2).mean(-1, keepdim=True).sqrt() / layer.c).requires_grad_()  # every token at r = 1 / c
+    layer(x)
+    assert float(loss.loss()) == pytest.approx(0.0, abs=1e-8)
+    big = (x.detach() * 3).requires_grad_()
+    layer(big)
+    val = loss.loss()
+    val.backward()
+    assert float(val) > 0 and float((big.grad * big).sum()) > 0  # descent shrinks the too-large token
+    layer.eval()
+    layer(x)
+    assert loss.loss() is None  # nothing recorded outside training
+
+
+def test_staged_gates_taper_block_by_block_and_end_exactly_zero():
+    model = hf_model("llama")
+    taperize(model, "all")
+    calibrate(model, token_batches(), forward=lambda m, b: m(input_ids=b, use_cache=False))
+    sched = resolve_schedule(40, warmup=2, taper_start=4, taper_end=34)
+    staged = StagedGates(sched, "last", hold=2)
+    assert all(g == 1.0 for g in staged.gates(model, 5).values())  # hold
+    mid = staged.gates(model, 20)
+    assert mid["model.layers.1.input_layernorm"] < mid["model.layers.0.input_layernorm"]  # last block first
+    assert block_index("model.layers.12.mlp") == 12 and block_index("model.norm") is None
+    staged.apply(model, 34)
+    assert {m.gate for _, m in taper_layers(model)} == {0.0}
+    _fold_parity(model.eval())
+    with pytest.raises(ValueError, match="hold"):
+        StagedGates(sched, hold=100)
