@@ -130,12 +130,12 @@ def tapered_dir(hf: Path, out: Path, mode: str, probe: list[int], log) -> dict:
     return info
 
 
-def compiled(src: Path, out: Path, log) -> dict:
+def compiled(src: Path, out: Path, log, unfused: bool = False) -> dict:
     """`tapernorm compile` of src into out (fp32; cached by its compile_report.json)."""
     from tapernorm.compiler.pipeline import compile_checkpoint
     if not (out / "compile_report.json").is_file():
         log(f"[precision] compile {src} -> {out}")
-        compile_checkpoint(src, out, parity_tokens=4, log=lambda m: log(f"[compile] {m}"))
+        compile_checkpoint(src, out, parity_tokens=4, unfused=unfused, log=lambda m: log(f"[compile] {m}"))
     rep = json.loads((out / "compile_report.json").read_text())
     return {"graph": rep["graph"], "parity": {f: {k: g.get(k) for k in ("prompt_logits_max_abs_diff", "tokens_identical")}
                                               for f, g in rep["parity"]["graphs"].items()}}
@@ -258,7 +258,8 @@ def main(argv=None) -> int:
     taper = tapered_dir(hf, work / f"tapered_{args.mode}", args.mode, ids, log)
     tapered_src = work / f"tapered_{args.mode}" / ("surrogate" if not taper["gate0_logits_finite"] else "")
     comp = {"baseline": compiled(hf, work / "baseline_fp32", log),
-            "tapered": compiled(tapered_src, work / f"tapered_{args.mode}_fp32", log)}
+            "tapered": compiled(tapered_src, work / f"tapered_{args.mode}_fp32", log,
+                                unfused=taper["gate0_logits_finite"])}
     # graph files per row: the surrogate's unfused counterpart is the baseline (gain kept in the norm op)
     files = {"baseline": (work / "baseline_fp32", "model.onnx"),
              "folded": (work / f"tapered_{args.mode}_fp32", "model.onnx"),
@@ -274,15 +275,13 @@ def main(argv=None) -> int:
         for k, (d, f) in files.items():
             dirs[(p, k)] = (d.with_name(d.name.replace("fp32", p)), f)
     genai = {p: genai_build(hf, work / f"genai_{p}", p, log) for p in PRECS}
-    ppl = {}
+    ppl, ref = {}, {}  # ref: the fp32 baseline graph's first-window logits, for the drift figures
     for p in PRECS:
-        for k in ("baseline", "folded", "unfused"):
-            d, f = dirs[(p, k)]
-            ppl[f"{k}_{p}"] = perplexity(all_position_logits(d / f, work / "allpos"), ids, args.chunk, args.threads)
+        for k in ("baseline", "folded", "unfused", "genai"):
+            d, f = (genai[p], "model.onnx") if k == "genai" else dirs[(p, k)]
+            ppl[f"{k}_{p}"] = perplexity(all_position_logits(d / f, work / "allpos"), ids, args.chunk, args.threads,
+                                         ref=ref)
             log(f"[precision] ppl {k} {p}: {ppl[f'{k}_{p}']['ppl']:.3f}")
-        ppl[f"genai_{p}"] = perplexity(all_position_logits(genai[p] / "model.onnx", work / "allpos"), ids, args.chunk,
-                                       args.threads)
-        log(f"[precision] ppl genai {p}: {ppl[f'genai_{p}']['ppl']:.3f}")
     recon = matched_linears(dirs[("fp32", "folded")], dirs[("fp32", "unfused")], dirs[("int4", "folded")],
                             dirs[("int4", "unfused")])
     spd = None

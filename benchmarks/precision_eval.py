@@ -56,8 +56,12 @@ def _feeds(sess, ids: list[int], head_dim: int) -> dict:
     return feeds
 
 
-def perplexity(path: Path, ids: list[int], chunk: int, threads: int, head_dim: int = 64) -> dict:
-    """exp(mean next-token NLL) over `ids` in windows of `chunk` tokens, each from an empty cache."""
+def perplexity(path: Path, ids: list[int], chunk: int, threads: int, head_dim: int = 64, ref: dict | None = None
+               ) -> dict:
+    """exp(mean next-token NLL) over `ids` in windows of `chunk` tokens, each from an empty cache.
+
+    `ref` (a dict): the first call stores its first window's logits there; later calls report their drift from
+    them (max |logit diff|, mean KL(ref || this), top-1 agreement) on that window."""
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -68,10 +72,29 @@ def perplexity(path: Path, ids: list[int], chunk: int, threads: int, head_dim: i
             break
         logits = sess.run(["logits"], _feeds(sess, win, head_dim))[0][0].astype(np.float64)  # (T, V)
         logits = logits[:-1]
+        if ref is not None and s == 0:
+            drift = _drift(ref, logits)
         lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll += float((lse - logits[np.arange(len(win) - 1), win[1:]]).sum())
         count += len(win) - 1
-    return {"ppl": float(np.exp(nll / count)), "nll": nll / count, "tokens_scored": count, "file": str(path)}
+    return {"ppl": float(np.exp(nll / count)), "nll": nll / count, "tokens_scored": count, "file": str(path),
+            **(drift if ref is not None else {})}
+
+
+def _drift(ref: dict, logits: np.ndarray) -> dict:
+    """Logit drift of (T, V) `logits` from ref["logits"] (stored on first use)."""
+    if "logits" not in ref:
+        ref["logits"] = logits
+        return {"drift_reference": True}
+    r = ref["logits"]
+
+    def logp(x):
+        return x - (np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) + x.max(-1, keepdims=True))
+    lr, lx = logp(r), logp(logits)
+    return {"max_abs_logit_diff_vs_fp32_baseline": float(np.abs(logits - r).max()),
+            "logit_scale_fp32_baseline": float(np.abs(r).max()),
+            "mean_kl_vs_fp32_baseline": float((np.exp(lr) * (lr - lx)).sum(-1).mean()),
+            "top1_agreement_vs_fp32_baseline": float((logits.argmax(-1) == r.argmax(-1)).mean())}
 
 
 def _fp32_weights(path: Path) -> list[tuple[str, np.ndarray]]:

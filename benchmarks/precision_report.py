@@ -14,6 +14,15 @@ def _ppl_table(r: dict) -> list[str]:
     return lines
 
 
+def _drift_table(r: dict) -> list[str]:
+    lines = ["| graph | max abs logit diff | mean KL(fp32 baseline, graph) | top-1 agreement |", "|---|---|---|---|"]
+    for name, v in r["perplexity"].items():
+        if "mean_kl_vs_fp32_baseline" in v:
+            lines.append(f"| {name} | {v['max_abs_logit_diff_vs_fp32_baseline']:.3g} | "
+                         f"{v['mean_kl_vs_fp32_baseline']:.4f} | {v['top1_agreement_vs_fp32_baseline']:.3f} |")
+    return lines
+
+
 def _recon(r: dict) -> list[str]:
     rec = r["int4_reconstruction"]
     kinds: dict[str, list] = {}
@@ -75,6 +84,9 @@ def markdown(r: dict) -> str:
         "project, after SmolLM2's training data was collected, never published: the words are new to the model, "
         "the subject (ML / ONNX engineering prose) is not.", "",
         "## Held-out perplexity", "", *_ppl_table(r), "",
+        "Drift from the fp32 baseline graph on the first held-out window (max |logit| there: "
+        f"{next((v['logit_scale_fp32_baseline'] for v in r['perplexity'].values() if 'logit_scale_fp32_baseline' in v), 0):.3g}):",
+        "", *_drift_table(r), "",
         "## int4 reconstruction error per linear (relative Frobenius), folded vs unfolded", "", *_recon(r), "",
         "## Decode speed, lockstep (ours: our loop on this venv's onnxruntime; genai: its build + loop)", "",
         *_speed(r), ""])
