@@ -208,3 +208,108 @@ def test_lock_leaves_no_directories_it_had_to_create(tmp_path):
     with dir_lock(tmp_path / "a" / "run"):
         (tmp_path / "a" / "run").mkdir()
     assert os.listdir(tmp_path / "a") == ["run"]
+
+
+# -- locks that cannot be turned into weapons (issue 20) ----------------------------------------------------
+def test_a_symlink_planted_as_the_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    """`ln -s victim.txt .blk.lock` made the next lock holder truncate victim.txt and write its PID into it."""
+    from tapernorm.fileio import LockFileError
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink("victim.txt", tmp_path / ".blk.lock")
+    with pytest.raises(LockFileError, match=r"\.blk\.lock is a symbolic link \(to victim\.txt\).*refuses to follow it"):
+        with dir_lock(tmp_path / "blk"):
+            pass
+    assert victim.read_text() == "precious" and (tmp_path / ".blk.lock").is_symlink()
+    os.symlink(tmp_path / "nowhere", tmp_path / ".dang.lock")  # a dangling link is not created through either
+    with pytest.raises(LockFileError):
+        with dir_lock(tmp_path / "dang"):
+            pass
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_hard_link_planted_as_the_lock_file_is_refused(tmp_path):
+    from tapernorm.fileio import LockFileError
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.link(victim, tmp_path / ".run.lock")
+    with pytest.raises(LockFileError, match="is a hard link"):
+        with dir_lock(tmp_path / "run"):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_two_spellings_of_one_directory_take_one_lock(tmp_path):
+    """A symlinked --out (and a symlinked parent) resolve once: the second alias sees the holder."""
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink("real", tmp_path / "alias")
+    os.symlink(tmp_path, tmp_path / "parent-alias")
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "alias")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        for spelling in (real, tmp_path / "parent-alias" / "real", tmp_path / "parent-alias" / "alias"):
+            with pytest.raises(LockedError, match=f"PID {p.pid}"):
+                with dir_lock(spelling):
+                    pass
+    finally:
+        p.kill()
+        p.wait()
+    assert fileio.canonical_out(tmp_path / "alias") == fileio.canonical_out(real) == real.resolve()
+
+
+def test_the_swap_pointer_is_not_resolved(tmp_path, monkeypatch):
+    """The no-exchange swap's own pointer link stays the directory's name (its lock must not move per version)."""
+    monkeypatch.setenv("TAPERNORM_NO_EXCHANGE", "1")
+    out = tmp_path / "out"
+    _write(out, "v0")
+    with staged_dir(out) as tmp:
+        _write(tmp, "v1")
+    assert out.is_symlink() and fileio.canonical_out(out) == out.resolve().parent / "out"
+
+
+# -- disk full (issue 20): one line naming the file and the space, nothing half-written -----------------------
+def test_atomic_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(fileio.DiskFullError) as e:
+        fileio.atomic_write_text(target, "x" * 5000)
+    msg = str(e.value)
+    assert f"no space left on device writing {target}" in msg and "it needs 4.9 KB" in msg and "free" in msg
+    assert "the previous summary.json is kept" in msg and "\n" not in msg
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
+def test_a_library_disk_full_inside_staged_dir_names_the_file(tmp_path):
+    """safetensors reports ENOSPC as SafetensorError('... (os error 28)'); staged_dir turns any such error into one
+    line naming the file being written, and removes the half-built directory."""
+    from safetensors import SafetensorError
+    out = tmp_path / "model"
+    _write(out, "old")
+    with pytest.raises(fileio.DiskFullError, match=rf"writing {out}/weights.safetensors .*{out} was left as it was"):
+        with staged_dir(out) as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert _content(out) == "old" and _leftovers(out) == []
+
+
+def test_real_full_disk_for_every_writer(tmp_path):
+    """A 64 KB tmpfs: an atomic write, a safetensors file and a staged directory that do not fit each give one
+    DiskFullError line and leave the disk as it was."""
+    import torch
+    from small_disk import small_disk
+    with small_disk(tmp_path / "disk", "64k") as d:
+        (d / "keep.txt").write_text("old")
+        with pytest.raises(fileio.DiskFullError, match=r"writing .*keep.txt \(it needs 195.3 KB, [\d.]+ KB free"):
+            fileio.atomic_write_bytes(d / "keep.txt", b"x" * 200_000)
+        with pytest.raises(fileio.DiskFullError, match=r"writing .*w.safetensors \(it needs 390.\d KB"):
+            fileio.save_safetensors({"w": torch.zeros(100_000)}, d / "w.safetensors")
+        with pytest.raises(fileio.DiskFullError, match=r"writing .*out/big.bin .*out was left as it was"):
+            with staged_dir(d / "out") as tmp:
+                (tmp / "big.bin").write_bytes(b"x" * 200_000)
+        assert sorted(os.listdir(d)) == ["keep.txt"] and (d / "keep.txt").read_text() == "old"
