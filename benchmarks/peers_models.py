@@ -69,7 +69,7 @@ def _unit_rms_maps(taper, ids) -> None:
 
 def compile_all(width: int, args, cache: Path, log=print) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     """Compile (cached by settings) -> ({variant: onnx path}, baseline model, taper model)."""
-    key = f"w{width}-d{args.depth}-hd{args.head_dim}-v{args.vocab}-s{args.seed}-m{args.max_seq}-u1"
+    key = f"w{width}-d{args.depth}-hd{args.head_dim}-v{args.vocab}-s{args.seed}-m{args.max_seq}-u2"
     d = cache / key
     base, taper = make_models(width, args.depth, width // args.head_dim, args.vocab, args.max_seq, args.seed)
     paths = {"lean_folded": d / "taper" / "model.onnx", "lean_unfused": d / "taper" / "model_unfused.onnx",
@@ -81,7 +81,7 @@ def compile_all(width: int, args, cache: Path, log=print) -> tuple[dict, torch.n
                            ("generic", "taper_ckpt", "generic")):
         if not (d / out / "compile_report.json").is_file():
             t0 = time.perf_counter()
-            compile_checkpoint(d / ck, d / out, parity_tokens=4, graph=graph)
+            compile_checkpoint(d / ck, d / out, parity_tokens=4, graph=graph, unfused=out == "taper")
             log(f"[bench] compiled w{width} {out} ({graph}) in {time.perf_counter() - t0:.0f} s")
     return paths, base, taper
 

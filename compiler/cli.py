@@ -46,7 +46,7 @@ def _cmd_compile(args) -> int:
                              parity_tokens=args.parity_tokens, prompt=args.prompt, provider=args.provider,
                              graph=args.graph, fallback_generic=args.fallback_generic,
                              precision=args.precision, block_size=args.block_size, accuracy_level=args.accuracy_level,
-                             log=lambda m: print(f"[compile] {m}", file=sys.stderr))
+                             unfused=args.unfused, log=lambda m: print(f"[compile] {m}", file=sys.stderr))
     print(summary_text(rep))
     return 0
 
@@ -83,17 +83,23 @@ def add_compile_cli(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
         "compile", formatter_class=fmt,
-        help="fold a gate-0 checkpoint and export ONNX (folded + unfused) with parity",
+        help="fold a gate-0 checkpoint and export ONNX with parity",
         description="Capture a checkpoint with torch.export, fold every gate-0 TaperNorm into the linears after "
-                    "it, export model.onnx (folded) and model_unfused.onnx (explicit x*s maps) with a KV cache, "
-                    "and check both against PyTorch (prompt logits, greedy tokens). Nothing is written unless "
-                    "parity holds.")
+                    "it, export model.onnx (folded; with --unfused also model_unfused.onnx, explicit x*s maps) with a KV "
+                    "cache, and check it against PyTorch (prompt logits, greedy tokens). Nothing is written unless "
+                    "parity holds. Each stage prints one line with its time and peak memory; a model that would not "
+                    "fit in memory is refused before loading.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory (new, empty, or a previous compile output: the files compile owns are "
                         "replaced, any others you put there are kept)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                   help="export dtype (bfloat16 does not run on ORT CPU; needs --provider cuda)")
+                   help="compute dtype of the output graph, whatever the checkpoint's own dtype (a bf16 checkpoint "
+                        "compiles to float32 by default; the report records both; bfloat16 does not run on ORT CPU, "
+                        "needs --provider cuda)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also write model_unfused.onnx (the explicit gate-0 maps, for benchmarks and debugging; "
+                        "parity-checked like model.onnx)")
     p.add_argument("--allow-unfolded", action="store_true",
                    help="compile even if some gates are not 0 (those norms stay, computed per token)")
     p.add_argument("--parity-tokens", type=int, default=PARITY_TOKENS, metavar="N",

@@ -14,7 +14,10 @@ import onnx
 
 from tapernorm.fileio import atomic_write_bytes
 
-__all__ = ["max_ir_version", "save_onnx", "load_onnx"]
+__all__ = ["max_ir_version", "save_onnx", "load_onnx", "save_ir_model", "lazy_initializer", "EXTERNAL_ALIGNMENT",
+           "stream_initializers", "write_onnx_header"]
+
+EXTERNAL_ALIGNMENT = 65536  # external tensors start at 64 KiB offsets: onnxruntime can memory-map them
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +55,83 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = Fa
             os.replace(tmp, path)
         return
     atomic_write_bytes(path, model.SerializeToString())
+
+
+def lazy_initializer(t, dtype, name: str, transpose: bool = False):
+    """An onnx_ir tensor that converts the torch tensor `t` (any float dtype, bf16 included) to `dtype` (and
+    transposes a 2-D weight) only when its bytes are written: save_ir_model then streams one converted tensor at a
+    time, instead of the whole model being held converted (and again as a ModelProto) before the write."""
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    shape = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
+
+    def convert():
+        w = t.detach().t() if transpose else t.detach()
+        return TorchTensor(w.to(dtype).contiguous(), name=name)
+
+    ir_dtype = TorchTensor(t.new_empty(0, dtype=dtype)).dtype  # the graph dtype, nothing converted yet
+    return ir.LazyTensor(convert, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
+
+
+def save_ir_model(model, path: str | Path, external_data: bool, progress=None) -> int:
+    """Write an onnx_ir Model atomically, streaming its initializers tensor by tensor into `<name>.data`
+    (64 KiB-aligned, so onnxruntime can memory-map them) when `external_data`; returns the bytes written.
+
+    Lazy initializers (lazy_initializer) are converted as they are written, so the peak is about one tensor
+    (onnx_ir keeps at most 256 MiB in flight). `progress(done, total)` is called after each tensor.
+    """
+    import onnx_ir as ir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+
+    done = [0]
+
+    def callback(tensor, info):  # invocations, not info.index: onnx_ir may write out of order
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], info.total)
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-onnx-") as td:
+        tmp = Path(td) / path.name
+        if external_data:
+            ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024, callback=callback,
+                    max_in_flight_bytes=256 * 2**20, alignment=EXTERNAL_ALIGNMENT)
+            os.replace(Path(td) / data_name, path.parent / data_name)
+        else:
+            ir.save(model, tmp)
+        os.replace(tmp, path)
+    return path.stat().st_size + ((path.parent / data_name).stat().st_size if external_data else 0)
+
+
+def stream_initializers(model, data_path: str | Path) -> int:
+    """Move every initializer of the onnx_ir Model (>= 1 KiB) into `data_path`, tensor by tensor, and leave
+    external-data references in its place (onnx_ir's unload_from_model, 64 KiB-aligned): a later ir.to_proto is
+    then only the graph. Lazy initializers are converted as they are written. A tqdm bar on a terminal."""
+    import onnx_ir as ir
+
+    from .stages import progress
+
+    data_path = Path(data_path)
+    n = sum(1 for v in model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.nbytes >= 1024)
+    bar = progress(range(n), f"write {data_path.name}", total=n, min_items=64)
+    update = getattr(bar, "update", None)
+    ir.external_data.unload_from_model(model, data_path.parent, data_path.name, size_threshold_bytes=1024,
+                                       callback=(lambda t, info: update(1)) if update else None,
+                                       max_in_flight_bytes=256 * 2**20, alignment=EXTERNAL_ALIGNMENT)
+    if update:
+        bar.close()
+    return data_path.stat().st_size if data_path.is_file() else 0
+
+
+def write_onnx_header(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write a ModelProto whose weights are already in external data beside `path`, atomically, then check it."""
+    path = Path(path)
+    atomic_write_bytes(path, model.SerializeToString())
+    onnx.checker.check_model(str(path))
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:

@@ -14,7 +14,7 @@ from tapernorm.compiler.pipeline import CompileError, compile_checkpoint
 def lean_compiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("lean")
     save_checkpoint(lean_model("tiny", "internal", 2), root / "ckpt")
-    return root, compile_checkpoint(root / "ckpt", root / "out", parity_tokens=5)
+    return root, compile_checkpoint(root / "ckpt", root / "out", parity_tokens=5, unfused=True)  # opt-in
 
 
 def test_default_compile_is_lean_with_genai_config(lean_compiled):

@@ -29,7 +29,8 @@ def compiled(request, tmp_path_factory):
     arch, mode = request.param
     root = tmp_path_factory.mktemp(f"{arch}-{mode}")
     _checkpoint(root / "ckpt", arch, mode)
-    report = compile_checkpoint(root / "ckpt", root / "out", parity_tokens=6, graph="generic")  # lean: test_lean_*
+    report = compile_checkpoint(root / "ckpt", root / "out", parity_tokens=6, graph="generic",  # lean: test_lean_*
+                                unfused=True)  # model_unfused.onnx is opt-in
     return arch, mode, root, report
 
 
@@ -144,7 +145,7 @@ def test_fp16_external_data_compile_runs_in_runtime(tmp_path):
     from tapernorm.compiler.pipeline import _prompt_ids
     model = _checkpoint(tmp_path / "ckpt", "tiny", "internal")
     rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float16", parity_tokens=3, inline_limit=0,
-                             graph="generic")
+                             graph="generic", unfused=True)
     out = tmp_path / "out"
     assert (out / "model.onnx.data").is_file() and (out / "model_unfused.onnx.data").is_file()
     assert rep["export"]["model.onnx"]["external_data"] and rep["dtype"] == "float16" and rep["parity"]["ok"]
