@@ -3,6 +3,10 @@
 The parser only forwards the arguments (`tapernorm bench --help` shows the benchmark's own flags, from
 benchmarks/bench_peers_args.py, which imports nothing heavy, so the help is instant); the benchmark lives in
 the repository's benchmarks/ directory, beside this package in a source checkout.
+
+The unfused graph it times is its own: `tapernorm compile` writes model_unfused.onnx only with --unfused, so the
+benchmark compiles its random taper model itself with `compile_checkpoint(..., unfused=True)`
+(benchmarks/peers_models.py); it never needs a user's compile output to carry one.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", add_help=False, prefix_chars="+", help="decode speed of the lean graph against its onnxruntime peers",
         description="Runs benchmarks/bench_peers.py: lean folded / unfused / baseline, generic, onnxruntime-genai "
-                    "(builder graph and ours), eager and torch.compile on the same weights; writes "
+                    "(builder graph and ours), eager and torch.compile on the same weights (it compiles its own random "
+                    "models, the unfused graph included); writes "
                     "peers.{json,md,png} into a scratch directory (benchmarks/results/ with --save). "
                     "`tapernorm bench --help` lists its flags with their defaults.")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags passed to bench_peers.py")
