@@ -259,3 +259,55 @@ def test_eval_bad_batches_and_plot_without_matplotlib(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "pip install" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- issue 20: --overwrite removes only what train wrote; locks; a full disk ------------------------------------
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, tokenizer, capsys):
+    """`train --out userproj` refused a non-run dir and suggested --overwrite, which then replaced userproj/model/."""
+    user = tmp_path / "userproj"
+    (user / "model").mkdir(parents=True)
+    (user / "model" / "weights.bin").write_text("mine")
+    (user / "summary.json").write_text("{\"mine\": 1}")
+    assert main(_flags(user, tokenizer)) == 2
+    msg = _one_line(capsys)
+    assert "is not a tapernorm run directory" in msg and "--overwrite" not in msg.split(";")[-1]
+    assert main(_flags(user, tokenizer) + ["--overwrite"]) == 2
+    msg = _one_line(capsys)
+    assert "--overwrite would delete it" in msg and "new --out" in msg
+    assert (user / "model" / "weights.bin").read_text() == "mine" and (user / "summary.json").read_text() == "{\"mine\": 1}"
+    notes = tmp_path / "notes"  # a directory with only files train never writes: --overwrite keeps them
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert main(_flags(notes, tokenizer, steps=2, ckpt_every=0) + ["--overwrite"]) == 0
+    assert (notes / "todo.txt").read_text() == "mine" and (notes / "model" / "config.json").is_file()
+
+
+def test_a_symlinked_run_lock_is_refused(tmp_path, tokenizer, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink("victim.txt", tmp_path / ".run.lock")
+    assert main(_flags(tmp_path / "run", tokenizer)) == 2
+    assert "is a symbolic link" in _one_line(capsys)
+    assert victim.read_text() == "precious" and not (tmp_path / "run").exists()
+
+
+def test_resume_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path, tokenizer, capsys):
+    """The issue's case: a disk filling up during the safetensors write of `train --resume`."""
+    import shutil
+    from small_disk import small_disk
+    src = tmp_path / "src"
+    train(fast_cfg(src, tokenizer, steps=8, ckpt_every=4, stop_after=4))
+    used = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    ckpt = sum(p.stat().st_size for p in (src / "checkpoint").iterdir())
+    with small_disk(tmp_path / "disk", str((used + ckpt // 2) // 4096 * 4096 + 64 * 1024)) as disk:
+        run = disk / "run"
+        shutil.copytree(src, run)
+        capsys.readouterr()
+        assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+        msg = _one_line(capsys)
+        assert re.search(rf"no space left on device writing {run}/checkpoint/\S+ \(it needs [\d.]+ [KM]B, "
+                         r"[\d.]+ [KM]?B free", msg), msg
+        assert "was left as it was" in msg
+        _, _, state = load_resume(run / "checkpoint")  # the previous checkpoint, whole
+        assert state["json"]["step"] == 4
+        assert [p for p in os.listdir(run) if p.startswith(".")] == []
