@@ -35,6 +35,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import torch
+
+from tapernorm.passes.fold_math import fold_linear, fold_linear_rows
 
 from .onnx_io import load_onnx, save_onnx
 from .onnx_linear import FLOAT as _FLOAT
@@ -174,14 +177,18 @@ def _fold_forward(graph, x, y, s64, b64, center, d, taken):
     for n in consumers:
         add = matmul_bias_add(graph, n)
         w, b = read_linear(n, add)  # (in, out), effective bias
-        m = np.tile(s64, tiles[id(n)])[:, None] * w  # merged heads: row j of W reads feature j % d
-        if center:
-            m = m - m.mean(axis=0, keepdims=True)
-        if b64 is not None:
-            b = (b if b is not None else 0.0) + b64 @ w
+        beta = (b64 if b64 is not None else np.zeros_like(s64)) if center else None  # LN maps never merge heads
+        m, b = _fold_math(fold_linear, w, b, np.tile(s64, tiles[id(n)]), beta)  # merged: row j reads feature j % d
         write_linear(graph, n, m, b, taken, untied, add)
     _reroute(y, x)  # the first readers (linears or pass-through ops) now read x
     return {"consumers": [n.name for n in consumers], "untied": sorted(set(untied))}, None
+
+
+def _fold_math(fn, w: np.ndarray, b, s64, beta, **kw):
+    """passes.fold_math's `fn` (fold_linear / fold_linear_rows) on numpy (in, out) weights, in float64."""
+    t = lambda a: None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
+    wn, bn = fn(t(w), t(b), t(s64), t(beta), layout="in_out", **kw)
+    return wn.numpy(), (bn.numpy() if bn is not None else None)
 
 
 def _fold_backward(graph, x, y, map_nodes, s64, b64, center, d, taken):
@@ -209,16 +216,9 @@ def _fold_backward(graph, x, y, map_nodes, s64, b64, center, d, taken):
             return None, f"{r.name} (Reshape {src} -> {dst}) does not split {out} features into heads of {d}"
     if out % d:
         return None, f"linear {lin.name} has {out} outputs, not a multiple of the norm's {d}"
-    f = np.arange(out)
-    pos, grp = f % d, f // d
-    wn, bn = w.copy(), (b.copy() if b is not None else None)
-    if center:
-        g = out // d
-        wn = wn - wn.reshape(w.shape[0], g, d).mean(axis=2).repeat(d, axis=1)
-        bn = (bn if bn is not None else np.zeros(out)) - (bn.reshape(g, d).mean(axis=1)[grp] if bn is not None else 0.0)
-    wn = wn * s64[pos][None, :]
-    if bn is not None:
-        bn = bn * s64[pos] + (b64[pos] if b64 is not None else 0.0)
+    f = torch.arange(out)
+    beta = (b64 if b64 is not None else np.zeros(d)) if center else None
+    wn, bn = _fold_math(fold_linear_rows, w, b, s64, beta, pos=f % d, group=f // d)
     untied: list[str] = []
     write_linear(graph, lin, wn, bn, taken, untied, add)
     _reroute(y, x)
