@@ -15,8 +15,8 @@ import json
 import math
 import os
 import sys
+import gc
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,22 @@ class _WithHidden(nn.Module):
     def forward(self, input_ids):
         h, _ = self.model.hidden(input_ids)  # (B, T, d)
         return self.model.head(h), h
+
+
+def _unused_params(tapering: bool, gate: float) -> bool:
+    """Whether a forward at `gate` leaves parameters unused: gamma_t at gate 1, gamma at gate 0."""
+    return tapering and not 0.0 < gate < 1.0
+
+
+def _ddp(module: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    """DistributedDataParallel around `module`; calibration EMAs are rank-local until _finish_calibration averages
+    them, so buffers are never synced in forward."""
+    import inspect
+    DDP = nn.parallel.DistributedDataParallel
+    nosync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+              else {"broadcast_buffers": False})
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=find_unused, **nosync)
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -199,17 +215,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
         unpack_rng(state["tensors"])
         target.load_state_dict(js["scale_target"])
         start = int(js["step"])
-    wrapped = _WithHidden(model)
+    wrapped = unwrapped = _WithHidden(model)
+    # DDP must look for unused parameters at gate 1 (gamma_t unused) and gate 0 (gamma unused), but while the gate
+    # tapers every parameter is used and find_unused_parameters=True makes torch print a warning on every rank:
+    # the wrapper is rebuilt when that changes (twice per run)
+    find_unused = _unused_params(tapering, sched.gate(start))
     if world > 1:
-        import inspect
-        DDP = nn.parallel.DistributedDataParallel
-        # calibration EMAs are rank-local until _finish_calibration averages them: never sync buffers in forward
-        nosync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                  else {"broadcast_buffers": False})
-        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=tapering, **nosync)
-        # needed from the taper end on (gate 0 leaves gamma unused); until then torch warns on every rank
-        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor")
+        wrapped = _ddp(unwrapped, device, find_unused)
     if tapering and start <= sched.taper_start:
         begin_calibration(model)
     groups = grad_groups(model)
@@ -250,6 +262,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
             target.freeze()
         if tapering:
             set_gate(model, sched.gate(step))
+            if world > 1 and find_unused != _unused_params(tapering, sched.gate(step)):
+                del wrapped
+                gc.collect()  # the old reducer's autograd hooks go with it
+                find_unused = not find_unused
+                wrapped = _ddp(unwrapped, device, find_unused)
         lr = sched.lr(step, cfg.lr)
         for g in opt.param_groups:
             g["lr"] = lr
