@@ -90,6 +90,7 @@ class FamilySpec:
     embed_scale: bool = False
     parallel: bool = False
     rope: bool = True
+    rotary: str | None = "model.rotary_emb"  # the module computing cos/sin (None: DecoderLM's inv_freq)
 
     def but(self, **kw) -> "FamilySpec":
         """This spec with a few fields changed."""
@@ -102,7 +103,8 @@ GEMMA2 = GEMMA.but(name="gemma2", pre_norms=("input_layernorm", "pre_feedforward
                    post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
 SPECS: dict[str, FamilySpec] = {
     "llama": LLAMA,
-    "tapernorm_llama": LLAMA.but(name="tapernorm_llama", layers="layers", embed="embed_tokens", final_norm="norm"),
+    "tapernorm_llama": LLAMA.but(name="tapernorm_llama", layers="layers", embed="embed_tokens", final_norm="norm",
+                                  rotary=None),
     "mistral": LLAMA.but(name="mistral"),
     "qwen2": LLAMA.but(name="qwen2"),  # q/k/v biases are read from the graph like any bias
     "qwen3": LLAMA.but(name="qwen3", qk_norms=("q_norm", "k_norm")),
@@ -121,7 +123,7 @@ SPECS: dict[str, FamilySpec] = {
                                  final_norm="norm", mlp_in=("mlp.fc_in",), mlp_out="mlp.fc_out", act="gelu_tanh",
                                  gated=False, rope=False),
     "gpt_neox": FamilySpec("gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-                           final_norm="gpt_neox.final_layer_norm", lm_head="embed_out", attn="attention",
+                           final_norm="gpt_neox.final_layer_norm", attn="attention", rotary="gpt_neox.rotary_emb",
                            qkv="query_key_value", qkv_layout="per_head", o="dense", mlp_in=("mlp.dense_h_to_4h",),
                            mlp_out="mlp.dense_4h_to_h", act="gelu", gated=False, parallel=True),
 }

@@ -115,8 +115,8 @@ class LeanGraph:
         scores; `window`: sliding window in tokens as Hugging Face counts it (the query itself and window - 1 before it).
 
         Rotary (cos/sin given, (S, R/2) with R <= D rotated dims) runs inside GroupQueryAttention (`do_rotary`),
-        whose CPU kernel needs head_dim % 16 == 0; smaller heads (test-size models) get a separate
-        RotaryEmbedding on q and k.
+        whose CPU kernel needs head_dim % 16 == 0 and R/2 a multiple of 8; other shapes (test-size models) get a
+        separate RotaryEmbedding on q and k.
         """
         attrs = {"num_heads": self.n_heads, "kv_num_heads": self.kv_heads,
                  "local_window_size": int(window) if window else -1}
@@ -125,7 +125,7 @@ class LeanGraph:
         if softcap:
             attrs["softcap"] = float(softcap)
         qkv_in = list(qkv) if isinstance(qkv, (list, tuple)) else [qkv, None, None]
-        if cos is not None and self.head_dim % 16 == 0:
+        if cos is not None and self.head_dim % 16 == 0 and int(cos.shape[1]) % 8 == 0:
             attrs.update(do_rotary=1, rotary_interleaved=0)
         elif cos is not None:
             if qkv_in[1] is None:

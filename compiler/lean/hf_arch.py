@@ -112,8 +112,7 @@ class SpecLean:
         if not s.rope or (getattr(cfg, "no_rope_layers", None) and not cfg.no_rope_layers[i]):
             return None, None
         layer_types = getattr(cfg, "layer_types", None)
-        rot = getattr(self.root, "model", self.root)
-        rot = getattr(rot, "rotary_emb", None)
+        rot = self.root.get_submodule(s.rotary) if s.rotary else None
         key = layer_types[i] if layer_types and rot is not None and hasattr(rot, f"{layer_types[i]}_inv_freq") else None
         if key not in self._rope:
             self._rope[key] = self._rope_cache(rot, key)
