@@ -6,7 +6,7 @@ One graph serves prefill and decode, with Hugging Face / onnxruntime-genai names
              position_ids int64 (batch, seq), past_key_values.{i}.key|value (batch, heads, past, head_dim)
     outputs  logits (batch, seq, vocab), present.{i}.key|value (batch, heads, past+seq, head_dim)
 
-Traps handled here (DESIGN.md section 3): example dims of 0/1 get specialized, so we export with
+Traps handled here: example dims of 0/1 get specialized, so we export with
 batch=2, seq=3, past=4 and then check the written dims are symbolic; onnx 1.23 writes an IR version
 newer than onnxruntime accepts, so we probe the runtime and lower it; protobuf caps inline models at
 2 GB, so big models go to external data.

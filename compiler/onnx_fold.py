@@ -13,7 +13,7 @@ In ONNX layout (W is (in, out)):
     rms:  W' = s[:, None] * W
     ln:   M  = s[:, None] * W;  W' = M - M.mean(axis=0);  b' = b + beta @ W
 
-(the transpose of DESIGN.md section 2's torch-layout table). Backward, when no linear follows
+(the transpose of passes.fold_math's torch layout, whose functions compute it). Backward, when no linear follows
 (post-norms, QK-norms): x is a linear's output h W + b, optionally reshaped to (..., G, d) heads;
 output feature f sits at position f % d of group f // d, and
 

@@ -1,6 +1,6 @@
 """ONNX files on disk: atomic save (inline or external data), validated load, the IR version ORT accepts.
 
-onnx 1.23 writes IR version 14 and onnxruntime 1.31/1.32 loads at most 13 (DESIGN.md section 3), so
+onnx 1.23 writes IR version 14 and onnxruntime 1.31/1.32 loads at most 13, so
 every file we write is lowered to `max_ir_version()`, probed once from the installed runtime.
 """
 from __future__ import annotations
