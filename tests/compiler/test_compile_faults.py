@@ -106,3 +106,97 @@ def test_second_compile_into_a_locked_output_is_refused(compiled, tmp_path, caps
 def test_runtime_json_written_before_parity_has_the_context(compiled):
     _, out = compiled
     assert json.loads((out / "runtime.json").read_text())["max_seq_len"] == 64
+
+
+# -- issue 20: weaponised locks, aliases, a kill in the fallback swap, misleading runtime lines -----------------
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(compiled, tmp_path, capsys):
+    ckpt, _ = compiled
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink("victim.txt", tmp_path / ".blk.lock")
+    assert cli.main(["compile", str(ckpt), "--out", str(tmp_path / "blk"), "--parity-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a symbolic link" in err[0] and "refuses to follow it" in err[0]
+    assert victim.read_text() == "precious" and sorted(os.listdir(tmp_path)) == [".blk.lock", "victim.txt"]
+
+
+def test_an_aliased_out_is_one_directory_with_one_lock(compiled, tmp_path, capsys):
+    """--out ALIAS (a symlink to DIR) and --out DIR take one lock, and a compile through the alias replaces DIR
+    itself (the alias stays the user's link)."""
+    ckpt, first = compiled
+    real = _copy_out(first, tmp_path / "real")
+    os.symlink("real", tmp_path / "alias")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(real)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli.main(["compile", str(ckpt), "--out", str(tmp_path / "alias"), "--parity-tokens", "2"]) == 2
+        assert f"PID {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    before = _report_time(real)
+    assert cli.main(["compile", str(ckpt), "--out", str(tmp_path / "alias"), "--parity-tokens", "2"]) == 0
+    assert os.readlink(tmp_path / "alias") == "real" and _report_time(real) != before
+    assert sorted(os.listdir(tmp_path)) == ["alias", "real"]
+
+
+def test_kill_between_the_fallback_renames_the_runtime_still_reads_the_output(compiled, tmp_path):
+    """No exchange rename: the old output is moved aside, then the link renamed into place. Killed in between,
+    --out is absent; `generate` said 'does not exist'. Now it reads the complete new output (with a warning that
+    a recompile puts it back), and the next compile does."""
+    ckpt, first = compiled
+    out = _copy_out(first, tmp_path / "out")
+    want = _decodes(out)
+    r = subprocess.run([sys.executable, str(INJECT), "rename:.out.old-:1:after", "--", "tapernorm", "compile", str(ckpt),
+                        "--out", str(out), "--parity-tokens", "2"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TAPERNORM_NO_EXCHANGE": "1"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not os.path.lexists(out)
+    with pytest.warns(RuntimeWarning, match=r"out is missing: a compile into it was killed.*puts it back in place"):
+        assert _decodes(out) == want
+    assert cli.main(["compile", str(ckpt), "--out", str(out), "--parity-tokens", "2"]) == 0  # restores, then swaps
+    assert _decodes(out) == want
+
+
+def test_runtime_json_swapped_mid_read_is_retried_once(compiled, tmp_path, monkeypatch):
+    """A recompile swapping the directory between the session's graph read and its runtime.json read is retried
+    (it said 'mixes files from different compiles'); a directory that really mixes them is still refused."""
+    import onnxruntime as ort
+    from tapernorm.runtime.session import ModelDirError
+    _, first = compiled
+    out = _copy_out(first, tmp_path / "out")
+    good = (out / "runtime.json").read_text()
+    mixed = json.loads(good)
+    mixed["n_layers"] += 1
+    (out / "runtime.json").write_text(json.dumps(mixed))
+    real, calls = ort.InferenceSession, []
+
+    def session_then_swap(*a, **k):  # the first read mixes two compiles; by the retry the swap is complete
+        s = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            (out / "runtime.json").write_text(good)
+        return s
+    monkeypatch.setattr(ort, "InferenceSession", session_then_swap)
+    assert DecoderSession(out, provider="cpu", intra_op_threads=1).config.n_layers == mixed["n_layers"] - 1
+    assert len(calls) == 2
+    (out / "runtime.json").write_text(json.dumps(mixed))
+    with pytest.raises(ModelDirError, match="mixes files from different compiles"):
+        DecoderSession(out, provider="cpu", intra_op_threads=1)
+
+
+def test_max_seq_len_beyond_the_rotary_cache_is_one_line(compiled, tmp_path):
+    """runtime.json max_seq_len 1e6 decoded until onnxruntime's RotaryEmbedding failed (in ANSI colour)."""
+    from tapernorm.runtime.session import ModelDirError
+    _, first = compiled
+    out = _copy_out(first, tmp_path / "out")
+    rt = json.loads((out / "runtime.json").read_text())
+    rt["max_seq_len"] = 1_000_000
+    (out / "runtime.json").write_text(json.dumps(rt))
+    with pytest.raises(ModelDirError, match=r"max_seq_len 1000000 exceeds the model's context \(the rotary cache of "
+                                            r"model.onnx has 64 positions\).*at most 64") as e:
+        DecoderSession(out, provider="cpu", intra_op_threads=1)
+    assert "\x1b[" not in str(e.value) and "\n" not in str(e.value)
+    rt["max_seq_len"] = 32  # a shorter limit than the graph's is fine
+    (out / "runtime.json").write_text(json.dumps(rt))
+    assert DecoderSession(out, provider="cpu", intra_op_threads=1).config.max_seq_len == 32
