@@ -146,3 +146,18 @@ def test_kill_at_the_summary_write_and_before_the_model_swap_then_recover(tmp_pa
     assert main(["finetune", str(src), "--out", str(out), "--overwrite", *SHORT]) == 0
     assert [p for p in os.listdir(out) if p.startswith(".")] == []  # recovered: no leftovers
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("mode", ["internal", "baseline"])
+def test_finetune_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, mode):
+    """The issue's case: finetune with ~100 KB free gave a safetensors traceback (or a bare '[Errno 28]')."""
+    from small_disk import small_disk
+    src = hf_dir("llama", tmp_path / "src")
+    with small_disk(tmp_path / "disk", "100k") as disk:
+        capsys.readouterr()
+        assert main(["finetune", str(src), "--out", str(disk / "ft"), "--mode", mode, *SHORT]) == 2
+        line = _one_line(capsys)
+        name = "tapernorm.safetensors" if mode == "internal" else "model.safetensors"
+        assert re.search(rf"no space left on device writing {disk}/ft/model/{name} \(it needs [\d.]+ KB, [\d.]+ KB "
+                         r"free on that filesystem; free at least [\d.]+ KB and retry\)", line), line
+        assert os.listdir(disk) == []  # no half-written model, no empty OUT
