@@ -135,7 +135,8 @@ _HELP = {
     "eval_batches": "evaluation batches of held-out chunks, before and after",
     "seed": "seed of data order and initialization",
     "bf16": "bf16 mixed precision",
-    "overwrite": "replace an existing output directory",
+    "overwrite": "replace a previous fine-tuning's output (its model/, summary.json, log_history.json; other files "
+                 "in OUT are kept; a model/ that finetune did not write is refused)",
     "calib_skip": "leave each sequence's first N positions (attention sinks) out of c's calibration",
     "calib_stat": "c's statistic: ls (least squares, the paper's; extreme tokens dominate it) or inv_rms (mean of "
                   "1 / RMS over tokens; robust to sink tokens)",
