@@ -3,7 +3,8 @@
 For each family: a tiny model from a config (2 layers, width 32, vocab 256; random weights, norm gains randomised),
 taperize (internal), calibrate on random tokens, gate 0, tapernorm.save_pretrained with a SentencePiece
 tokenizer, then compile_checkpoint (folded + unfused ONNX with a KV cache, parity over 4 greedy tokens).
-Records per family: TaperNorms, norms folded, graph (lean when handed over as our reference model, else generic),
+Records per family: TaperNorms, norms folded, graph (lean for every family with a spec in compiler/lean/families.py,
+else generic with the one-line reason), ORT node count of model.onnx after optimization,
 parity figures, statistic ops left, seconds or the one-line error.
 
     .venv/bin/python benchmarks/hf_families.py [--only llama,gpt2]   -> results/hf_compile_families.{json,md}
@@ -40,12 +41,17 @@ def configs() -> dict:
         "qwen3": lambda: tf.Qwen3Config(**c, head_dim=8),
         "gemma": lambda: tf.GemmaConfig(**c, head_dim=8),
         "gemma2": lambda: tf.Gemma2Config(**c, head_dim=8),
+        "gemma3": lambda: tf.Gemma3TextConfig(**c, head_dim=8, sliding_window=16,
+                                              layer_types=["sliding_attention", "full_attention"]),
+        "granite": lambda: tf.GraniteConfig(**c, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0),
+        "smollm3": lambda: tf.SmolLM3Config(**c, no_rope_layers=[1, 0]),
         "olmo2": lambda: tf.Olmo2Config(**c),
         "stablelm": lambda: tf.StableLmConfig(**c),
         "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
                                       eos_token_id=2),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(**{k: v for k, v in c.items() if k != "num_key_value_heads"},
-                                             rotary_pct=0.5),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**{k: v for k, v in c.items() if k not in ("num_key_value_heads",
+                                                                                        "hidden_size")},
+                                             hidden_size=128, rotary_pct=0.5),
         "opt": lambda: tf.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                     max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0,
                                     bos_token_id=1, eos_token_id=2),
@@ -90,7 +96,9 @@ def one(family: str, factory, root: Path, tok: Path) -> dict:
                 "folded": len(rep["folded_layers"]), "graph": rep["graph"],
                 "prompt_diff": max(x["prompt_logits_max_abs_diff"] for x in gr.values()),
                 "tokens_identical": all(x["tokens_identical"] for x in gr.values()),
-                "stat_ops_left": rep["statistics_check"]["total"], "seconds": round(time.perf_counter() - t0, 1)}
+                "stat_ops_left": rep["statistics_check"]["total"], "why_generic": (rep["hf"] or {}).get("lean"),
+                "ort_nodes": rep["ort_optimized"]["model.onnx"]["nodes"],
+                "seconds": round(time.perf_counter() - t0, 1)}
     except Exception as e:  # noqa: BLE001 - the survey records every failure as one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return {"family": family, "ok": False, "error": f"{type(e).__name__}: {first}",
@@ -102,14 +110,16 @@ def markdown(res: dict) -> str:
     lines = ["# tapernorm compile on Hugging Face families (tiny models, Internal-Taper, gate 0)", "",
              f"transformers {res['versions'].get('transformers')}, torch {res['versions'].get('torch')}, "
              f"onnxruntime {res['versions'].get('onnxruntime')}; {res['machine']['cpu']}, load {res['loadavg_end']}",
-             "", "| family | TaperNorms | folded | graph | max prompt-logit diff | greedy tokens | statistic ops left"
-             " | s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| family | TaperNorms | folded | graph | ORT nodes | max prompt-logit diff | greedy tokens | "
+             "statistic ops left | s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
         if r["ok"]:
-            lines.append(f"| {r['family']} | {r['tapered']} | {r['folded']} | {r['graph']} | {r['prompt_diff']:.1e} | "
+            graph = r["graph"] + (f" ({r['why_generic']})" if r.get("why_generic") else "")
+            lines.append(f"| {r['family']} | {r['tapered']} | {r['folded']} | {graph} | {r['ort_nodes']} | "
+                         f"{r['prompt_diff']:.1e} | "
                          f"{'identical' if r['tokens_identical'] else 'DIFFER'} | {r['stat_ops_left']} | {r['seconds']} |")
         else:
-            lines.append(f"| {r['family']} | | | | {r['error']} | | | {r['seconds']} |")
+            lines.append(f"| {r['family']} | | | | | {r['error']} | | | {r['seconds']} |")
     lines += ["", "Folded < TaperNorms: those maps stay as explicit `x * s` nodes (the fold report says why); "
               "parity holds either way. Statistic ops left include the kept final norm (Internal-Taper)."]
     return "\n".join(lines) + "\n"
