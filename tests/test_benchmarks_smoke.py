@@ -28,3 +28,18 @@ def test_bench_decode_writes_results(tmp_path):
     res = json.loads((tmp_path / "decode.json").read_text())
     assert res["versions"]["onnxruntime"] and res["configs"][0]["ratios"]["folded_vs_unfused"]["n"] == 1
     assert "folded_vs_unfused" in (tmp_path / "decode.md").read_text()
+
+
+def test_bench_ttft_writes_results(tmp_path):
+    """Both engines on one compiled tiny directory, lockstep (skipped without the onnxruntime-genai venv)."""
+    import pytest
+    genai_py = BENCH.parent / ".venv-genai" / "bin" / "python"
+    if not genai_py.is_file():
+        pytest.skip("no onnxruntime-genai venv (.venv-genai, README)")
+    sys.path.insert(0, str(BENCH.parent / "tests" / "runtime"))
+    from rt_util import compiled_tiny_dir
+    _run(BENCH / "bench_ttft.py", "--model-dir", compiled_tiny_dir(), "--no-chat", "--prompt", "once upon a time",
+         "--rounds", 2, "--warmup", 0, "--new-tokens", 3, "--out", tmp_path)
+    res = json.loads((tmp_path / "ttft.json").read_text())
+    assert res["ratios"]["genai_over_ort"]["n"] == 2 and res["replies"]["ort"] == res["replies"]["genai"]
+    assert "genai / ort TTFT" in (tmp_path / "ttft.md").read_text()
