@@ -56,6 +56,9 @@ PARITY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}  # max |logit 
 _OUT_FILES = ("model.onnx", "model_unfused.onnx", "runtime.json", "config.json", "compile_report.json")
 # everything a compile may write into its output directory; anything else there belongs to the user
 OWNED_FILES = (*_OUT_FILES, "model.onnx.data", "model_unfused.onnx.data", "genai_config.json", *COPIED_FILES)
+# lean graphs with more weight bytes than this stream them into external data (`<file>.data`) tensor by tensor
+# (an inline file holds them twice more: the ModelProto and its serialization), and skip the ORT node-count pass
+LEAN_STREAM_ABOVE = 64 * 2**20
 GRAPH_KINDS = ("lean", "generic")  # compile_checkpoint(graph=...): compiler.lean builder or the dynamo export
 
 
@@ -247,7 +250,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
     its parity too. Before anything is loaded, the expected peak memory is checked against what is available
     (compiler/load.py: CompileFitError with the estimate and the fix). Each stage logs one line with its time and
     peak RSS; the report's "stages" records them.
-    `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB).
+    `inline_limit`: weight bytes above which the ONNX files use external data (`<file>.data`; default ~1.9 GB;
+    lean graphs stream theirs above LEAN_STREAM_ABOVE, 64 MiB, whatever the limit).
     `graph`: "lean" (compiler.lean: GroupQueryAttention, shared KV buffer, fused Skip norms; also writes
     genai_config.json) or "generic" (the torch.onnx dynamo export). A model the lean builder cannot express
     is a CompileError naming the layer, unless `fallback_generic` (then the generic export is used).
@@ -294,15 +298,10 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
     wrapper = KVCacheLM(model)
     args, ds = example_inputs(cfg, dtype=dtype), dynamic_shapes(cfg.n_layers)
     log(f"capture {type(model).__name__} ({cfg.arch}, {cfg.taper_mode}, {dtype})")
-    stages.begin("capture", "torch.export")
-    gm = capture(wrapper, args, dynamic_shapes=ds)
-    stages.begin("fold")
-    gm_fold, rep_fold = fold(gm, args, dynamic_shapes=ds, original=wrapper)
-    gm_unf = rep_unf = None
-    if unfused:
-        stages.begin("materialize", "--unfused")
-        gm_unf, rep_unf = materialize(gm, args, dynamic_shapes=ds, original=wrapper)
-    stages.end()
+    # the lean builder reads only weights and sites from the GraphModule: a static capture is several times faster
+    # than a symbolic one; the generic export re-exports the GraphModule with dynamic shapes, so it needs them
+    gm, gm_fold, rep_fold, gm_unf, rep_unf = _run_passes(wrapper, args, ds if graph == "generic" else None, unfused,
+                                                         stages)
     variants = ("model.onnx", "model_unfused.onnx") if unfused else ("model.onnx",)
     t_pass = time.perf_counter()
 
@@ -333,6 +332,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                 if hf_info:
                     hf_info["lean"] = str(e)
                 graph = "generic"
+                gm, gm_fold, rep_fold, gm_unf, rep_unf = _run_passes(wrapper, args, ds, unfused, stages)  # dynamic
+                stages.begin("build", f"generic graph, {', '.join(variants)}")
         if graph == "generic":
             log("export model.onnx (folded)")
             exp_f = export_onnx(gm_fold, cfg, tmp / "model.onnx", dtype, metadata={**meta, "tapernorm.graph": "folded"},
@@ -377,7 +378,9 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": plan.graph_dtype, "arch": cfg.arch, "graph": graph,
             "precision": prec,
-            "ort_optimized": optimized_counts(tmp) if n_weights <= inline_limit else {},  # skips a 2nd big copy
+            "ort_optimized": optimized_counts(tmp) if n_weights <= LEAN_STREAM_ABOVE else {},  # writes a full copy
+            "ort_optimized_skipped": None if n_weights <= LEAN_STREAM_ABOVE else
+            f"weights over {LEAN_STREAM_ABOVE >> 20} MiB: ORT's optimized copy of the graph is not written",
             "taper_mode": cfg.taper_mode, "gate": info.get("gate"), "allow_unfolded": allow_unfolded, "hf": info.get("hf"),
             "unfolded_layers": unfolded, "folded_layers": folded, "tokenizer": toks.tokenizer is not None,
             "tokenizer_files": toks.files, "eos_ids": toks.eos_ids, "add_bos": toks.add_bos,
@@ -409,9 +412,10 @@ def summary_text(rep: dict) -> str:
     return (f"compiled {rep['checkpoint']} -> {rep['out_dir']} ({rep['dtype']}, opset {rep['opset'].get('ai.onnx')}, "
             f"IR {rep['ir_version']}, providers {rep['providers']})\n"
             f"  graph {rep.get('graph', 'generic')}: "
-            + ", ".join(f"{f} {c['nodes']} ORT nodes" for f, c in (rep.get("ort_optimized") or {}).items())
-            + " (after onnxruntime's optimization)\n"
-            f"  folded {len(rep['folded_layers'])} norm(s); statistics check: "
+            + (", ".join(f"{f} {c['nodes']} ORT nodes" for f, c in rep["ort_optimized"].items())
+               + " (after onnxruntime's optimization)\n" if rep.get("ort_optimized") else
+               f"ORT node counts skipped ({rep.get('ort_optimized_skipped')})\n")
+            + f"  folded {len(rep['folded_layers'])} norm(s); statistics check: "
             f"{'ok' if rep['statistics_check']['ok'] else rep['statistics_check']['reason']} "
             f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"
             f"  parity: prompt logits max|diff| "
@@ -428,14 +432,30 @@ def summary_text(rep: dict) -> str:
 _SHORT = {"model.onnx": "folded", "model_unfused.onnx": "unfused"}
 
 
+def _run_passes(wrapper, args, ds, unfused: bool, stages: Stages):
+    """capture -> fold (-> materialize with `unfused`), each a stage; `ds` None captures static shapes.
+    Returns (gm, gm_fold, rep_fold, gm_unf, rep_unf); the unfused pair is None without `unfused`."""
+    stages.begin("capture", "torch.export, " + ("dynamic shapes" if ds is not None else "static shapes"))
+    gm = capture(wrapper, args, dynamic_shapes=ds)
+    stages.begin("fold")
+    gm_fold, rep_fold = fold(gm, args, dynamic_shapes=ds, original=wrapper)
+    gm_unf = rep_unf = None
+    if unfused:
+        stages.begin("materialize", "--unfused")
+        gm_unf, rep_unf = materialize(gm, args, dynamic_shapes=ds, original=wrapper)
+    stages.end()
+    return gm, gm_fold, rep_fold, gm_unf, rep_unf
+
+
 def _export_lean(model, gm_fold, rep_fold: dict, gm_unf, rep_unf, out: Path, dtype: torch.dtype, meta: dict,
                  inline_limit: int) -> tuple[dict, dict | None, dict]:
     """The lean model.onnx (and model_unfused.onnx when gm_unf is given): (facts folded, facts unfused or None,
     statistics check of the folded graph)."""
+    limit = min(inline_limit, LEAN_STREAM_ABOVE)
     if gm_unf is not None:
-        return export_lean_pair(model, gm_fold, rep_fold, gm_unf, rep_unf, out, dtype, meta, inline_limit)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+        return export_lean_pair(model, gm_fold, rep_fold, gm_unf, rep_unf, out, dtype, meta, limit)
+    size = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     facts = build_lean(model, gm_fold, rep_fold, out / "model.onnx", dtype, {**meta, "tapernorm.graph": "folded"},
-                       external_data=size > inline_limit)
+                       external_data=size > limit)
     load_onnx(out / "model.onnx", load_external_data=False)  # re-read what was written (IR, checker)
     return facts, None, facts["statistics_check"]
