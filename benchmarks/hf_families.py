@@ -44,7 +44,7 @@ def configs() -> dict:
         "gemma3": lambda: tf.Gemma3TextConfig(**c, head_dim=8, sliding_window=16,
                                               layer_types=["sliding_attention", "full_attention"]),
         "granite": lambda: tf.GraniteConfig(**c, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0),
-        "smollm3": lambda: tf.SmolLM3Config(**c, no_rope_layers=[1, 0]),
+        "smollm3": lambda: tf.SmolLM3Config(**c, no_rope_layers=[1, 0], pad_token_id=0),
         "olmo2": lambda: tf.Olmo2Config(**c),
         "stablelm": lambda: tf.StableLmConfig(**c),
         "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,

@@ -9,6 +9,7 @@ from lean_util import prompt_ids, torch_steps
 from tapernorm.compiler.export_onnx import KVCacheLM, dynamic_shapes, example_inputs, write_runtime_json
 from tapernorm.compiler.hf_compile import HFDecoder
 from tapernorm.compiler.lean import build_lean
+from tapernorm.compiler.pipeline import ort_greedy
 from tapernorm.layers import calibrate, set_gate, taperize
 from tapernorm.passes import fold, materialize
 from tapernorm.passes.capture import capture
@@ -89,12 +90,7 @@ def _check(dec, out, files, n_new=5):
     ref_ragged = [torch_steps(dec, p, 3)[0] for p in ragged]
     for f in files:
         sess = DecoderSession(out, variant=f, provider="cpu", intra_op_threads=1)
-        dec_ = OrtDecoder(sess)
-        logits = [dec_.start(np.asarray([prompt]))[0].astype(np.float32)]
-        toks = [int(logits[-1].argmax())]
-        for _ in range(n_new - 1):
-            logits.append(dec_.step(np.asarray(toks[-1:]))[0].astype(np.float32))
-            toks.append(int(logits[-1].argmax()))
+        toks, logits = ort_greedy(sess, prompt, n_new)  # the compile's own parity loop
         diff = max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits))
         assert diff < 1e-4 * scale, (f, diff, scale)  # prompt (step 0) and decode logits
         assert toks == ref_toks, f

@@ -9,6 +9,7 @@ import torch
 from lean_util import build_lean_dir, lean_model, prompt_ids, torch_steps
 from tapernorm.compiler.lean import LeanError, lean_model_proto
 from tapernorm.compiler.lean.builder import ort_optimized_nodes
+from tapernorm.compiler.pipeline import ort_greedy
 from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
 from tapernorm.runtime.shared_kv import SharedKVDecoder
 
@@ -17,14 +18,8 @@ CASES = [("tiny", "internal", 2), ("tiny", "all", 4), ("tiny", "baseline", 2),
 
 
 def _decode(sess, prompt, n_new):
-    dec = OrtDecoder(sess)
-    assert isinstance(dec, SharedKVDecoder)
-    logits = [dec.start(np.asarray([prompt]))[0].astype(np.float32)]
-    toks = [int(logits[-1].argmax())]
-    for _ in range(n_new - 1):
-        logits.append(dec.step(np.asarray(toks[-1:]))[0].astype(np.float32))
-        toks.append(int(logits[-1].argmax()))
-    return toks, logits
+    assert isinstance(OrtDecoder(sess), SharedKVDecoder)
+    return ort_greedy(sess, prompt, n_new)  # the compile's own parity loop
 
 
 @pytest.mark.parametrize("arch,mode,heads", CASES, ids=[f"{a}-{m}-h{h}" for a, m, h in CASES])
