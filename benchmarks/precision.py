@@ -231,6 +231,17 @@ def _speed_summary(times: dict, batch: int, bytes_step: dict) -> dict:
     return {"variants": rows, "ratios": pairs}
 
 
+def _speed_graphs(args) -> str:
+    """Which graphs the speed rows timed."""
+    if not args.speed_tapered:
+        return "the quality rows' folded / unfused graphs"
+    note = args.speed_tapered / "speed_tapered.json"
+    extra = json.loads(note.read_text()) if note.is_file() else {}
+    return (f"{args.speed_tapered}: TaperNorm (all) at gate 0, every norm folded away; to stay finite without "
+            f"fine-tuning its calibrated c were multiplied by {extra.get('c_factor', '?')} (weights do not change "
+            "decode time; its text is not meaningful)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048, help="held-out tokens scored")
@@ -246,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "precision_cache", help="cached builds")
     ap.add_argument("--quick", action="store_true", help="512 tokens, 3 rounds, 16 steps")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--speed-tapered", type=Path, default=None,
+                    help="a tapered HF dir at gate 0 whose logits are finite (any weights: decode time does not depend "
+                         "on them) for the speed rows' folded / unfused graphs; default: the quality rows' graphs")
     add_output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -286,14 +300,26 @@ def main(argv=None) -> int:
                             dirs[("int4", "unfused")])
     spd = None
     if not args.skip_speed:
-        ours = {f"ours_folded_{p}": dirs[(p, "folded")] for p in PRECS}
-        ours["ours_folded_int4_aa"] = dirs[("int4", "folded")]
-        ours["ours_unfused_int4"] = dirs[("int4", "unfused")]  # the remedy: s kept as an explicit op
+        sdirs = dirs
+        if args.speed_tapered:  # a graph with every norm folded away (the surrogate keeps its unit-gain norms)
+            comp["speed_tapered"] = compiled(args.speed_tapered, work / "speed_tapered_fp32", log, unfused=True)
+            sdirs = {("fp32", k): (work / "speed_tapered_fp32", f) for k, f in (("folded", "model.onnx"),
+                                                                                ("unfused", "model_unfused.onnx"))}
+            for p, bits in (("int8", 8), ("int4", 4)):
+                quant[f"speed_tapered_{p}"] = quantized_copy(work / "speed_tapered_fp32", work / f"speed_tapered_{p}",
+                                                             bits, ["model.onnx", "model_unfused.onnx"],
+                                                             args.block_size, args.accuracy_level)
+                for k, f in (("folded", "model.onnx"), ("unfused", "model_unfused.onnx")):
+                    sdirs[(p, k)] = (work / f"speed_tapered_{p}", f)
+        ours = {f"ours_folded_{p}": sdirs[(p, "folded")] for p in PRECS}
+        ours["ours_folded_int4_aa"] = sdirs[("int4", "folded")]
+        ours["ours_unfused_int4"] = sdirs[("int4", "unfused")]  # the remedy: s kept as an explicit op
         spd = speed(ours, {f"genai_{p}": genai[p] for p in PRECS}, args, log)
     result = {"benchmark": "precision", "machine": machine_info(), "versions": library_versions(
         ("torch", "onnxruntime", "onnx", "numpy", "transformers")), "settings": {k: str(v) for k, v in vars(args).items()},
         "checkpoint": str(hf), "held_out": text_info, "tapered": taper, "compile": comp, "quantize": quant,
-        "perplexity": ppl, "int4_reconstruction": recon, "speed": spd, "seconds": round(time.perf_counter() - t0, 1)}
+        "perplexity": ppl, "int4_reconstruction": recon, "speed": spd, "seconds": round(time.perf_counter() - t0, 1),
+        "speed_graphs": _speed_graphs(args)}
     from precision_report import markdown
     js, md = write_results(output_dir(args) / "precision", result, markdown(result))
     print(f"wrote {js} and {md}")

@@ -89,4 +89,8 @@ def markdown(r: dict) -> str:
         "", *_drift_table(r), "",
         "## int4 reconstruction error per linear (relative Frobenius), folded vs unfolded", "", *_recon(r), "",
         "## Decode speed, lockstep (ours: our loop on this venv's onnxruntime; genai: its build + loop)", "",
+        f"Our graphs timed: {r.get('speed_graphs')}. Prompt {s['prompt_len']} random tokens, {s['steps']} steps "
+        f"timed per run, {s['rounds']} rounds, order reshuffled each round, {s['threads']} threads each. "
+        "Weight GB/s = bytes of the MatMul / MatMulNBits initializers (one decode step reads each once) / step time.",
+        "",
         *_speed(r), ""])

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tapernorm.runtime.tokenizer import find_tokenizer, load_tokenizer
+
 from .quantize import QuantizeError, QuantSpec, cast_fp16_file, quantize_file
 
 __all__ = ["PRECISIONS", "PrecisionPlan", "PrecisionError", "plan_precision", "apply_precision",
@@ -104,6 +106,10 @@ def _prompts(info: dict, cfg, prompt_ids_fn) -> list[list[int]]:
     """The fixed prompt set as token ids (tokenizer prompts, else deterministic id prompts)."""
     if info.get("tokenizer_path"):
         return [prompt_ids_fn(info, cfg, p) for p in PARITY_PROMPTS]
+    tok_file = find_tokenizer(info["dir"]) if info.get("dir") else None  # an HF dir's tokenizer.json
+    if tok_file is not None:
+        tok = load_tokenizer(tok_file)
+        return [[i for i in tok.encode(p) if 0 <= i < cfg.vocab_size] for p in PARITY_PROMPTS]
     return [[(k * i + 3) % cfg.vocab_size for i in range(8)] for k in (7, 11, 13, 17)]
 
 
