@@ -346,6 +346,11 @@ class Generator(TextModel):
         return f"providers {self.session.providers} | threads {self.session.intra_op_threads}"
 
     def _token_stream(self, ids, max_new_tokens, sampling, stops, result):
+        if self.session.kv_shared:  # size the one KV buffer to this request, as onnxruntime-genai's max_length does
+            need = len(ids) + max(max_new_tokens, 1)  # (allocating and touching the whole context costs prefill time)
+            need = min(need, self.max_len) if self.max_len else need
+            if self.decoder.max_len != need:
+                self.decoder = OrtDecoder(self.session, max_len=need)
         return stream_ids(self.decoder, [ids], max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
                           result=result)
 
