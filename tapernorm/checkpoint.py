@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .model import ConfigError, DecoderLM, ModelConfig
-from .fileio import save_safetensors, staged_dir
+from .fileio import ensure_space, save_safetensors, staged_dir, tensor_bytes
 from .layers import get_gate, taper_layers
 from .hf_config import TOKENIZER_CONFIG, run_dir_hf_fields, sp_tokenizer_info
 from .typecheck import field_type_error
@@ -96,6 +96,9 @@ def save_checkpoint(model: DecoderLM, out_dir: str | os.PathLike, tokenizer_path
     ckpt_id = secrets.token_hex(8) if trainer_state is not None else None
     if ckpt_id:
         config["checkpoint_id"] = ckpt_id
+    need = tensor_bytes(state) + tensor_bytes(trainer_state.get("tensors", {}) if trainer_state else {}) + (
+        3 * Path(tokenizer_path).stat().st_size if tokenizer_path is not None else 0)  # the copy + tokenizer.json
+    ensure_space(out, need, f"{out} was left as it was")  # before staging: the exact need, not a half-written file
     with staged_dir(out) as tmp:
         _write_json(tmp / CONFIG, config)
         save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt", "tied": json.dumps(alias)})

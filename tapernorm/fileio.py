@@ -42,7 +42,8 @@ from pathlib import Path
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode", "recover_dir",
            "remove_dir", "exchange", "dir_lock", "LockedError", "LockFileError", "STAGING_TAGS", "recovery_candidate",
-           "canonical_out", "DiskFullError", "is_disk_full", "save_safetensors"]
+           "canonical_out", "is_swap_pointer", "DiskFullError", "is_disk_full", "save_safetensors", "ensure_space",
+           "tensor_bytes"]
 
 STAGING_TAGS = ("tmp", "build", "old", "lnk", "v")  # .NAME.<tag>-XXXX siblings this module creates
 
@@ -110,6 +111,22 @@ def disk_full_error(path: Path, need: int | None, kept: str) -> DiskFullError:
     else:
         room = f"{_human(free)} free on that filesystem; free some space and retry"
     return DiskFullError(f"no space left on device writing {path} ({room}); {kept}", path, need)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes a safetensors file of `tensors` (a dict or an iterable of tensors) takes, tied storage counted once."""
+    vals = tensors.values() if isinstance(tensors, dict) else tensors
+    seen = {(t.data_ptr(), tuple(t.shape), t.dtype): t for t in vals}
+    return sum(t.numel() * t.element_size() for t in seen.values()) + 100 * len(seen) + 8
+
+
+def ensure_space(out: str | os.PathLike, need: int, kept: str = "nothing was written") -> None:
+    """Refuse before writing when the filesystem that will hold `out` has less than `need` bytes (+1%, 64 KB)
+    free: the same one-line DiskFullError a write that runs out would give, with the exact need."""
+    out = Path(out)
+    free = _free(out.parent)
+    if free and free < need * 1.01 + (64 << 10):
+        raise disk_full_error(out, int(need * 1.01 + (64 << 10)), kept)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -346,7 +363,7 @@ class LockFileError(RuntimeError):
     """The lock file is not a plain file of ours (a symlink or hard link planted there): refused, never written."""
 
 
-def _is_pointer(out: Path) -> bool:
+def is_swap_pointer(out: Path) -> bool:
     """True when `out` is the no-exchange swap's pointer symlink (to its own `.NAME.v-*` sibling)."""
     if not out.is_symlink():
         return False
@@ -362,7 +379,7 @@ def canonical_out(path: str | os.PathLike) -> Path:
         p = Path(os.path.realpath(p))
     p = Path(os.path.realpath(p.parent)) / p.name
     for _ in range(40):  # a chain of user links, never the swap pointer
-        if not p.is_symlink() or _is_pointer(p):
+        if not p.is_symlink() or is_swap_pointer(p):
             break
         p = Path(os.path.realpath(p.parent / os.readlink(p)))
         if not p.is_symlink():

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, read_json
-from .fileio import save_safetensors, staged_dir
+from .fileio import ensure_space, save_safetensors, staged_dir, tensor_bytes
 from .hf_config import (GUARD, HF_SECTION, TOKENIZER_CONFIG, guard_hf_config, is_guarded, sp_tokenizer_info,
                         unguard_dict)
 from .layers import TaperLayerNorm, TaperNorm, find_final_norm, get_gate, taper_layers
@@ -172,6 +172,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer_from
         state[k] = v.detach().cpu().contiguous()
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise CheckpointError(f"refusing to write {out}: weight {k!r} contains NaN or inf (training diverged)")
+    ensure_space(out, tensor_bytes(state), f"{out} was left as it was")  # the exact need, before staging
     with staged_dir(out) as tmp:
         model.config.save_pretrained(str(tmp))
         gen = getattr(model, "generation_config", None)

@@ -276,21 +276,21 @@ def _json_text(obj) -> str:
 def _save_plain(model, out: Path, tokenizer_from: str | None) -> None:
     """A baseline run's model: transformers' own save_pretrained (+ the source's tokenizer files), atomically;
     refuses non-finite weights."""
-    from ..fileio import disk_full_error, is_disk_full, staged_dir
+    from ..fileio import disk_full_error, ensure_space, is_disk_full, staged_dir, tensor_bytes
     from ..hf import TOKENIZER_FILES
     bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
                None)
     if bad is not None:
         raise CheckpointError(f"refusing to write {out}: weight {bad!r} contains NaN or inf (training diverged)")
+    ensure_space(out, tensor_bytes(model.state_dict()), f"{out} was left as it was")
     with staged_dir(out) as tmp:
         try:
             model.save_pretrained(str(tmp))
         except Exception as e:  # transformers' safetensors write: name the weights file and their size
             if not is_disk_full(e):
                 raise
-            need = sum(v.numel() * v.element_size() for v in {v.data_ptr(): v for v in model.state_dict().values()}
-                       .values())  # tied weights once
-            raise disk_full_error(tmp / "model.safetensors", need, "nothing half-written was kept") from None
+            raise disk_full_error(tmp / "model.safetensors", tensor_bytes(model.state_dict()),
+                                  "nothing half-written was kept") from None
         for name in TOKENIZER_FILES if tokenizer_from else ():
             if (Path(tokenizer_from) / name).is_file():
                 shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
