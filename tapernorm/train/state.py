@@ -116,9 +116,16 @@ class JsonlLog:
         self.f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        """Append one record."""
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        """Append one record (a full disk: DiskFullError naming the log; read_log skips a torn last line)."""
+        line = json.dumps(record) + "\n"
+        try:
+            self.f.write(line)
+            self.f.flush()
+        except OSError as e:
+            from ..fileio import disk_full_error, is_disk_full
+            if not is_disk_full(e):
+                raise
+            raise disk_full_error(self.path, len(line) + (64 << 10), "the records written before are kept") from None
 
     def close(self) -> None:
         self.f.close()

@@ -311,3 +311,19 @@ def test_resume_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path, to
         _, _, state = load_resume(run / "checkpoint")  # the previous checkpoint, whole
         assert state["json"]["step"] == 4
         assert [p for p in os.listdir(run) if p.startswith(".")] == []
+
+
+def test_the_step_log_on_a_full_disk_names_itself(tmp_path):
+    """Other fill levels gave a bare '[Errno 28]': the log append is one line naming log.jsonl too."""
+    from small_disk import small_disk
+    from tapernorm.fileio import DiskFullError
+    from tapernorm.train.state import JsonlLog, read_log
+    with small_disk(tmp_path / "disk", "64k") as d:
+        log = JsonlLog(d / "log.jsonl")
+        with open(d / "filler", "wb") as f:
+            f.write(b"x" * (64 * 1024 - 8192))
+        with pytest.raises(DiskFullError, match=rf"writing {d}/log.jsonl .*records written before are kept"):
+            for i in range(10_000):
+                log.write({"kind": "train", "step": i, "pad": "y" * 200})
+        log.f = open(os.devnull, "w")  # the full buffer would raise again at close
+        assert [r["step"] for r in read_log(d / "log.jsonl")] == list(range(len(read_log(d / "log.jsonl"))))
