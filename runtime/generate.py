@@ -23,7 +23,7 @@ import numpy as np
 
 from .sampling import Sampler, SamplingParams
 from .session import DecoderSession
-from .tokenizer import PromptRules, StopStrings, TextStreamer, load_tokenizer, read_runtime_json
+from .tokenizer import PromptRules, StopStrings, TextStreamer, load_tokenizer, read_json_or_empty, read_runtime_json
 
 __all__ = ["OrtDecoder", "GenerationResult", "pad_prompts", "iter_tokens", "stream_ids", "generate_ids", "TextStreamer",
            "load_tokenizer", "TextModel", "Generator", "text_pieces", "add_cli"]
@@ -268,6 +268,10 @@ class TextModel:
 
     def _init_text(self, model_dir: Path) -> None:
         rt = read_runtime_json(model_dir)
+        if rt.get("eos_ids") is None and rt.get("eos_id") is None:  # e.g. onnxruntime-genai's own builder output
+            g = (read_json_or_empty(model_dir / "genai_config.json").get("model") or {})
+            eos = g.get("eos_token_id")
+            rt = {**rt, "eos_ids": [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]}
         self.tokenizer = load_tokenizer(model_dir, prefer=rt.get("tokenizer"))
         self.rules = PromptRules.from_runtime(rt, self.tokenizer)
         tv, mv = int(self.tokenizer.vocab_size), int(self.vocab_size)

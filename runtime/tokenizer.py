@@ -189,7 +189,11 @@ class TextStreamer:
 
 def read_runtime_json(model_dir: str | Path) -> dict:
     """runtime.json of a compiled directory as a dict ({} when absent)."""
-    p = Path(model_dir) / "runtime.json"
+    return read_json_or_empty(Path(model_dir) / "runtime.json")
+
+
+def read_json_or_empty(p: Path) -> dict:
+    """A JSON object file as a dict ({} when absent); invalid JSON is a one-line ValueError."""
     if not p.is_file():
         return {}
     try:

@@ -244,3 +244,15 @@ def test_genai_engine_same_chat_text_and_context_stop(hf_text_dir):
     ours, theirs = _cli(*args, "--provider", "cpu"), _cli(*args, "--engine", "genai", python=GENAI_PY)
     assert theirs.returncode == 0, theirs.stderr
     assert ours.stdout == theirs.stdout and "stop: context" in ours.stderr and "stop: context" in theirs.stderr
+
+
+def test_stop_ids_from_genai_config_without_runtime_json(hf_text_dir, tmp_path):
+    """A directory written by onnxruntime-genai's own model builder has no runtime.json: genai_config's eos."""
+    d = tmp_path / "m"
+    shutil.copytree(hf_text_dir, d)
+    (d / "runtime.json").unlink()
+    conf = json.loads((d / "genai_config.json").read_text())
+    conf["model"]["eos_token_id"] = [2, 7]
+    (d / "genai_config.json").write_text(json.dumps(conf))
+    g = Generator(d, provider="cpu", threads=1)
+    assert g.stop_ids() == [2, 7] and not g.rules.add_bos
