@@ -100,11 +100,15 @@ def _tree_size(p: Path) -> int:
     return total
 
 
-def disk_full_error(path: Path, need: int | None, kept: str) -> DiskFullError:
-    """The one-line DiskFullError for `path` (`need`: bytes the write takes, if known; `kept`: what was left
-    as it was). Call it after removing the partial output, so the free space it reports is real."""
+def disk_full_error(path: Path, need: int | None, kept: str, lower_bound: bool = False) -> DiskFullError:
+    """The one-line DiskFullError for `path` (`need`: bytes the write takes, if known, or with `lower_bound` the
+    bytes written before the disk filled; `kept`: what was left as it was). Call it after removing the partial
+    output, so the free space it reports is real."""
     free = _free(path.parent)
-    if need:
+    if need and lower_bound:
+        room = (f"it needs more than the {_human(need)} written before the disk filled, {_human(free)} free on that "
+                f"filesystem; free at least {_human(max(need - free, 0) + need)} and retry")
+    elif need:
         short = max(need - free, 0)
         room = (f"it needs {_human(need)}, {_human(free)} free on that filesystem; free at least "
                 f"{_human(short or need)} and retry")
@@ -282,15 +286,17 @@ def staged_dir(out: str | os.PathLike, tag: str = "tmp"):
         full = _staged_disk_full(e, tmp, out) if isinstance(e, Exception) and is_disk_full(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if full is not None:
-            where, need = full
-            raise disk_full_error(where, need, f"nothing half-written was kept, {out} was left as it was") from None
+            where, need, exact = full
+            raise disk_full_error(where, need, f"nothing half-written was kept, {out} was left as it was",
+                                  lower_bound=not exact) from None
         raise
 
 
-def _staged_disk_full(e: BaseException, tmp: Path, out: Path) -> tuple[Path, int | None]:
-    """(the file being written, bytes needed) for a disk that filled while `tmp` was built for `out`: the
-    exception's file, else the newest in tmp; the need: the larger of the previous `out` and what was staged,
-    or what a DiskFullError from a nested writer said."""
+def _staged_disk_full(e: BaseException, tmp: Path, out: Path) -> tuple[Path, int | None, bool]:
+    """(the file being written, bytes needed, whether that need is exact) for a disk that filled while `tmp` was
+    built for `out`: the exception's file, else the newest in tmp; the need: what was staged plus what a nested
+    DiskFullError said its file takes (exact), else the previous `out`'s size (an estimate) or, failing that, what
+    was staged before the disk filled (a lower bound)."""
     nested = e if isinstance(e, DiskFullError) else None
     name = str(nested.path) if nested is not None and nested.path else getattr(e, "filename", None)
     if not name:
@@ -298,8 +304,11 @@ def _staged_disk_full(e: BaseException, tmp: Path, out: Path) -> tuple[Path, int
         name = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else None
     where = out / Path(name).relative_to(tmp) if name and str(name).startswith(str(tmp)) else (
         out / Path(name).name if name else out)
-    need = max(_tree_size(out) if out.exists() else 0, _tree_size(tmp), (nested.need or 0) if nested else 0)
-    return where, need or None
+    staged, nested_need = _tree_size(tmp), (nested.need or 0) if nested else 0
+    if nested_need:  # the writer knew its size: the rest of the directory comes on top
+        return where, staged + nested_need, True
+    previous = _tree_size(out) if out.exists() else 0  # the same directory last time: a fair estimate
+    return where, max(previous, staged) or None, previous > staged
 
 
 def _leftovers(out: Path) -> dict[str, list[Path]]:

@@ -6,6 +6,7 @@ second compile into a locked output directory fails at once with one line naming
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,15 @@ def test_max_seq_len_beyond_the_rotary_cache_is_one_line(compiled, tmp_path):
     rt["max_seq_len"] = 32  # a shorter limit than the graph's is fine
     (out / "runtime.json").write_text(json.dumps(rt))
     assert DecoderSession(out, provider="cpu", intra_op_threads=1).config.max_seq_len == 32
+
+
+def test_compile_onto_a_full_disk_is_one_line_and_leaves_nothing(compiled, tmp_path, capsys):
+    from small_disk import small_disk
+    ckpt, _ = compiled
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        capsys.readouterr()
+        assert cli.main(["compile", str(ckpt), "--out", str(disk / "out"), "--parity-tokens", "2"]) == 2
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("[compile]")]
+        assert len(err) == 1 and re.search(rf"no space left on device writing {disk}/out/\S+ \(it needs [\d.]+ KB, "
+                                           r"[\d.]+ KB free on that filesystem; free at least", err[0]), err
+        assert os.listdir(disk) == []
