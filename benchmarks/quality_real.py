@@ -1,0 +1,232 @@
+"""Tapering on a real checkpoint (issue 19): SmolLM2-135M-Instruct fine-tuned with no taper, Internal-Taper and
+All-Taper under the remedies of docs/real_checkpoints.md, all with the same corpus, tokens and schedule.
+
+Per variant: held-out CE (the fine-tune's validation split: text not trained on) before and after, the mean logit
+norm and the pre-logit RMS (the final norm's input) at the end, or the step it diverged at. Then the tapered
+variants that finished are folded and compiled (`tapernorm compile`) and run with `tapernorm generate`: greedy
+continuations and chat answers beside the fine-tuned baseline's (transformers' greedy generate).
+
+    nice -n 10 .venv/bin/python benchmarks/quality_real.py --quick --save      # ~30-40 min on 2 shared cores
+    nice -n 10 .venv/bin/python benchmarks/quality_real.py --save              # bounded to ~2 h on 2 cores
+    .venv/bin/python benchmarks/quality_real.py --variants baseline,internal-robust --steps 20 --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_output_args, library_versions, machine_info, output_dir, write_results  # noqa: E402
+from real_checkpoint import smollm2_dir  # noqa: E402
+
+ROBUST = {"calib_stat": "inv_rms", "calib_skip": 1, "rms_loss": 1.0}
+VARIANTS: dict[str, dict] = {
+    "baseline": {"mode": "baseline"},
+    "internal": {"mode": "internal"},                                     # the paper's recipe as it was
+    "internal-robust": {"mode": "internal", **ROBUST},
+    "internal-robust-staged": {"mode": "internal", **ROBUST, "taper_order": "last"},
+    "all-robust": {"mode": "all", **ROBUST},
+    "all-robust-noscale": {"mode": "all", **ROBUST, "scale_loss": False},
+}
+DEFAULT_VARIANTS = "baseline,internal,internal-robust,all-robust"
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+CHATS = ["What is the capital of France?", "Give me two tips for sleeping better."]
+# (steps, warmup, taper start, taper end, seq, batch, eval batches)
+SETTINGS = {"quick": (40, 4, 8, 36, 64, 2, 8), "full": (150, 10, 20, 140, 128, 4, 16)}
+
+
+def _settings(args) -> dict:
+    T, W, t0, t1, L, B, E = SETTINGS["quick" if args.quick else "full"]
+    if args.steps:
+        f = args.steps / T
+        T, W, t0, t1 = args.steps, max(1, round(W * f)), max(1, round(t0 * f)), max(1, round(t1 * f))
+    return {"steps": T, "warmup_steps": W, "taper_start": t0, "taper_end": t1, "seq_len": L, "batch_size": B,
+            "eval_batches": E, "lr": args.lr, "corpus": "builtin", "max_chars": args.max_chars, "seed": 0}
+
+
+def run_variant(name: str, opts: dict, settings: dict, work: Path) -> dict:
+    """One fine-tune in-process; a divergence (any error) is recorded with its one-line message."""
+    from tapernorm.train.finetune import finetune
+    from tapernorm.train.finetune_cli import FinetuneConfig
+    cfg = FinetuneConfig(model=str(smollm2_dir()), out_dir=str(work / name), overwrite=True, **settings, **opts)
+    t = time.time()
+    try:
+        s = finetune(cfg)
+    except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
+        return {"variant": name, "options": opts, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                "seconds": round(time.time() - t, 1)}
+    res = {"variant": name, "options": opts, "ok": True, "val_before": s["val_loss_before"],
+           "val_after": s["val_loss_after"], "seconds": round(time.time() - t, 1), "model_dir": s["model_dir"]}
+    res.update(end_stats(Path(s["model_dir"]), settings))
+    res["ok"] = all(v == v and abs(v) != float("inf") for v in (res["val_after"], res["logit_norm"]))
+    return res
+
+
+def end_stats(model_dir: Path, settings: dict) -> dict:
+    """Mean logit norm and pre-logit RMS (the final norm's input) over the held-out chunks."""
+    import torch
+    from tapernorm.data import load_corpus, tokenize_corpus, val_batches
+    from tapernorm.hf import from_pretrained
+    from tapernorm.layers import find_final_norm
+    from tapernorm.train.finetune import load_text_tokenizer
+    model = from_pretrained(str(model_dir)).eval()
+    tok = load_text_tokenizer(str(smollm2_dir()))
+    docs = load_corpus(settings["corpus"], None, settings["max_chars"])
+    data = tokenize_corpus(docs, tok, settings["seq_len"], 0.1)
+    h: list = []
+    norm = model.get_submodule(find_final_norm(model))
+    hook = norm.register_forward_pre_hook(lambda m, i: h.append(i[0].float().pow(2).mean(-1).sqrt().mean()))
+    ln = []
+    with torch.no_grad():
+        for x, _ in val_batches(data.val, settings["batch_size"], settings["seq_len"], settings["eval_batches"]):
+            ln.append(model(input_ids=x, use_cache=False).logits.float().norm(dim=-1).mean())
+    hook.remove()
+    return {"logit_norm": float(torch.stack(ln).mean()), "prelogit_rms": float(torch.stack(h).mean())}
+
+
+def _cli(*a: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "tapernorm.compiler.cli", *a], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def compile_and_run(model_dir: Path, out: Path, new_tokens: int) -> dict:
+    """tapernorm compile, then greedy continuations and chat answers with tapernorm generate (1 thread)."""
+    t = time.time()
+    p = _cli("compile", str(model_dir), "--out", str(out), "--overwrite")
+    res = {"compile_rc": p.returncode, "compile_seconds": round(time.time() - t, 1),
+           "compile_tail": (p.stdout + p.stderr).strip().splitlines()[-3:]}
+    if p.returncode != 0:
+        return res
+    gen = {}
+    for prompt, chat in [(q, False) for q in PROMPTS] + [(q, True) for q in CHATS]:
+        g = _cli("generate", str(out), "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--threads", "2",
+                 "--quiet-prompt", *(["--chat"] if chat else []), timeout=600)
+        gen[("chat: " if chat else "") + prompt] = g.stdout.strip() if g.returncode == 0 else "ERROR " + g.stderr[-200:]
+    res["generations"] = gen
+    return res
+
+
+def baseline_generations(model_dir: Path, new_tokens: int) -> dict:
+    """The same prompts, greedy, with transformers on the fine-tuned baseline (plain HF directory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = {}
+    for prompt, chat in [(q, False) for q in PROMPTS] + [(q, True) for q in CHATS]:
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            y = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        out[("chat: " if chat else "") + prompt] = tok.decode(y[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return out
+
+
+def _markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"# Tapering on SmolLM2-135M-Instruct (issue 19){' (--quick)' if result['quick'] else ''}", "",
+             f"Fine-tune: builtin corpus, {s['steps']} steps (LR warmup {s['warmup_steps']}, taper "
+             f"{s['taper_start']}..{s['taper_end']}), seq {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']}; "
+             f"held-out CE over {s['eval_batches']} validation batches (text not trained on). "
+             f"Machine: {result['machine'].get('cpu', '?')}, load {result['machine'].get('loadavg')}.", "",
+             "| variant | options | CE before | CE after | vs baseline | logit norm | pre-logit RMS | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = next((r for r in result["runs"] if r["variant"] == "baseline" and r["ok"]), None)
+    for r in result["runs"]:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-"
+        if not r["ok"]:
+            err = r.get("error") or f"non-finite (CE {r.get('val_after')})"
+            lines.append(f"| {r['variant']} | {opts} | {r.get('val_before', float('nan')):.4f} | diverged: {err} "
+                         f"| - | - | - | {r['seconds']:.0f} |")
+            continue
+        rel = f"{100 * (r['val_after'] / base['val_after'] - 1):+.2f}%" if base else "-"
+        lines.append(f"| {r['variant']} | {opts} | {r['val_before']:.4f} | {r['val_after']:.4f} | {rel} | "
+                     f"{r['logit_norm']:.1f} | {r['prelogit_rms']:.2f} | {r['seconds']:.0f} |")
+    gens = result.get("generations", {})
+    if gens:
+        lines += ["", "## Greedy outputs (baseline: transformers; tapered: folded, compiled, `tapernorm generate`)", ""]
+        for name, g in gens.items():
+            lines.append(f"### {name}")
+            if "compile_rc" in g:
+                lines.append(f"compile rc {g['compile_rc']} in {g['compile_seconds']} s: "
+                             + " / ".join(g.get("compile_tail", [])))
+            for p, text in g.get("generations", g).items() if isinstance(g, dict) else ():
+                if p.startswith("compile"):
+                    continue
+                lines.append(f"- **{p}** -> {json.dumps(text)[:400]}")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def merge(out: Path, base: str, tags: list[str]) -> int:
+    """One result (runs and generations in tag order) from the per-tag files of parallel runs."""
+    parts = [json.loads((out / f"{base}_{t}.json").read_text()) for t in tags]
+    result = {**parts[0], "runs": [r for p in parts for r in p["runs"]], "merged_from": tags,
+              "generations": {k: v for p in parts for k, v in p.get("generations", {}).items()},
+              "machine_per_part": [p["machine"] for p in parts]}
+    write_results(out / base, result, _markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+def main() -> int:
+    """Run the variants, then compile and run the tapered ones that finished."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="40 steps at seq 64, batch 2")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=0, help="override the step count (schedule scales with it)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-chars", type=int, default=400_000)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--no-compile", action="store_true", help="skip folding / compiling / generating")
+    ap.add_argument("--tag", default="", help="suffix of the result files (variants run in parallel processes)")
+    ap.add_argument("--merge", default="", help="comma list of tags: merge their result files into one, run nothing")
+    add_output_args(ap)
+    args = ap.parse_args()
+    out = output_dir(args)
+    base = "quality_real_quick" if args.quick else "quality_real"
+    if args.merge:
+        return merge(out, base, [t.strip() for t in args.merge.split(",") if t.strip()])
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; pick from {', '.join(VARIANTS)}")
+    work = Path(os.environ.get("TAPERNORM_BENCH_WORK", "runs/quality_real"))
+    settings = _settings(args)
+    result = {"settings": settings, "quick": args.quick, "machine": machine_info(),
+              "versions": library_versions(("torch", "transformers", "onnxruntime", "onnx")), "runs": [],
+              "generations": {}}
+    stem = out / (base + (f"_{args.tag}" if args.tag else ""))
+    for name in names:
+        print(f"[quality_real] {name} ...", file=sys.stderr, flush=True)
+        r = run_variant(name, VARIANTS[name], settings, work)
+        print(f"[quality_real] {name}: {json.dumps({k: v for k, v in r.items() if k != 'options'})}", file=sys.stderr,
+              flush=True)
+        result["runs"].append(r)
+        write_results(stem, result, _markdown(result))
+    if not args.no_compile:
+        for r in result["runs"]:
+            if not r["ok"]:
+                continue
+            print(f"[quality_real] generate {r['variant']} ...", file=sys.stderr, flush=True)
+            if r["variant"] == "baseline":
+                result["generations"]["baseline"] = baseline_generations(Path(r["model_dir"]), args.new_tokens)
+            else:
+                result["generations"][r["variant"]] = compile_and_run(Path(r["model_dir"]), work / (r["variant"] + "_onnx"),
+                                                                      args.new_tokens)
+            write_results(stem, result, _markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
