@@ -327,7 +327,13 @@ def from_pretrained(name_or_dir: str | os.PathLike, dtype: torch.dtype | None = 
     if dtype is not None:
         kw["dtype"] = dtype
     if not p.is_dir():  # a hub name: transformers fetches it; never a pickle
-        return AutoModelForCausalLM.from_pretrained(str(name_or_dir), use_safetensors=True, **kw).eval()
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(name_or_dir), use_safetensors=True, **kw).eval()
+        except OSError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"{name_or_dir}: no such local directory, and transformers could not load it as a "
+                                  f"hub model ({first}); pass a model directory, or a hub name with network access "
+                                  "and safetensors weights") from None
     return _load_plain_dir(p, kw)
 
 

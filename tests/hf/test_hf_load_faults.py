@@ -123,6 +123,9 @@ def test_finetune_of_a_missing_directory_says_so(tmp_path, capsys, monkeypatch):
     assert main(["finetune", "./missing-dir", "--out", "ft", *FT]) == 2
     line = _one_line(capsys)
     assert "no such directory: ./missing-dir" in line and "repo" not in line.lower()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a bare name may be a hub model: one line either way
+    assert main(["finetune", "missing-dir", "--out", "ft", *FT]) == 2
+    assert "missing-dir: no such local directory, and transformers could not load it" in _one_line(capsys)
     assert os.listdir(tmp_path) == []
 
 
