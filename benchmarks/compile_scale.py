@@ -162,25 +162,30 @@ def run_size(size: str, cache: Path, work: Path, skip_genai: bool) -> list[dict]
     return rows
 
 
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f}" if b else "-"
+
+
 def markdown(res: dict) -> str:
-    """The results table."""
+    """The results table and each compile's stages."""
     lines = ["# Compile time and peak RSS at scale (issue 17)", "",
-             f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['note']}", "",
-             "| size | variant | graph | ours s | ours peak GiB | x fp32 weights | genai s | genai peak GiB | "
+             f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, load average at start "
+             f"{res['machine']['loadavg_start']}; {res['note']}.", "",
+             "| size | variant | graph | ours s | ours peak GiB | peak / fp32 weights | genai s | genai peak GiB | "
              "time / genai | RSS / genai |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         g, o = r["genai"] or {}, r["ours"]
-        ok = o["rc"] == 0
-        lines.append(f"| {r['size']} | {r['variant']} | {r['graph'] or ('failed rc ' + str(o['rc']))} | "
-                     f"{o['seconds']} | {o['peak_rss_bytes'] / 2**30:.2f} | {r['rss_over_fp32_weights'] if ok else '-'} | "
-                     f"{g.get('seconds', '-')} | {g['peak_rss_bytes'] / 2**30:.2f} | " if g else "- | - | "
-                     )
-        lines[-1] += f"{r.get('time_ratio_vs_genai', '-')} | {r.get('rss_ratio_vs_genai', '-')} |"
-    lines += ["", "Per-stage seconds of ours (from compile_report.json):", ""]
+        graph = r["graph"] if o["rc"] == 0 else f"failed (rc {o['rc']})"
+        lines.append(f"| {r['size']} | {r['variant']} | {graph} | {o['seconds']} | {_gib(o['peak_rss_bytes'])} | "
+                     f"{r['rss_over_fp32_weights']} | {g.get('seconds', '-')} | {_gib(g.get('peak_rss_bytes'))} | "
+                     f"{r.get('time_ratio_vs_genai', '-')} | {r.get('rss_ratio_vs_genai', '-')} |")
+    lines += ["", "fp32 weight bytes: " + ", ".join(sorted({f"{r['size']} {_gib(r['fp32_weight_bytes'])} GiB"
+                                                           for r in res["rows"]})), "",
+              "Stages of ours (seconds, peak RSS GiB at the stage's end; compile_report.json):", ""]
     for r in res["rows"]:
         if r["stages"]:
             lines.append(f"- {r['size']} {r['variant']}: " + ", ".join(
-                f"{s['name']} {s['seconds']} s" for s in r["stages"]))
+                f"{s['name']} {s['seconds']} s / {_gib(s['peak_rss_bytes'])}" for s in r["stages"]))
     return "\n".join(lines) + "\n"
 
 
@@ -198,12 +203,14 @@ def main(argv=None) -> int:
         return 0
     work = args.cache / "work"
     work.mkdir(parents=True, exist_ok=True)
-    rows = [r for s in args.sizes for r in run_size(s, args.cache, work, args.skip_genai)]
     res = {"machine": machine_info(), "versions": library_versions(("torch", "onnxruntime", "onnx", "transformers")),
-           "settings": {"sizes": args.sizes, "parity_tokens": 4, "checkpoint_dtype": "bfloat16", "output": "float32"},
-           "note": "one run per cell on a shared 2-core machine; genai's builder runs on each size's plain directory",
-           "rows": rows}
-    write_results(output_dir(args) / "compile_scale", res, markdown(res))
+           "settings": {"sizes": args.sizes, "parity_tokens": 4, "checkpoint_dtype": "bfloat16", "output": "float32",
+                        "command": "tapernorm compile DIR --out OUT --parity-tokens 4 (child process, nice 10)"},
+           "note": "one run per cell on a shared 2-core machine (other jobs running); genai's builder runs on each "
+                   "size's plain directory", "rows": []}
+    for size in args.sizes:  # results written after each size: a long run keeps what it measured
+        res["rows"] += run_size(size, args.cache, work, args.skip_genai)
+        write_results(output_dir(args) / "compile_scale", res, markdown(res))
     return 0
 
 

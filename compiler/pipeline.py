@@ -273,8 +273,10 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         ckpt = ckpt / "model"
     foreign = _prepare_out(out_dir)
     stages = Stages(log)
-    with stages("check", "memory estimate from the safetensors headers"):
-        fit = check_fits(ckpt, dtype)  # refuses before loading a model that would not fit; nothing written
+    stages.begin("check", "memory estimate from the safetensors headers")
+    fit = check_fits(ckpt, dtype)  # refuses before loading a model that would not fit; nothing written
+    if fit is None:  # no safetensors there: the loader says what is wrong, in one line
+        stages.cancel()
     ckpt_dtype = checkpoint_dtype(ckpt) if fit else None
     stages.begin("load", f"{ckpt_dtype or 'checkpoint'} weights")
     model, info = load_for_compile(ckpt, log)  # a run dir, a tapered HF dir or a FakeLN HF dir (hf_compile.py)

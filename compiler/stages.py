@@ -68,6 +68,10 @@ class Stages:
             self.end()
         self._open = (name, detail, time.perf_counter())
 
+    def cancel(self) -> None:
+        """Drop the open stage without recording or logging it (it had nothing to do)."""
+        self._open = None
+
     def end(self) -> StageRecord | None:
         """End the open stage: record it and log its one line."""
         if not self._open:
