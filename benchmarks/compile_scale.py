@@ -113,14 +113,15 @@ def _tokenizer(vocab: int, out: Path) -> None:
 
 
 def timed_child(cmd: list[str], log: Path, cwd: Path | None = None) -> dict:
-    """Run `cmd` (niced) as a child; {seconds, peak_rss_bytes, rc} from os.wait4; stdout+stderr go to `log`."""
+    """Run `cmd` (niced) as a child; {seconds (wall), cpu_seconds (user + sys), peak_rss_bytes, rc} from os.wait4;
+    stdout+stderr go to `log`."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, ru = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_bytes": ru.ru_maxrss * 1024,
-            "rc": proc.returncode, "log": str(log)}
+    return {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
+            "peak_rss_bytes": ru.ru_maxrss * 1024, "rc": proc.returncode, "log": str(log)}
 
 
 def fp32_weight_bytes(d: Path) -> int:
@@ -154,6 +155,7 @@ def run_size(size: str, cache: Path, work: Path, skip_genai: bool) -> list[dict]
                "rss_over_fp32_weights": round(ours["peak_rss_bytes"] / wbytes, 2)}
         if genai and ours["rc"] == 0:
             row["time_ratio_vs_genai"] = round(ours["seconds"] / genai["seconds"], 2)
+            row["cpu_ratio_vs_genai"] = round(ours["cpu_seconds"] / genai["cpu_seconds"], 2)
             row["rss_ratio_vs_genai"] = round(ours["peak_rss_bytes"] / genai["peak_rss_bytes"], 2)
         print(f"[scale] {size} {variant}: rc {ours['rc']}, {ours['seconds']} s, "
               f"{ours['peak_rss_bytes'] / 2**30:.2f} GiB ({row['rss_over_fp32_weights']}x fp32 weights)", flush=True)
@@ -171,14 +173,16 @@ def markdown(res: dict) -> str:
     lines = ["# Compile time and peak RSS at scale (issue 17)", "",
              f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, load average at start "
              f"{res['machine']['loadavg_start']}; {res['note']}.", "",
-             "| size | variant | graph | ours s | ours peak GiB | peak / fp32 weights | genai s | genai peak GiB | "
-             "time / genai | RSS / genai |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | variant | graph | ours wall s (CPU s) | ours peak GiB | peak / fp32 weights | genai wall s (CPU s) "
+             "| genai peak GiB | wall / genai | CPU / genai | RSS / genai |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         g, o = r["genai"] or {}, r["ours"]
         graph = r["graph"] if o["rc"] == 0 else f"failed (rc {o['rc']})"
-        lines.append(f"| {r['size']} | {r['variant']} | {graph} | {o['seconds']} | {_gib(o['peak_rss_bytes'])} | "
-                     f"{r['rss_over_fp32_weights']} | {g.get('seconds', '-')} | {_gib(g.get('peak_rss_bytes'))} | "
-                     f"{r.get('time_ratio_vs_genai', '-')} | {r.get('rss_ratio_vs_genai', '-')} |")
+        lines.append(f"| {r['size']} | {r['variant']} | {graph} | {o['seconds']} ({o['cpu_seconds']}) | "
+                     f"{_gib(o['peak_rss_bytes'])} | {r['rss_over_fp32_weights']} | {g.get('seconds', '-')} "
+                     f"({g.get('cpu_seconds', '-')}) | {_gib(g.get('peak_rss_bytes'))} | "
+                     f"{r.get('time_ratio_vs_genai', '-')} | {r.get('cpu_ratio_vs_genai', '-')} | "
+                     f"{r.get('rss_ratio_vs_genai', '-')} |")
     lines += ["", "fp32 weight bytes: " + ", ".join(sorted({f"{r['size']} {_gib(r['fp32_weight_bytes'])} GiB"
                                                            for r in res["rows"]})), "",
               "Stages of ours (seconds, peak RSS GiB at the stage's end; compile_report.json):", ""]
