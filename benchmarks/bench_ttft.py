@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads of both engines")
     ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"),
                     help="python of the onnxruntime-genai venv")
+    ap.add_argument("--label", default="", help="what the model directory is (stored with the results)")
     ap.add_argument("--worker", choices=("ort", "genai"), help=argparse.SUPPRESS)
     sys.path.insert(0, str(HERE))
     from bench_common import add_output_args, library_versions, loadavg, machine_info, output_dir, spread, write_results
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     if a.worker:
         return worker(a.worker, str(a.model_dir), a.threads)
     model_dir = (a.model_dir or _default_model_dir()).resolve()
+    machine = machine_info()  # load average at the start
     workers = {"ort": Worker(sys.executable, "ort", model_dir, a.threads),
                "genai": Worker(a.genai_python, "genai", model_dir, a.threads),
                "ort-b": Worker(sys.executable, "ort", model_dir, a.threads)}
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
               "ort_b_over_ort (A/A)": spread([b / o for b, o in zip(ttft["ort-b"], ttft["ort"])]),
               "genai_total_over_ort_total": spread([g["total_s"] / o["total_s"]
                                                     for g, o in zip(rows["genai"], rows["ort"])])}
-    res = {"machine": machine_info(), "loadavg_end": loadavg(), "versions": library_versions(),
+    res = {"machine": machine, "loadavg_end": loadavg(), "label": a.label, "versions": library_versions(),
            "settings": {**{k: str(v) for k, v in vars(a).items() if k != "worker"}, "model_dir": str(model_dir)},
            "load_s": {k: w.ready["load_s"] for k, w in workers.items()},
            "labels": {k: w.ready["label"] for k, w in workers.items()},
@@ -158,7 +160,7 @@ def markdown(res: dict, a) -> str:
     """The results table."""
     m = res["machine"]
     lines = [f"# Time to first token: `--engine ort` vs `--engine genai` (same directory, same text path)", "",
-             f"Model `{res['settings']['model_dir']}`; prompt {a.prompt!r} ({'chat template' if not a.no_chat else 'plain'}),"
+             f"Model `{res['settings']['model_dir']}`{' (' + res['label'] + ')' if res['label'] else ''}; prompt {a.prompt!r} ({'chat template' if not a.no_chat else 'plain'}),"
              f" {a.new_tokens} new tokens; {a.threads} ORT intra-op thread(s); {a.rounds} lockstep rounds "
              f"(+{a.warmup} warm-up), order reshuffled each round; machine {m['cpu']} ({m['cores']} cores, load "
              f"{m['loadavg_start']} -> {res['loadavg_end']}); versions: ort worker {res['worker_versions']['ort']}, genai worker "
