@@ -57,7 +57,6 @@ def _make(size: str, cache: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import tapernorm
-    from peers_models import _unit_rms_maps
 
     layers, width, heads, kv, mlp, vocab, tied = SIZES[size]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
@@ -74,31 +73,34 @@ def _make(size: str, cache: Path) -> None:
             elif n.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(BRANCH_SCALE)  # small residual branches: the norm-free tapered stack stays finite
     plain, taper = cache / size / "plain", cache / size / "taper"
-    model.save_pretrained(plain)
-    _tokenizer(vocab, plain)
+    if not (plain / "tokenizer.json").is_file():
+        model.save_pretrained(plain)
+        _tokenizer(vocab, plain)
     g = torch.Generator().manual_seed(0)
     tapernorm.taperize(model, "internal")
     tapernorm.calibrate(model, [torch.randint(0, vocab, (1, 32), generator=g) for _ in range(2)],
                         forward=lambda m, b: m(input_ids=b, use_cache=False))
     tapernorm.set_gate(model, 0.0)
-    _unit_rms_maps(_CallIds(model), torch.randint(0, vocab, (1, 32), generator=g))
+    _unit_rms_maps(model, torch.randint(0, vocab, (1, 32), generator=g))
     tapernorm.save_pretrained(model, taper, tokenizer_from=plain)
 
 
-class _CallIds:
-    """What _unit_rms_maps calls: model(ids) and the TaperNorm layers (an HF model wants input_ids=, no cache)."""
+def _unit_rms_maps(model, ids) -> None:
+    """One forward pass: each gate-0 map, in forward order, divides its c by its output RMS on `ids` and its output
+    likewise (a forward hook), so every map has unit output RMS and the layers after it see the rescaled stream."""
+    import torch
+    from tapernorm.layers import taper_layers
 
-    def __init__(self, model):
-        self.model = model
+    def rescale(layer, inputs, out):
+        rms = out.float().pow(2).mean().sqrt().clamp_min(1e-6)
+        layer.c.div_(rms.to(layer.c.dtype))
+        return out / rms.to(out.dtype)
 
-    def __call__(self, ids):
-        return self.model(input_ids=ids, use_cache=False)
-
-    def named_modules(self, *a, **k):
-        return self.model.named_modules(*a, **k)
-
-    def modules(self):
-        return self.model.modules()
+    hooks = [layer.register_forward_hook(rescale) for _, layer in taper_layers(model)]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
 
 
 def _tokenizer(vocab: int, out: Path) -> None:
