@@ -294,8 +294,10 @@ class TextModel:
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """Ids of `messages` rendered with the directory's chat template and the generation prompt."""
-        from .chat import require_chat_template
-        text = require_chat_template(self.model_dir).render(messages, add_generation_prompt=True)
+        if getattr(self, "_chat", None) is None:  # parsed once per engine
+            from .chat import require_chat_template
+            self._chat = require_chat_template(self.model_dir)
+        text = self._chat.render(messages, add_generation_prompt=True)
         return self._fit(self.tokenizer.encode(text))
 
     def stop_ids(self, extra: Sequence[int] = ()) -> list[int]:
