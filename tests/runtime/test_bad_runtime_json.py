@@ -28,6 +28,10 @@ BAD = [
     ({"dtype": "float64"}, r"dtype 'float64' is not float32, float16 or bfloat16"),
     ({"eos_id": 99999}, r"eos_id is 99999 but must be null, -1 or a token id below vocab_size 256"),
     ({"n_heads": 0}, r"n_heads = 0 is outside"),
+    ({"eos_ids": [2, 300]}, r"eos_ids is \[2, 300\] but must be a list of token ids below vocab_size 256"),
+    ({"eos_ids": 2}, r"eos_ids is 2 but must be a list"),
+    ({"add_bos": "yes"}, r"add_bos is 'yes' but must be true, false or null"),
+    ({"tokenizer": "../x.json"}, r"tokenizer is '../x.json' but must be"),
 ]
 
 
