@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "internal-robust-staged": {"mode": "internal", **ROBUST, "taper_order": "last"},
     "all-robust": {"mode": "all", **ROBUST},
     "all-robust-noscale": {"mode": "all", **ROBUST, "scale_loss": False},
+    "internal-robust-hold": {"mode": "internal", **ROBUST, "taper_hold": 14},   # taper 22..36 in --quick
+    "internal-ls-staged": {"mode": "internal", "taper_order": "last"},
 }
 DEFAULT_VARIANTS = "baseline,internal,internal-robust,all-robust"
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
@@ -81,12 +83,24 @@ def end_stats(model_dir: Path, settings: dict) -> dict:
     h: list = []
     norm = model.get_submodule(find_final_norm(model))
     hook = norm.register_forward_pre_hook(lambda m, i: h.append(i[0].float().pow(2).mean(-1).sqrt().mean()))
+    ratios: dict = {}  # per tapered norm: position 0's input RMS / the median of the other positions'
+    hooks = [m.register_forward_pre_hook(lambda m, i, n=n: ratios.setdefault(n, []).append(_sink_ratio(i[0])))
+             for n, m in model.named_modules() if "Norm" in type(m).__name__ and n != find_final_norm(model)]
     ln = []
     with torch.no_grad():
         for x, _ in val_batches(data.val, settings["batch_size"], settings["seq_len"], settings["eval_batches"]):
             ln.append(model(input_ids=x, use_cache=False).logits.float().norm(dim=-1).mean())
     hook.remove()
-    return {"logit_norm": float(torch.stack(ln).mean()), "prelogit_rms": float(torch.stack(h).mean())}
+    for k in hooks:
+        k.remove()
+    worst = max(ratios, key=lambda n: sum(ratios[n]), default=None)
+    return {"logit_norm": float(torch.stack(ln).mean()), "prelogit_rms": float(torch.stack(h).mean()),
+            "sink_ratio_max": sum(ratios[worst]) / len(ratios[worst]) if worst else None, "sink_layer": worst}
+
+
+def _sink_ratio(x) -> float:
+    r = x.detach().float().pow(2).mean(-1).sqrt()  # (B, T)
+    return float(r[:, 0].mean() / r[:, 1:].median())
 
 
 def _cli(*a: str, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -131,6 +145,10 @@ def baseline_generations(model_dir: Path, new_tokens: int) -> dict:
     return out
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def _markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Tapering on SmolLM2-135M-Instruct (issue 19){' (--quick)' if result['quick'] else ''}", "",
@@ -138,19 +156,20 @@ def _markdown(result: dict) -> str:
              f"{s['taper_start']}..{s['taper_end']}), seq {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']}; "
              f"held-out CE over {s['eval_batches']} validation batches (text not trained on). "
              f"Machine: {result['machine'].get('cpu', '?')}, load {result['machine'].get('loadavg')}.", "",
-             "| variant | options | CE before | CE after | vs baseline | logit norm | pre-logit RMS | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | options | CE before | CE after | vs baseline | logit norm | pre-logit RMS | sink ratio | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in result["runs"] if r["variant"] == "baseline" and r["ok"]), None)
     for r in result["runs"]:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-"
         if not r["ok"]:
             err = r.get("error") or f"non-finite (CE {r.get('val_after')})"
             lines.append(f"| {r['variant']} | {opts} | {r.get('val_before', float('nan')):.4f} | diverged: {err} "
-                         f"| - | - | - | {r['seconds']:.0f} |")
+                         f"| - | - | - | - | {r['seconds']:.0f} |")
             continue
         rel = f"{100 * (r['val_after'] / base['val_after'] - 1):+.2f}%" if base else "-"
         lines.append(f"| {r['variant']} | {opts} | {r['val_before']:.4f} | {r['val_after']:.4f} | {rel} | "
-                     f"{r['logit_norm']:.1f} | {r['prelogit_rms']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['logit_norm']:.1f} | {r['prelogit_rms']:.2f} | {_fmt(r.get('sink_ratio_max'))} | "
+                     f"{r['seconds']:.0f} |")
     gens = result.get("generations", {})
     if gens:
         lines += ["", "## Greedy outputs (baseline: transformers; tapered: folded, compiled, `tapernorm generate`)", ""]

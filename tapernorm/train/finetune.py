@@ -103,8 +103,15 @@ class TaperCallback(_callback_base()):
     def on_log(self, args, state, control, logs=None, model=None, **kw):
         if state.is_world_process_zero and logs and "loss" in logs:
             print(f"[finetune] step {state.global_step}/{state.max_steps} loss {float(logs['loss']):.4f} "
-                  f"gate {self.schedule.gate(max(0, state.global_step - 1)):.4f} lr {float(logs.get('learning_rate', 0)):.3g}",
+                  f"gate {self._last_gate(model, state.global_step):.4f} lr {float(logs.get('learning_rate', 0)):.3g}",
                   file=sys.stderr, flush=True)
+
+    def _last_gate(self, model, step: int) -> float:
+        """The gate of the last step taken (the mean over layers under a staged schedule)."""
+        if self.staged is not None and model is not None:
+            g = self.staged.gates(model, max(0, step - 1))
+            return sum(g.values()) / max(1, len(g))
+        return self.schedule.gate(max(0, step - 1))
 
     def on_train_end(self, args, state, control, model=None, **kw):
         self._calibrate(model)
@@ -417,7 +424,7 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
     calib = {"skip_positions": cfg.calib_skip, "stat": cfg.calib_stat, "per_feature": cfg.calib_per_feature}
     staged = (StagedGates(sched, cfg.taper_order, hold=cfg.taper_hold)
               if tapering and (cfg.taper_order != "global" or cfg.taper_hold) else None)
-    rms = NormRmsLoss(model, cfg.rms_loss, cfg.calib_skip) if tapering and cfg.rms_loss > 0 else None
+    rms = NormRmsLoss(model, cfg.rms_loss) if tapering and cfg.rms_loss > 0 else None  # every position: the sinks
     trainer = TaperTrainer(model=model, args=args, train_dataset=_Chunks(data.train, cfg.seq_len),
                            callbacks=[TaperCallback(sched, target, calib, staged)] if tapering else [],
                            scale_target=target, scale_lambda=cfg.scale_lambda, scale_form=cfg.scale_form,

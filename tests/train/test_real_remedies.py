@@ -126,3 +126,18 @@ def test_staged_gates_taper_block_by_block_and_end_exactly_zero():
     _fold_parity(model.eval())
     with pytest.raises(ValueError, match="hold"):
         StagedGates(sched, hold=100)
+
+
+def test_finetune_with_every_remedy_ends_at_gate_zero_and_folds(tmp_path):
+    from hf_models import FT_ARGS, hf_dir
+
+    import tapernorm
+    from tapernorm.compiler.cli import main
+    src = hf_dir("llama", tmp_path / "src")
+    out = tmp_path / "ft"
+    assert main(["finetune", str(src), "--out", str(out), "--mode", "all", *FT_ARGS, "--calib-skip", "1",
+                 "--calib-stat", "inv_rms", "--calib-per-feature", "--rms-loss", "1.0", "--taper-order", "last",
+                 "--taper-hold", "1"]) == 0
+    model = tapernorm.from_pretrained(out / "model").eval()
+    assert tapernorm.get_gate(model) == 0.0
+    _fold_parity(model)
