@@ -23,7 +23,8 @@ refused (`LockFileError`), never truncated. The path is `canonical_out(path)`'s,
 directory (a symlinked parent, or `out` itself a symlink to a directory) take one lock.
 
 Disk full: an ENOSPC (or EDQUOT) in `atomic_write_bytes`, `save_safetensors` or inside `staged_dir` becomes
-`DiskFullError`, one line naming the file being written and the free space it needs; nothing half-written stays.
+`DiskFullError` (tapernorm/diskspace.py), one line naming the file being written and the free space it needs;
+nothing half-written stays.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .diskspace import DiskFullError, disk_full_error, ensure_space, is_disk_full, tensor_bytes, tree_size
+
 __all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "staged_dir", "umask_mode", "recover_dir",
            "remove_dir", "exchange", "dir_lock", "LockedError", "LockFileError", "STAGING_TAGS", "recovery_candidate",
            "canonical_out", "is_swap_pointer", "DiskFullError", "is_disk_full", "save_safetensors", "ensure_space",
@@ -53,84 +56,6 @@ def umask_mode(path: str | os.PathLike, is_dir: bool = False) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
-
-
-# -- disk full ------------------------------------------------------------------------------------------
-class DiskFullError(OSError):
-    """No space left (ENOSPC / EDQUOT) while writing a file; the message names the file and the space needed."""
-
-    def __init__(self, msg: str, path: Path | None = None, need: int | None = None):
-        super().__init__(msg)
-        self.errno, self.path, self.need = errno.ENOSPC, path, need
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """True for ENOSPC / EDQUOT, raised as OSError or wrapped by a library (safetensors: 'os error 28')."""
-    if isinstance(e, DiskFullError):
-        return True
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    msg = str(e)
-    return f"os error {errno.ENOSPC}" in msg or "No space left on device" in msg or "Disk quota exceeded" in msg
-
-
-def _human(n: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def _free(where: Path) -> int:
-    for p in (where, *where.parents):
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(p).free
-    return 0
-
-
-def _tree_size(p: Path) -> int:
-    if p.is_file():
-        return p.stat().st_size
-    total = 0
-    for root, _, files in os.walk(p):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, f)).st_size
-    return total
-
-
-def disk_full_error(path: Path, need: int | None, kept: str, lower_bound: bool = False) -> DiskFullError:
-    """The one-line DiskFullError for `path` (`need`: bytes the write takes, if known, or with `lower_bound` the
-    bytes written before the disk filled; `kept`: what was left as it was). Call it after removing the partial
-    output, so the free space it reports is real."""
-    free = _free(path.parent)
-    if need and lower_bound:
-        room = (f"it needs more than the {_human(need)} written before the disk filled, {_human(free)} free on that "
-                f"filesystem; free at least {_human(max(need - free, 0) + need)} and retry")
-    elif need:
-        short = max(need - free, 0)
-        room = (f"it needs {_human(need)}, {_human(free)} free on that filesystem; free at least "
-                f"{_human(short or need)} and retry")
-    else:
-        room = f"{_human(free)} free on that filesystem; free some space and retry"
-    return DiskFullError(f"no space left on device writing {path} ({room}); {kept}", path, need)
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes a safetensors file of `tensors` (a dict or an iterable of tensors) takes, tied storage counted once."""
-    vals = tensors.values() if isinstance(tensors, dict) else tensors
-    seen = {(t.data_ptr(), tuple(t.shape), t.dtype): t for t in vals}
-    return sum(t.numel() * t.element_size() for t in seen.values()) + 100 * len(seen) + 8
-
-
-def ensure_space(out: str | os.PathLike, need: int, kept: str = "nothing was written") -> None:
-    """Refuse before writing when the filesystem that will hold `out` has less than `need` bytes (+1%, 64 KB)
-    free: the same one-line DiskFullError a write that runs out would give, with the exact need."""
-    out = Path(out)
-    free = _free(out.parent)
-    if free and free < need * 1.01 + (64 << 10):
-        raise disk_full_error(out, int(need * 1.01 + (64 << 10)), kept)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -304,10 +229,10 @@ def _staged_disk_full(e: BaseException, tmp: Path, out: Path) -> tuple[Path, int
         name = max(files, key=lambda p: p.stat().st_mtime_ns).name if files else None
     where = out / Path(name).relative_to(tmp) if name and str(name).startswith(str(tmp)) else (
         out / Path(name).name if name else out)
-    staged, nested_need = _tree_size(tmp), (nested.need or 0) if nested else 0
+    staged, nested_need = tree_size(tmp), (nested.need or 0) if nested else 0
     if nested_need:  # the writer knew its size: the rest of the directory comes on top
         return where, staged + nested_need, True
-    previous = _tree_size(out) if out.exists() else 0  # the same directory last time: a fair estimate
+    previous = tree_size(out) if out.exists() else 0  # the same directory last time: a fair estimate
     return where, max(previous, staged) or None, previous > staged
 
 
