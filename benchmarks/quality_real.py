@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -163,7 +164,9 @@ def _markdown(result: dict) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-"
         if not r["ok"]:
             err = r.get("error") or f"non-finite (CE {r.get('val_after')})"
-            lines.append(f"| {r['variant']} | {opts} | {r.get('val_before', float('nan')):.4f} | diverged: {err} "
+            m = re.search(r"diverged at step (\d+): loss (\S+) at gate ([\d.]+)", err)
+            err = f"step {m.group(1)}, loss {m.group(2)}, gate {float(m.group(3)):.3f}" if m else err
+            lines.append(f"| {r['variant']} | {opts} | - | diverged: {err} "
                          f"| - | - | - | - | {r['seconds']:.0f} |")
             continue
         rel = f"{100 * (r['val_after'] / base['val_after'] - 1):+.2f}%" if base else "-"
