@@ -5,8 +5,9 @@ Random-init Hugging Face Llamas built from configs and saved as bf16 safetensors
     0.5b   24 layers, width 1024, 16 / 4 heads, MLP 5632, vocab 32000, tied (~0.52B parameters)
     1.1b   TinyLlama's shape (22 layers, width 2048, 32 / 4 heads, MLP 5632, vocab 32000, untied)
 each saved twice: `plain` (the HF directory as built) and `taper` (tapernorm.taperize, Internal-Taper,
-calibrated on random tokens, gate 0, each map's c rescaled to unit output RMS, and in both the attention / MLP output projections scaled by
-0.1, so the norm-free random stack stays finite; written with tapernorm.save_pretrained).
+calibrated on random tokens, gate 0, each map's c rescaled to unit output RMS on a batch of random tokens; the attention / MLP output projections
+are scaled by 0.1 in both, and by 0.1 again in the tapered one, so the norm-free random stack stays finite on any
+tokens (checked on a probe batch); written with tapernorm.save_pretrained).
 
 Every compile runs as a child process; its wall time and peak RSS come from os.wait4 (the child's own rusage,
 its waited-for children included). genai's builder (`builder.py -i DIR -o OUT -p fp32 -e cpu`, run with the main
@@ -77,11 +78,19 @@ def _make(size: str, cache: Path) -> None:
         model.save_pretrained(plain)
         _tokenizer(vocab, plain)
     g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # without norms the MLP's product grows the stream quadratically: smaller branches again
+        for n, p in model.named_parameters():
+            if n.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(BRANCH_SCALE)
     tapernorm.taperize(model, "internal")
     tapernorm.calibrate(model, [torch.randint(0, vocab, (1, 32), generator=g) for _ in range(2)],
                         forward=lambda m, b: m(input_ids=b, use_cache=False))
     tapernorm.set_gate(model, 0.0)
-    _unit_rms_maps(model, torch.randint(0, vocab, (1, 32), generator=g))
+    _unit_rms_maps(model, torch.randint(0, vocab, (4, 32), generator=g))
+    with torch.no_grad():
+        probe = model(input_ids=torch.randint(0, vocab, (4, 16), generator=g), use_cache=False).logits
+    if not torch.isfinite(probe).all():
+        raise RuntimeError(f"{size}: the tapered random model's logits are not finite on a probe batch")
     tapernorm.save_pretrained(model, taper, tokenizer_from=plain)
 
 
