@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 from hf_models import FT_ARGS, finetuned_dir, hf_dir  # noqa: E402
 
 from tapernorm.compiler.cli import main  # noqa: E402
-from tapernorm.train.finetune import _json_text  # noqa: E402
+from tapernorm.train.finetune_out import json_text as _json_text  # noqa: E402
 
 INJECT = Path(__file__).resolve().parents[1] / "fault_inject.py"
 SHORT = ["--steps", "6", "--taper-start", "2", "--taper-end", "4", "--warmup-steps", "1", "--seq-len", "32",
