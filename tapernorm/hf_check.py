@@ -105,9 +105,8 @@ def check_meta_shapes(build, shapes: dict[str, tuple[int, ...]], where: str, str
     try:
         with torch.device("meta"):
             model = build()
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"{where}: the config does not describe a buildable model ({first})") from None
+    except Exception:  # an architecture whose init cannot run on the meta device: transformers' own load decides
+        return
     state = model.state_dict(keep_vars=True)
     for k, v in state.items():
         if k in shapes and tuple(v.shape) != shapes[k]:
