@@ -94,13 +94,17 @@ def _session(path: Path, provider: str, out_dir: Path):
 
 
 @torch.no_grad()
-def torch_greedy(model, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray]]:
-    """The same greedy loop on the PyTorch model (its own KV cache)."""
+def torch_greedy(model, prompt: list[int], n_new: int, first_logits: dict | None = None
+                 ) -> tuple[list[int], list[np.ndarray]]:
+    """The same greedy loop on the PyTorch model (its own KV cache); `first_logits["logits"]` gets the first
+    call's float32 logits of every prompt position (T, V) when a dict is given."""
     ids, past, pos, tokens, logits_seen = torch.tensor([prompt]), None, 0, [], []
     for _ in range(n_new):
         T = ids.shape[1]
         logits, past = model(ids, torch.ones(1, pos + T, dtype=torch.long), torch.arange(pos, pos + T)[None],
                              past, use_cache=True)
+        if first_logits is not None and pos == 0:
+            first_logits["logits"] = logits[0].float().numpy()
         last = logits[0, -1].float().numpy()
         logits_seen.append(last)
         pos += T
@@ -112,10 +116,9 @@ def torch_greedy(model, prompt: list[int], n_new: int) -> tuple[list[int], list[
 def torch_reference(model, prompt: list[int], n_new: int) -> tuple[list[int], list[np.ndarray], np.ndarray]:
     """PyTorch's side of parity: (greedy tokens, their float32 logits, full-prompt logits (T, V)); small enough
     to keep while the model itself is freed before onnxruntime loads the graphs."""
-    ref_tokens, ref_logits = torch_greedy(model, prompt, n_new)
-    with torch.no_grad():  # full-prompt logits (every position), no cache
-        ref_full = model(torch.tensor([prompt])).float().numpy()[0]  # (T, V)
-    return ref_tokens, ref_logits, ref_full
+    first = {}
+    ref_tokens, ref_logits = torch_greedy(model, prompt, n_new, first_logits=first)
+    return ref_tokens, ref_logits, first["logits"]  # (T, V): every prompt position, from the first (empty-past) call
 
 
 def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: str) -> dict:
