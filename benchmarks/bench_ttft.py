@@ -6,7 +6,9 @@ a request is the chat prompt rendered and encoded, prefilled, and decoded until 
 (TTFT), then on to --new-tokens (the reply's total time). Lockstep: every round sends the same request to every
 worker in an order reshuffled each round; a second ort worker gives the A/A pair (the noise floor). Reported:
 medians with spread of the per-round paired ratios genai / ort and ort-b / ort. ORT threads are explicit
-(--threads for both engines, inter-op 1).
+(--threads for both engines, inter-op 1). The genai venv has its own onnxruntime build (plain onnxruntime, another
+version than this venv's onnxruntime-gpu), so our loop also runs there ("ort@genai-venv"): loop against loop on
+one onnxruntime.
 
     .venv/bin/python benchmarks/bench_ttft.py --model-dir OUT [--rounds 20] [--threads 2] [--save]
     (OUT: a lean `tapernorm compile` output with a chat template; default: SmolLM2-135M-Instruct compiled into
@@ -124,7 +126,9 @@ def main(argv=None) -> int:
     machine = machine_info()  # load average at the start
     workers = {"ort": Worker(sys.executable, "ort", model_dir, a.threads),
                "genai": Worker(a.genai_python, "genai", model_dir, a.threads),
-               "ort-b": Worker(sys.executable, "ort", model_dir, a.threads)}
+               "ort-b": Worker(sys.executable, "ort", model_dir, a.threads),
+               # our loop on the genai venv's plain onnxruntime: the same ORT build as genai, loop against loop
+               "ort@genai-venv": Worker(a.genai_python, "ort", model_dir, a.threads)}
     req = {"prompt": a.prompt, "chat": not a.no_chat, "new_tokens": a.new_tokens}
     rng = random.Random(0)
     rows: dict[str, list[dict]] = {k: [] for k in workers}
@@ -140,6 +144,8 @@ def main(argv=None) -> int:
     ttft = {k: [x["ttft_s"] for x in v] for k, v in rows.items()}
     ratios = {"genai_over_ort": spread([g / o for g, o in zip(ttft["genai"], ttft["ort"])]),
               "ort_b_over_ort (A/A)": spread([b / o for b, o in zip(ttft["ort-b"], ttft["ort"])]),
+              "genai_over_ort@genai-venv (same onnxruntime)": spread([g / o for g, o in zip(ttft["genai"],
+                                                                                          ttft["ort@genai-venv"])]),
               "genai_total_over_ort_total": spread([g["total_s"] / o["total_s"]
                                                     for g, o in zip(rows["genai"], rows["ort"])])}
     res = {"machine": machine, "loadavg_end": loadavg(), "label": a.label, "versions": library_versions(),
