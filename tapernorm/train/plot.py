@@ -95,7 +95,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     dst = Path(out) if out is not None else run / "curves.png"
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, dst)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, dst)
+    except OSError as e:  # a full disk: one line naming the figure, no partial temp file left
+        tmp.unlink(missing_ok=True)
+        from ..fileio import disk_full_error, is_disk_full
+        if is_disk_full(e):
+            raise disk_full_error(dst, None, "the previous figure is kept" if dst.exists() else "nothing was written"
+                                  ) from None
+        raise
+    finally:
+        plt.close(fig)
     return dst
