@@ -327,3 +327,17 @@ def test_the_step_log_on_a_full_disk_names_itself(tmp_path):
                 log.write({"kind": "train", "step": i, "pad": "y" * 200})
         log.f = open(os.devnull, "w")  # the full buffer would raise again at close
         assert [r["step"] for r in read_log(d / "log.jsonl")] == list(range(len(read_log(d / "log.jsonl"))))
+
+
+def test_plot_on_a_full_disk_is_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from small_disk import small_disk
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps({"kind": "train", "step": i, "ce": 5.0 - i / 10, "gate": 1.0,
+                                                       "lr": 1e-3, "logit_norm": 1.0, "prelogit_rms": 0.1}) + "\n"
+                                           for i in range(5)))
+    with small_disk(tmp_path / "disk", "8k") as disk:
+        assert main(["plot", str(run), "--out", str(disk / "curves.png")]) == 2
+        assert f"no space left on device writing {disk}/curves.png" in _one_line(capsys)
+        assert os.listdir(disk) == []
