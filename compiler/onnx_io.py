@@ -59,18 +59,24 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = Fa
 
 def lazy_initializer(t, dtype, name: str, transpose: bool = False):
     """An onnx_ir tensor that converts the torch tensor `t` (any float dtype, bf16 included) to `dtype` (and
-    transposes a 2-D weight) only when its bytes are written: save_ir_model then streams one converted tensor at a
-    time, instead of the whole model being held converted (and again as a ModelProto) before the write."""
+    transposes a 2-D weight) only when its bytes are written: save_ir_model / stream_initializers then write one
+    converted tensor at a time, instead of the whole model being held converted (and again as a ModelProto).
+    `t` may be a list of tensors stacked along dim 0 when written (a fused q|k|v or gate|up weight: the stacked
+    copy exists only while it is written)."""
+    import torch
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
-    shape = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
+    parts = list(t) if isinstance(t, (list, tuple)) else [t]
+    shape = (sum(int(p.shape[0]) for p in parts), *parts[0].shape[1:]) if parts[0].dim() else ()
+    shape = tuple(shape[::-1]) if transpose else tuple(shape)
 
     def convert():
-        w = t.detach().t() if transpose else t.detach()
+        w = torch.cat([p.detach() for p in parts], 0) if len(parts) > 1 else parts[0].detach()
+        w = w.t() if transpose else w
         return TorchTensor(w.to(dtype).contiguous(), name=name)
 
-    ir_dtype = TorchTensor(t.new_empty(0, dtype=dtype)).dtype  # the graph dtype, nothing converted yet
+    ir_dtype = TorchTensor(parts[0].new_empty(0, dtype=dtype)).dtype  # the graph dtype, nothing converted yet
     return ir.LazyTensor(convert, dtype=ir_dtype, shape=ir.Shape(shape), name=name)
 
 

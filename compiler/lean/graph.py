@@ -62,7 +62,8 @@ class LeanGraph:
         return self.tape.initializer(lazy_initializer(t, self.dtype, name), name=name)
 
     def matmul_weight(self, name: str, w: torch.Tensor) -> ir.Value:
-        """W (out, in) stored transposed (in, out), as MatMul(x, W^T) wants it (transposed when written)."""
+        """W (out, in) stored transposed (in, out), as MatMul(x, W^T) wants it (transposed when written); `w` may be
+        a list of row blocks (a fused weight), stacked when written."""
         return self.tape.initializer(lazy_initializer(w, self.dtype, name, transpose=True), name=name)
 
     def const_i64(self, values, name: str) -> ir.Value:

@@ -202,7 +202,8 @@ class SpecLean:
         return x, None, None
 
     def qkv_weights(self, i: int):
-        """(W (3 parts stacked: q | k | v rows), b or None, part sizes)."""
+        """(W: the fused (rows, in) tensor or the [q, k, v] row blocks, stacked when written; b or None;
+        part sizes)."""
         s, d = self.spec, self.dims
         sizes = [d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.num_kv_heads * d.head_dim]
         if s.qkv:
@@ -214,7 +215,7 @@ class SpecLean:
         ws = [self.w(self.p(i, f"{s.attn}.{n}")) for n in (s.q, s.k, s.v)]
         b = None if all(b is None for _, b in ws) else torch.cat(
             [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for w, b in ws])
-        return torch.cat([w for w, _ in ws], 0), b, sizes
+        return [w for w, _ in ws], b, sizes  # stacked q | k | v rows when written (onnx_io.lazy_initializer)
 
     def attention(self, i: int, h):
         g, s, d = self.g, self.spec, self.dims
@@ -246,7 +247,7 @@ class SpecLean:
                 wgu, bgu = self.w(self.p(i, s.gate_up))
             else:
                 (wg, bg), (wu, bu) = (self.w(self.p(i, n)) for n in s.mlp_in)
-                wgu = torch.cat([wg, wu], 0)
+                wgu = [wg, wu]  # stacked gate | up rows when written (onnx_io.lazy_initializer): no copy held
                 bgu = None if bg is None and bu is None else torch.cat(
                     [bg if bg is not None else torch.zeros(wg.shape[0]), bu if bu is not None else torch.zeros(wu.shape[0])])
             gu = g.linear(self.p(i, "mlp.gate_up_proj"), h, wgu, bgu)  # (B, T, 2 F)
