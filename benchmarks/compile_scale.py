@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["135m", "0.5b"], choices=list(SIZES))
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "compile_scale")
     ap.add_argument("--skip-genai", action="store_true", help="time only ours")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other sizes already in the output directory's compile_scale.json")
     ap.add_argument("--make", choices=list(SIZES), help=argparse.SUPPRESS)
     add_output_args(ap)
     args = ap.parse_args(argv)
@@ -223,8 +225,12 @@ def main(argv=None) -> int:
                         "command": "tapernorm compile DIR --out OUT --parity-tokens 4 (child process, nice 10)"},
            "note": "one run per cell on a shared 2-core machine (other jobs running); genai's builder runs on each "
                    "size's plain directory", "rows": []}
+    old = output_dir(args) / "compile_scale.json"
+    if args.merge and old.is_file():
+        res["rows"] = [r for r in json.loads(old.read_text())["rows"] if r["size"] not in args.sizes]
     for size in args.sizes:  # results written after each size: a long run keeps what it measured
         res["rows"] += run_size(size, args.cache, work, args.skip_genai)
+        res["rows"].sort(key=lambda r: (list(SIZES).index(r["size"]), r["variant"]))
         write_results(output_dir(args) / "compile_scale", res, markdown(res))
     return 0
 

@@ -199,8 +199,8 @@ def check_fits(d: str | os.PathLike, dtype: str = "float32") -> FitEstimate | No
                 "a smaller --dtype will not help further")
         raise CompileFitError(
             f"{d}: compiling {_count(est.params)} parameters into {dtype} needs about {est.peak_bytes / gib:.1f} GiB "
-            f"({est.factor:g}x the {est.compute_bytes / gib:.1f} GiB of {dtype} weights + {est.overhead_bytes / gib:.1f} "
-            f"GiB), but only {limit / gib:.1f} GiB is available ({source}); {hint}, or compile on a machine with more "
+            f"({est.factor:g}x the {est.compute_bytes / gib:.1f} GiB of {dtype} weights + "
+            f"{est.overhead_bytes / gib:.1f} GiB), but only {limit / gib:.1f} GiB is available ({source}); {hint}, or compile on a machine with more "
             f"memory (set {MEMORY_ENV} to change the limit). Nothing was loaded or written")
     return est
 
