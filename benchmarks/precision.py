@@ -178,7 +178,7 @@ def speed(models: dict, genai_dirs: dict, args, log) -> dict:
     ours = {}
     for name, (d, f) in models.items():
         sess = DecoderSession(d, variant=f, provider="cpu", intra_op_threads=args.threads, inter_op_threads=1,
-                              spinning=False)
+                              spinning=None)  # onnxruntime's default, as genai's worker session has it
         ours[name] = (sess, OrtDecoder(sess, max_len=max_len))
     for name, d in genai_dirs.items():
         worker.call({"cmd": "load", "name": name, "dir": str(d), "threads": args.threads})
@@ -231,6 +231,30 @@ def _speed_summary(times: dict, batch: int, bytes_step: dict) -> dict:
     return {"variants": rows, "ratios": pairs}
 
 
+def int4_variants(work: Path, args, ids: list[int], log) -> dict:
+    """Held-out perplexity of baseline and folded model.onnx at other int4 settings (cached by file mtime)."""
+    from tapernorm.compiler.quantize import QuantSpec, quantize_file
+    out, res = work / "block_exp", {}
+    out.mkdir(exist_ok=True)
+    cache_path = out / "ppl_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    for spec in args.int4_variants:
+        block, level = (int(x) for x in spec.split(":"))
+        for name in ("baseline", f"tapered_{args.mode}"):
+            dst = out / f"{name}_b{block}_l{level}.onnx"
+            if not dst.is_file():
+                quantize_file(work / f"{name}_fp32" / "model.onnx", dst,
+                              QuantSpec(bits=4, block_size=block, accuracy_level=level or None))
+            hit = cache.get(dst.name)
+            if not hit or hit["mtime"] != dst.stat().st_mtime or hit["tokens"] != len(ids):
+                ppl = perplexity(all_position_logits(dst, work / "allpos"), ids, args.chunk, args.threads)["ppl"]
+                hit = cache[dst.name] = {"mtime": dst.stat().st_mtime, "tokens": len(ids), "ppl": ppl}
+                cache_path.write_text(json.dumps(cache))
+            res[f"{'baseline' if name == 'baseline' else 'folded'}_int4_b{block}_l{level}"] = hit["ppl"]
+            log(f"[precision] int4 block {block} level {level} {name}: {hit['ppl']:.3f}")
+    return res
+
+
 def _speed_graphs(args) -> str:
     """Which graphs the speed rows timed."""
     if not args.speed_tapered:
@@ -256,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "precision_cache", help="cached builds")
     ap.add_argument("--quick", action="store_true", help="512 tokens, 3 rounds, 16 steps")
+    ap.add_argument("--int4-variants", nargs="*", default=["16:4", "64:4", "32:1"], metavar="BLOCK:LEVEL",
+                    help="extra int4 settings (block size : accuracy level, 0 = unset) for baseline vs folded")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--speed-tapered", type=Path, default=None,
                     help="a tapered HF dir at gate 0 whose logits are finite (any weights: decode time does not depend "
@@ -283,19 +309,26 @@ def main(argv=None) -> int:
     quant = {}
     for p, bits in (("int8", 8), ("int4", 4)):
         for name, src in (("baseline", work / "baseline_fp32"), ("tapered", work / f"tapered_{args.mode}_fp32")):
-            fs = ["model.onnx"] + (["model_unfused.onnx"] if name == "tapered" else [])
+            fs = ["model.onnx"] + (["model_unfused.onnx"] if name == "tapered" and taper["gate0_logits_finite"] else [])
             quant[f"{name}_{p}"] = quantized_copy(src, src.with_name(src.name.replace("fp32", p)), bits, fs,
                                                   args.block_size, args.accuracy_level)
         for k, (d, f) in files.items():
             dirs[(p, k)] = (d.with_name(d.name.replace("fp32", p)), f)
     genai = {p: genai_build(hf, work / f"genai_{p}", p, log) for p in PRECS}
-    ppl, ref = {}, {}  # ref: the fp32 baseline graph's first-window logits, for the drift figures
-    for p in PRECS:
-        for k in ("baseline", "folded", "unfused", "genai"):
-            d, f = (genai[p], "model.onnx") if k == "genai" else dirs[(p, k)]
-            ppl[f"{k}_{p}"] = perplexity(all_position_logits(d / f, work / "allpos"), ids, args.chunk, args.threads,
-                                         ref=ref)
-            log(f"[precision] ppl {k} {p}: {ppl[f'{k}_{p}']['ppl']:.3f}")
+    graphs = {f"{k}_{p}": (genai[p] / "model.onnx" if k == "genai" else dirs[(p, k)][0] / dirs[(p, k)][1])
+              for p in PRECS for k in ("baseline", "folded", "unfused", "genai")}
+    key = json.dumps([len(ids), args.chunk, {n: [str(g), g.stat().st_mtime] for n, g in graphs.items()}])
+    cache = work / "ppl_cache.json"
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:
+        ppl = cached["ppl"]
+    else:
+        ppl, ref = {}, {}  # ref: the fp32 baseline graph's first-window logits, for the drift figures
+        for n, g in graphs.items():
+            ppl[n] = perplexity(all_position_logits(g, work / "allpos"), ids, args.chunk, args.threads, ref=ref)
+            log(f"[precision] ppl {n}: {ppl[n]['ppl']:.3f}")
+        cache.write_text(json.dumps({"key": key, "ppl": ppl}))
+    variants = int4_variants(work, args, ids, log)
     recon = matched_linears(dirs[("fp32", "folded")], dirs[("fp32", "unfused")], dirs[("int4", "folded")],
                             dirs[("int4", "unfused")])
     spd = None
@@ -318,7 +351,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "precision", "machine": machine_info(), "versions": library_versions(
         ("torch", "onnxruntime", "onnx", "numpy", "transformers")), "settings": {k: str(v) for k, v in vars(args).items()},
         "checkpoint": str(hf), "held_out": text_info, "tapered": taper, "compile": comp, "quantize": quant,
-        "perplexity": ppl, "int4_reconstruction": recon, "speed": spd, "seconds": round(time.perf_counter() - t0, 1),
+        "perplexity": ppl, "int4_variants": variants, "int4_reconstruction": recon, "speed": spd, "seconds": round(time.perf_counter() - t0, 1),
         "speed_graphs": _speed_graphs(args)}
     from precision_report import markdown
     js, md = write_results(output_dir(args) / "precision", result, markdown(result))

@@ -87,10 +87,16 @@ def markdown(r: dict) -> str:
         "Drift from the fp32 baseline graph on the first held-out window (max |logit| there: "
         f"{next((v['logit_scale_fp32_baseline'] for v in r['perplexity'].values() if 'logit_scale_fp32_baseline' in v), 0):.3g}):",
         "", *_drift_table(r), "",
+        "Other int4 settings, baseline vs folded (held-out perplexity; block : accuracy level, 0 = unset):", "",
+        "| setting | baseline | folded | folded / baseline |", "|---|---|---|---|",
+        *[f"| {k.split('_int4_')[1]} | {v:.3f} | {r['int4_variants'][k.replace('baseline', 'folded')]:.3f} | "
+          f"{r['int4_variants'][k.replace('baseline', 'folded')] / v:.4f} |"
+          for k, v in r.get("int4_variants", {}).items() if k.startswith("baseline")], "",
         "## int4 reconstruction error per linear (relative Frobenius), folded vs unfolded", "", *_recon(r), "",
         "## Decode speed, lockstep (ours: our loop on this venv's onnxruntime; genai: its build + loop)", "",
         f"Our graphs timed: {r.get('speed_graphs')}. Prompt {s['prompt_len']} random tokens, {s['steps']} steps "
-        f"timed per run, {s['rounds']} rounds, order reshuffled each round, {s['threads']} threads each. "
+        f"timed per run, {s['rounds']} rounds, order reshuffled each round, {s['threads']} threads each, thread "
+        "spinning at onnxruntime's default on both sides. "
         "Weight GB/s = bytes of the MatMul / MatMulNBits initializers (one decode step reads each once) / step time.",
         "",
         *_speed(r), ""])
