@@ -68,7 +68,9 @@ def _trained_model(mode="internal"):
 def test_checkpoint_roundtrip_hf_layout(tmp_path, tok):
     m = _trained_model()
     out = save_checkpoint(m, tmp_path / "ck", tokenizer_path=tok.path, extra={"note": "x"})
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    # tokenizer.json: transformers' SentencePiece converter, so onnxruntime-genai's og.Tokenizer reads run dirs
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+                                       "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["taper"] == {"mode": "internal", "gate": 0.25} and cfg["note"] == "x"
