@@ -42,6 +42,7 @@ from .hf_compile import load_for_compile
 from .onnx_fold import check_statistics
 from .onnx_io import load_onnx
 from .lean import NEAREST, LeanError, spec_for, write_genai_config
+from .lean.hf_arch import check_config
 from .tokenizer_files import COPIED_FILES, copy_tokenizer_files, update_runtime_json
 from .lean.export import export_lean_pair, optimized_counts
 from .precision import apply_precision, plan_precision, precision_parity
@@ -291,6 +292,14 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
                                + (f" (nearest family: {near})" if near else "") + "; using --graph generic")
             log(hf_info["lean"])
             graph = "generic"
+        else:  # a config value outside what the spec maps (rope type, activation): one line naming the key
+            try:
+                hf_cfg = model.hf.config
+                check_config(spec_for(hf_info["model_type"]), getattr(hf_cfg, "get_text_config", lambda: hf_cfg)())
+            except LeanError as e:
+                hf_info["lean"] = f"{e}; using --graph generic"
+                log(hf_info["lean"])
+                graph = "generic"
         fallback_generic = True  # a feature GroupQueryAttention cannot express: one line, then the generic export
     cfg = model.config
     if parity_tokens >= cfg.max_seq_len:

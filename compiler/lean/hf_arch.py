@@ -25,7 +25,7 @@ from .families import DecoderDims, FamilySpec
 from .graph import MS, LeanGraph
 from .weights import LeanError, NormSpec
 
-__all__ = ["SpecLean", "ACTIVATIONS", "ROPE_TYPES"]
+__all__ = ["SpecLean", "ACTIVATIONS", "ROPE_TYPES", "check_config"]
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -49,22 +49,28 @@ def _rope_types(cfg) -> list[tuple[str, str]]:
     return [("rope_parameters.rope_type", (rp or {}).get("rope_type", (rp or {}).get("type", "default")))]
 
 
+def check_config(spec: FamilySpec, cfg) -> str:
+    """The lean activation ("silu" | "gelu_tanh" | "gelu") of a config the spec maps; LeanError naming the key of
+    a value outside it (an activation without a lean op, a rope scaling a fixed cos/sin cache cannot express)."""
+    key, act = _act_key(cfg, spec.act)
+    if act not in ACTIVATIONS:
+        raise LeanError(f"config {key}={act!r}: no lean op for this activation (have {sorted(ACTIVATIONS)}); "
+                        "compile with --graph generic")
+    if spec.rope:
+        for k, t in _rope_types(cfg):
+            if t not in ROPE_TYPES:
+                raise LeanError(f"config {k}={t!r}: a fixed cos/sin cache cannot express this rope scaling "
+                                f"(have {list(ROPE_TYPES)}); compile with --graph generic")
+    return ACTIVATIONS[act]
+
+
 class SpecLean:
     """Walks the blocks of `root` (an HF causal LM or a DecoderLM) as `spec` says and emits the lean graph."""
 
     def __init__(self, spec: FamilySpec, root: nn.Module, dims: DecoderDims, cfg, linears: dict,
                  norms: dict[str, NormSpec], dtype: torch.dtype):
         self.spec, self.root, self.dims, self.cfg, self.lin, self.norms = spec, root, dims, cfg, linears, norms
-        key, act = _act_key(cfg, spec.act)
-        if act not in ACTIVATIONS:
-            raise LeanError(f"config {key}={act!r}: no lean op for this activation (have {sorted(ACTIVATIONS)}); "
-                            "compile with --graph generic")
-        self.act = ACTIVATIONS[act]
-        if spec.rope:
-            for k, t in _rope_types(cfg):
-                if t not in ROPE_TYPES:
-                    raise LeanError(f"config {k}={t!r}: a fixed cos/sin cache cannot express this rope scaling "
-                                    f"(have {list(ROPE_TYPES)}); compile with --graph generic")
+        self.act = check_config(spec, cfg)
         if dims.head_dim % 8:
             raise LeanError(f"{spec.layers}.0.{spec.attn}: head_dim {dims.head_dim} is not a multiple of 8, which "
                             "GroupQueryAttention needs; compile with --graph generic")

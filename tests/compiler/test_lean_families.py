@@ -112,3 +112,19 @@ def test_family_lean_parity(tmp_path, family):
     assert all(k.startswith("map_") for k in facts["unfused"]["norms"].values()), facts["unfused"]["norms"]
     st = facts["folded"]["statistics_check"]
     assert st["ok"] and st["total"] == 0, st
+
+
+def test_unmapped_config_values_are_one_line():
+    """A rope scaling a fixed cos/sin cache cannot express, an unknown activation: one line naming the key."""
+    import transformers
+    from tapernorm.compiler.lean import LeanError, SPECS
+    from tapernorm.compiler.lean.hf_arch import check_config
+    cfg = transformers.LlamaConfig(**{**BASE, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                                  "factor": 2.0}})
+    with pytest.raises(LeanError, match=r"^config rope_parameters\.rope_type='dynamic': .*--graph generic") as e:
+        check_config(SPECS["llama"], cfg)
+    assert "\n" not in str(e.value)
+    cfg = transformers.LlamaConfig(**{**BASE, "hidden_act": "relu2"})
+    with pytest.raises(LeanError, match=r"^config hidden_act='relu2': no lean op for this activation"):
+        check_config(SPECS["llama"], cfg)
+    assert check_config(SPECS["gemma"], transformers.GemmaConfig(**BASE)) == "gelu_tanh"
