@@ -3,7 +3,8 @@
 Reads one JSON command per line on stdin, answers one JSON line on stdout:
     {"cmd": "load", "name": N, "dir": D, "threads": T}          -> {"ok": true, "seconds": s}
     {"cmd": "run", "name": N, "prompt": [[ids]], "new": K}       -> {"prefill_s", "decode_s", "steps", "tokens"}
-    {"cmd": "load_ours", "name": N, "dir": D, "threads": T, "max_len": L}   our runtime's loop in this venv
+    {"cmd": "load_ours", "name": N, "dir": D, "threads": T, "max_len": L[, "spinning": false | null]}   our runtime's
+        loop in this venv (spinning null: onnxruntime's default, as genai's sessions have)
     {"cmd": "quit"}
 `load_ours` (tapernorm installed --no-deps in this venv) runs our own decode loop on this venv's onnxruntime, so
 the benchmark can tell the loop from the onnxruntime version (genai pins its own onnxruntime).
@@ -21,10 +22,10 @@ import onnxruntime_genai as og
 models, ours = {}, {}
 
 
-def load_ours(name, path, threads, max_len):
+def load_ours(name, path, threads, max_len, spinning=False):
     from tapernorm.runtime import DecoderSession, OrtDecoder
     t0 = time.perf_counter()
-    sess = DecoderSession(path, provider="cpu", intra_op_threads=int(threads), inter_op_threads=1, spinning=False)
+    sess = DecoderSession(path, provider="cpu", intra_op_threads=int(threads), inter_op_threads=1, spinning=spinning)
     ours[name] = OrtDecoder(sess, max_len=int(max_len))
     return {"ok": True, "seconds": time.perf_counter() - t0}
 
@@ -79,7 +80,7 @@ def main():
             if msg["cmd"] == "load":
                 out = load(msg["name"], msg["dir"], msg["threads"])
             elif msg["cmd"] == "load_ours":
-                out = load_ours(msg["name"], msg["dir"], msg["threads"], msg["max_len"])
+                out = load_ours(msg["name"], msg["dir"], msg["threads"], msg["max_len"], msg.get("spinning", False))
             elif msg["name"] in ours:
                 out = run_ours(msg["name"], msg["prompt"], msg["new"])
             else:

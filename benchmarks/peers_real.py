@@ -12,7 +12,7 @@ variant runs on the same onnxruntime build:
     genai_builder    `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32 -e cpu`, genai's loop
 Lockstep: each round draws one random prompt (B, P); every variant decodes it as one block (prefill + N - 1
 timed steps) in an order reshuffled each round. tok/s = B (N - 1) / decode seconds; ratios are medians over
-rounds of same-round pairs, with min-max spread. ORT: intra-op --threads, inter-op 1, no spinning.
+rounds of same-round pairs, with min-max spread. ORT: intra-op --threads, inter-op 1; our sessions do not spin unless --spinning default (genai keeps ORT's default).
 The GGUF -> HF conversion is benchmarks/real_checkpoint.py's (the package never does it).
 
     nice -n 10 .venv/bin/python benchmarks/peers_real.py [--batches 1,4 --rounds 7 --save]
@@ -158,7 +158,8 @@ def ratios(tok_s: dict) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"# Real checkpoint decode: {res['checkpoint']}", "",
              f"fp32, prompt {res['settings']['prompt_len']}, {res['settings']['new_tokens'] - 1} timed steps, "
-             f"{res['settings']['rounds']} rounds, {res['settings']['threads']} threads, one process "
+             f"{res['settings']['rounds']} rounds, {res['settings']['threads']} threads (our sessions' spinning: "
+             f"{res['settings']['spinning']}; genai's: onnxruntime's default), one process "
              f"(onnxruntime-genai {res['genai_version']}). Compiled node counts after ORT optimization: "
              + ", ".join(f"{k} {v}" for k, v in res["ort_nodes"].items())
              + f". Tapered variant: taperize {res['taper_mode_used']}, calibrate, gate 0, no fine-tuning. "
@@ -184,6 +185,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "tapernorm" / "peers_real"))
     ap.add_argument("--no-generic", action="store_true", help="skip the generic export (slow to compile)")
     ap.add_argument("--genai-python", default=None)
+    ap.add_argument("--spinning", default="off", choices=["off", "default"],
+                    help="our sessions' intra-op spinning: off, or onnxruntime's default (genai's sessions keep theirs)")
     add_output_args(ap)
     args = ap.parse_args()
     gpy = find_genai_python(args.genai_python)
@@ -205,7 +208,8 @@ def main() -> int:
              "genai_tapered": ("load", "tapered"), "genai_builder": ("load", "builder"),
              **({"ours_generic": ("load_ours", "generic")} if "generic" in dirs else {})}
     for name, (cmd, d) in loads.items():
-        worker.call({"cmd": cmd, "name": name, "dir": str(dirs[d]), "threads": args.threads, "max_len": ctx})
+        worker.call({"cmd": cmd, "name": name, "dir": str(dirs[d]), "threads": args.threads, "max_len": ctx,
+                     "spinning": None if args.spinning == "default" else False})
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     res = {"checkpoint": str(hf), "machine": machine_info(), "versions": library_versions(),
            "genai_version": worker.version, "loadavg_before": loadavg(), "settings": vars(args),
@@ -219,7 +223,8 @@ def main() -> int:
         print(f"[bench] batch {b}: " + ", ".join(f"{k} x{v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
     worker.close()
     res["loadavg_after"] = loadavg()
-    paths = write_results(output_dir(args) / "peers_real", res, markdown(res))
+    stem = "peers_real" + ("" if args.spinning == "off" else "_spin-default")
+    paths = write_results(output_dir(args) / stem, res, markdown(res))
     print(f"[bench] wrote {paths[0]} and {paths[1]}")
     return 0
 
