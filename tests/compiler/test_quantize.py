@@ -130,3 +130,26 @@ def test_fp16_lean_graph_from_fp32_fold(tmp_path):
     m = onnx.load(tmp_path / "out" / "model.onnx")
     assert m.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert json.loads((tmp_path / "out" / "runtime.json").read_text())["dtype"] == "float16"
+
+
+def test_precision_benchmark_helpers_on_a_tiny_lean_pair(tmp_path):
+    """benchmarks/precision_eval.py: all-position logits of a lean graph, perplexity, the per-linear int4 error."""
+    import sys
+    from lean_util import build_lean_dir
+    from tapernorm.compiler.quantize import quantize_file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from precision_eval import all_position_logits, matched_linears, perplexity, step_weight_bytes
+    build_lean_dir(lean_model("tiny", "all", 2), tmp_path / "f32")
+    (tmp_path / "q4").mkdir()
+    for f in ("model.onnx", "model_unfused.onnx"):
+        quantize_file(tmp_path / "f32" / f, tmp_path / "q4" / f, QuantSpec(bits=4, block_size=16))
+    ids = [(7 * i + 3) % 256 for i in range(40)]
+    ref: dict = {}
+    p32 = perplexity(all_position_logits(tmp_path / "f32" / "model.onnx", tmp_path / "c"), ids, 16, 1, 16, ref=ref)
+    p4 = perplexity(all_position_logits(tmp_path / "q4" / "model.onnx", tmp_path / "c"), ids, 16, 1, 16, ref=ref)
+    assert p32["tokens_scored"] == p4["tokens_scored"] == 37 and np.isfinite(p4["ppl"])
+    assert 0 < p4["mean_kl_vs_fp32_baseline"] and 0 < p4["top1_agreement_vs_fp32_baseline"] <= 1
+    rec = matched_linears((tmp_path / "f32", "model.onnx"), (tmp_path / "f32", "model_unfused.onnx"),
+                          (tmp_path / "q4", "model.onnx"), (tmp_path / "q4", "model_unfused.onnx"))
+    assert rec["n_folded_linears"] == 5 and all(r["rel_folded"] > 0 for r in rec["linears"])  # 2 x (qkv, gate_up) + lm_head
+    assert step_weight_bytes(tmp_path / "q4" / "model.onnx") < step_weight_bytes(tmp_path / "f32" / "model.onnx") / 4
