@@ -4,7 +4,7 @@ Random-weight models (depth 8, 16 heads, vocab 4096 by default) at each width. T
 model (calibrated, gate 0) goes through the real compile pipeline (fold + materialize + export +
 parity); the baseline (plain RMSNorm, same weight shapes) through the same exporter, twice: as
 exported (`x * rsqrt(mean(x^2) + eps)`, which ORT does not fuse) and in the `x / sqrt(...)` form that
-ORT fuses into SimplifiedLayerNormalization (the fair baseline, DESIGN.md section 3).
+ORT fuses into SimplifiedLayerNormalization (the fair baseline).
 
 Timing: every variant decodes the same random prompt; variants advance one decode step at a time in
 lockstep, the order reshuffled at every step; each round is one prompt + N new tokens; speedups are

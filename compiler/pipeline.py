@@ -388,7 +388,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         del sessions
         stages.begin("finish", "genai_config.json, ORT node counts, report")
         if graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
-            write_genai_config(tmp, cfg, eos_id=tok_ids["eos_id"], bos_id=tok_ids["bos_id"], provider=provider)
+            write_genai_config(tmp, cfg, eos_id=tok_ids["eos_id"], bos_id=tok_ids["bos_id"], provider=provider,
+                               eos_ids=toks.eos_ids)
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": plan.graph_dtype, "arch": cfg.arch, "graph": graph,
             "precision": prec,

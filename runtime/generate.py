@@ -50,7 +50,7 @@ class OrtDecoder:
       the (B, 1, V) logits are copied to a preallocated host buffer.
     - CPU: plain `session.run` with one reused feed dict. On CPU the numpy inputs/outputs are zero-copy
       and this path measured ~15% faster per step than IOBinding at w128 (the binding calls cost
-      ~100-200 us per step; DESIGN.md section 3).
+      ~100-200 us per step).
     """
 
     def __new__(cls, session: DecoderSession, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""The package layering (DESIGN.md section 4): imports form a DAG that reads like the pipeline.
+"""The package layering: imports form a DAG that reads like the pipeline.
 
 For each package, a fresh interpreter imports it and we look at what else landed in sys.modules.
 """

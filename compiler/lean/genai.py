@@ -21,11 +21,13 @@ GENAI_MODEL_TYPE = "llama"  # every lean graph has the same plain decoder interf
 
 
 def genai_config(cfg, *, filename: str = "model.onnx", eos_id: int | None = None, bos_id: int | None = None,
-                 provider: str = "cpu") -> dict:
+                 provider: str = "cpu", eos_ids: list[int] | None = None) -> dict:
     """The genai_config.json dict for a lean graph of `cfg` (a DecoderLM ModelConfig, an HFCompileConfig or
-    DecoderDims; eos falls back to 0 when the model has none)."""
+    DecoderDims). `eos_ids` (every end token, as runtime.json's) becomes a list, which genai stops at, as its
+    own builder writes for chat models; else `eos_id`; eos falls back to 0 when the model has none."""
     d = cfg if isinstance(cfg, DecoderDims) else dims_of(cfg)
-    eos = eos_id if eos_id is not None and 0 <= eos_id < d.vocab else 0  # genai refuses out-of-vocab eos
+    ids = [i for i in (eos_ids or ([eos_id] if eos_id is not None else [])) if 0 <= i < d.vocab]  # genai refuses out-of-vocab
+    eos = ids[0] if ids else 0
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else
                             [{"cuda": {}}]},
@@ -38,7 +40,7 @@ def genai_config(cfg, *, filename: str = "model.onnx", eos_id: int | None = None
     }
     return {
         "model": {"bos_token_id": bos_id if bos_id is not None and bos_id >= 0 else eos,
-                  "context_length": d.max_seq_len, "decoder": decoder, "eos_token_id": eos, "pad_token_id": eos,
+                  "context_length": d.max_seq_len, "decoder": decoder, "eos_token_id": ids if len(ids) > 1 else eos, "pad_token_id": eos,
                   "type": GENAI_MODEL_TYPE, "vocab_size": d.vocab},
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": d.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
@@ -50,9 +52,8 @@ def genai_config(cfg, *, filename: str = "model.onnx", eos_id: int | None = None
 def write_genai_config(out_dir: str | Path, cfg, **kw) -> Path:
     """Write `out_dir/genai_config.json` atomically.
 
-    No tokenizer files for genai: its tokenizer reads an HF tokenizer.json, and turning our SentencePiece BPE model
-    into one needs protobuf and transformers' converter at compile time. `tapernorm generate --engine genai`
-    tokenizes with tokenizer.model itself; og.Model(DIR) with token ids needs nothing else.
+    genai's og.Tokenizer reads the tokenizer.json / tokenizer_config.json that compile copies beside it
+    (compiler/tokenizer_files.py; run directories get a tokenizer.json converted from SentencePiece).
     """
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "genai_config.json", json.dumps(genai_config(cfg, **kw), indent=2))

@@ -22,7 +22,7 @@ __all__ = ["FinetuneConfig", "SCHEDULES", "MODES", "add_cli", "config_from_args"
 
 MODES = ("internal", "all", "baseline")
 
-# Table 3 of the paper (DESIGN.md section 1): total steps, LR-warmup end, taper start, taper end (gate 0 from there)
+# Table 3 of the paper: total steps, LR-warmup end, taper start, taper end (gate 0 from there)
 SCHEDULES: dict[str, tuple[int, int, int, int]] = {
     "gpt2-s": (300, 25, 25, 100),
     "gpt2-m": (500, 10, 20, 200),
