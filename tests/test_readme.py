@@ -40,7 +40,7 @@ def demo_dir(tmp_path_factory):
     tok = demo / "tokenizer.model"
     train_tokenizer(builtin_corpus(), 256, tok)
     save_checkpoint(make_tiny("tiny", "internal"), demo / "run" / "model", tokenizer_path=tok)
-    compile_checkpoint(demo / "run" / "model", demo / "compiled", parity_tokens=4)
+    compile_checkpoint(demo / "run" / "model", demo / "compiled", parity_tokens=4, unfused=True)
     return root
 
 
