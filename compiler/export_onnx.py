@@ -222,11 +222,12 @@ def export_onnx(module: nn.Module, cfg, path: str | Path, dtype: str = "float32"
 def runtime_config(cfg, dtype: str = "float32", eos_id: int | None = None, bos_id: int | None = None) -> dict:
     """The runtime.json contents (genai_config-like): what a decoder session needs to bind the cache.
 
-    Heads are explicit (compiler.lean.DecoderDims): `num_heads` (query heads), `num_kv_heads` (the cache's heads);
-    `n_heads` is the cache's heads too, the name the runtime binds the past with (RuntimeConfig.n_heads)."""
+    Heads are explicit (compiler.lean.DecoderDims): `num_heads` (query heads), `num_kv_heads` (the cache's heads,
+    RuntimeConfig.num_kv_heads). There is no `n_heads`: ModelConfig.n_heads means query heads, and one name has one
+    meaning (the runtime still reads an older file's `n_heads` as the cache's heads)."""
     from .lean.families import dims_of
     d = dims_of(cfg)
-    return {"n_layers": cfg.n_layers, "n_heads": d.num_kv_heads, "num_heads": d.num_heads,
+    return {"n_layers": cfg.n_layers, "num_heads": d.num_heads,
             "num_kv_heads": d.num_kv_heads, "head_dim": cfg.head_dim,
             "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len, "dtype": dtype,
             "eos_id": eos_id, "bos_id": bos_id}

@@ -1,7 +1,7 @@
 """An onnxruntime session over a compiled tapernorm model directory.
 
 A compiled dir holds `model.onnx` (folded), `model_unfused.onnx`, `tokenizer.model`, `config.json`,
-`compile_report.json` and `runtime.json` ({"n_layers", "n_heads", "head_dim", "vocab_size",
+`compile_report.json` and `runtime.json` ({"n_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
 "max_seq_len", "dtype", "eos_id", "bos_id", "eos_ids", "add_bos", "tokenizer"}). The graph has the HF / onnxruntime-genai interface:
 
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
@@ -48,7 +48,9 @@ class _MixedFiles(ModelDirError):
 
 
 MAX_CONTEXT = 1 << 20  # tokens; a larger max_seq_len is a corrupt value, not a model this runtime serves
-_INT_RANGES = {"n_layers": (1, 4096), "n_heads": (1, 65536), "head_dim": (1, 65536), "vocab_size": (1, 1 << 24),
+_INT_RANGES = {"n_layers": (1, 4096), "num_heads": (1, 65536), "num_kv_heads": (1, 65536),
+               "n_heads": (1, 65536),  # files before the explicit heads: the cache's heads
+               "head_dim": (1, 65536), "vocab_size": (1, 1 << 24),
                "max_seq_len": (1, MAX_CONTEXT)}
 
 
@@ -90,10 +92,11 @@ def check_runtime_fields(data: dict, where: Path) -> None:
 class RuntimeConfig:
     """What the decode loop needs to know about a compiled model (runtime.json, checked against the graph)."""
     n_layers: int
-    n_heads: int
+    num_kv_heads: int  # the heads the KV cache holds (the past inputs' dim 1)
     head_dim: int
     vocab_size: int
     max_seq_len: int | None = None
+    num_heads: int | None = None  # query heads (informational: the graph computes them)
     dtype: str = "float32"
     eos_id: int | None = None
     bos_id: int | None = None
@@ -320,7 +323,7 @@ class DecoderSession:
     def _load_config(self) -> RuntimeConfig:
         """runtime.json if present, cross-checked against the graph; else inferred from graph + config.json."""
         H, D = self._past_shape[1], self._past_shape[3]
-        inferred = dict(n_layers=self.n_layers, n_heads=H if isinstance(H, int) else None,
+        inferred = dict(n_layers=self.n_layers, num_kv_heads=H if isinstance(H, int) else None,
                         head_dim=D if isinstance(D, int) else None, vocab_size=self._vocab,
                         dtype=np.dtype(self.np_dtype).name)
         rt_path = self.model_dir / "runtime.json"
@@ -333,6 +336,8 @@ class DecoderSession:
             if not isinstance(data, dict):
                 raise ModelDirError(f"{rt_path} must hold a JSON object; re-run `tapernorm compile`")
             check_runtime_fields(data, rt_path)
+            if "n_heads" in data:  # older runtime.json: n_heads meant the cache's heads
+                data.setdefault("num_kv_heads", data.pop("n_heads"))
             for k, v in inferred.items():
                 if v is not None and k in data and data[k] is not None and data[k] != v:
                     raise _MixedFiles(f"{rt_path}: {k}={data[k]!r} but {self.model_path.name} has {v!r}; "
@@ -352,7 +357,7 @@ class DecoderSession:
         self._check_context(int(data["max_seq_len"]), rt_path if rt_path.is_file() else cfg_path)
         merged = {**{k: v for k, v in inferred.items() if v is not None}, **{k: v for k, v in data.items()
                                                                              if k in RuntimeConfig.__dataclass_fields__}}
-        missing = [k for k in ("n_layers", "n_heads", "head_dim", "vocab_size") if merged.get(k) is None]
+        missing = [k for k in ("n_layers", "num_kv_heads", "head_dim", "vocab_size") if merged.get(k) is None]
         if missing:
             raise ModelDirError(f"cannot tell {missing} for {self.model_path}; add them to {rt_path} "
                                 f"(re-run `tapernorm compile`)")
@@ -374,7 +379,7 @@ class DecoderSession:
     # -- helpers used by the decode loop ----------------------------------------------------------
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
         """Zero-length past OrtValues (B, H, 0, D) on the session's device, one per past input."""
-        shape = [batch, self.config.n_heads, 0, self.config.head_dim]
+        shape = [batch, self.config.num_kv_heads, 0, self.config.head_dim]
         if self.device == "cuda":
             return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.np_dtype, "cuda", self.device_id)
                     for _ in self.past_names]

@@ -47,7 +47,7 @@ class SharedKVDecoder:
     def _alloc(self, B: int) -> None:
         """KV buffers (B, H, max_len, D) on the device, host mask/token/logits buffers; once per batch size."""
         s, c = self.session, self.session.config
-        shape = [B, c.n_heads, self.max_len, c.head_dim]
+        shape = [B, c.num_kv_heads, self.max_len, c.head_dim]
         if s.device == "cuda":
             self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, s.np_dtype, "cuda", s.device_id)
                         for _ in self._past_names]

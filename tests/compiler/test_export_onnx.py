@@ -146,7 +146,7 @@ def test_runtime_json(rms, tmp_path):
     model = rms[0]
     write_runtime_json(tmp_path, model.config, "float16", eos_id=2, bos_id=1)
     rt = json.loads((tmp_path / "runtime.json").read_text())
-    assert rt == {"n_layers": 2, "n_heads": 4, "num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "vocab_size": 256, "max_seq_len": 64,
+    assert rt == {"n_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "vocab_size": 256, "max_seq_len": 64,
                   "dtype": "float16", "eos_id": 2, "bos_id": 1}
 
 

@@ -108,10 +108,17 @@ def test_not_a_decoder_graph(tmp_path):
 def test_runtime_json_mismatch(compiled_dir, tmp_path):
     shutil.copy(compiled_dir / "model.onnx", tmp_path / "model.onnx")
     rt = json.loads((compiled_dir / "runtime.json").read_text())
-    (tmp_path / "runtime.json").write_text(json.dumps({**rt, "n_heads": 7}))
+    (tmp_path / "runtime.json").write_text(json.dumps({**rt, "num_kv_heads": 7}))
     with pytest.raises(ModelDirError) as e:
         DecoderSession(tmp_path)
-    assert "n_heads=7" in _one_line(e)
+    assert "num_kv_heads=7" in _one_line(e)
+    legacy = {k: v for k, v in rt.items() if k not in ("num_heads", "num_kv_heads")}  # a file before explicit heads
+    (tmp_path / "runtime.json").write_text(json.dumps({**legacy, "n_heads": 7}))
+    with pytest.raises(ModelDirError) as e:
+        DecoderSession(tmp_path)
+    assert "num_kv_heads=7" in _one_line(e)
+    (tmp_path / "runtime.json").write_text(json.dumps({**legacy, "n_heads": rt["num_kv_heads"]}))
+    assert DecoderSession(tmp_path, intra_op_threads=1).config.num_kv_heads == rt["num_kv_heads"]
     (tmp_path / "runtime.json").write_text("{not json")
     with pytest.raises(ModelDirError) as e:
         DecoderSession(tmp_path)
@@ -126,7 +133,7 @@ def test_config_inferred_without_runtime_json(compiled_dir, tmp_path):
         DecoderSession(tmp_path, intra_op_threads=1)
     shutil.copy(compiled_dir / "config.json", tmp_path / "config.json")
     s = DecoderSession(tmp_path, intra_op_threads=1)
-    assert (s.config.n_layers, s.config.n_heads, s.config.head_dim, s.config.vocab_size) == (2, 4, 8, 256)
+    assert (s.config.n_layers, s.config.num_kv_heads, s.config.head_dim, s.config.vocab_size) == (2, 4, 8, 256)
     assert s.config.max_seq_len == 64
 
 
