@@ -133,8 +133,7 @@ def _parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtype: st
     for name, sess in sessions.items():
         feeds = {"input_ids": np.asarray([prompt], np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64),
                  "position_ids": np.arange(len(prompt), dtype=np.int64)[None],
-                 **{n: np.zeros((1, sess.config.num_kv_heads, 0, sess.config.head_dim), sess.np_dtype)
-                    for n in sess.past_names}}  # empty past (1, H, 0, D)
+                 **sess.empty_past_arrays(1)}  # empty past (1, H_kv, 0, D)
         feeds = {k: v for k, v in feeds.items() if k in sess.input_names}  # lean graphs take no position_ids
         full = sess.session.run(["logits"], feeds)[0][0].astype(np.float32)  # (T, V); lean: (1, V), the last one
         prompt_diff = float(np.abs(full - ref_full[-full.shape[0]:]).max())

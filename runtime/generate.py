@@ -95,9 +95,8 @@ class OrtDecoder:
             self._bind_past(self.session.empty_past(B))
             self._logits = None  # (B, 1, V) host buffer the decode steps write into
             return self._run_bound()
-        zero = np.zeros((B, self.session.config.num_kv_heads, 0, self.session.config.head_dim), self.session.np_dtype)
         self._feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                       **{n: zero for n in self._past_names}}
+                       **self.session.empty_past_arrays(B)}
         return self._run_plain()
 
     # -- CPU: plain run, one feed dict reused ------------------------------------------------------------

@@ -377,14 +377,18 @@ class DecoderSession:
                                 "`tapernorm compile`")
 
     # -- helpers used by the decode loop ----------------------------------------------------------
+    def empty_past_arrays(self, batch: int) -> dict[str, np.ndarray]:
+        """{past input name: zero-length host array (B, H_kv, 0, D)}: the first step's past, for `session.run`."""
+        z = np.zeros((batch, self.config.num_kv_heads, 0, self.config.head_dim), dtype=self.np_dtype)
+        return {n: z for n in self.past_names}
+
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
-        """Zero-length past OrtValues (B, H, 0, D) on the session's device, one per past input."""
-        shape = [batch, self.config.num_kv_heads, 0, self.config.head_dim]
+        """Zero-length past OrtValues (B, H_kv, 0, D) on the session's device, one per past input (IOBinding)."""
         if self.device == "cuda":
+            shape = [batch, self.config.num_kv_heads, 0, self.config.head_dim]
             return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.np_dtype, "cuda", self.device_id)
                     for _ in self.past_names]
-        z = np.zeros(shape, dtype=self.np_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
+        return [ort.OrtValue.ortvalue_from_numpy(z) for z in self.empty_past_arrays(batch).values()]
 
     def io_binding(self) -> ort.IOBinding:
         """A fresh IOBinding (bind the outputs with `bind_outputs` before each run)."""
