@@ -161,8 +161,9 @@ def run_chat(gen, *, lines, write: Callable[[str], None], max_new_tokens: int = 
     return turns
 
 
-def add_chat_cli(subparsers, handler, formatter) -> None:
-    """Register `tapernorm chat DIR` (`handler(args)` runs it: runtime.generate_cli.cmd_chat)."""
+def add_chat_cli(subparsers, handler, formatter, add_sampling_args) -> None:
+    """Register `tapernorm chat DIR` (`handler(args)` runs it: runtime.generate_cli.cmd_chat; `add_sampling_args`
+    adds the flags it shares with `generate`)."""
     p = subparsers.add_parser(
         "chat", formatter_class=formatter,
         help="chat with a compiled instruct model (its chat template, keeps the history)",
@@ -174,13 +175,7 @@ def add_chat_cli(subparsers, handler, formatter) -> None:
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_CHAT_TOKENS, help="reply length limit")
     p.add_argument("--engine", choices=("ort", "genai"), default="ort",
                    help="ort: tapernorm's decode loop; genai: onnxruntime-genai's (lean compile, own venv)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop the reply when this text appears; it is not printed (repeatable)")
+    add_sampling_args(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=handler, provider="cpu", unfused=False, stop_token=[])
 

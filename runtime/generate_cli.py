@@ -114,6 +114,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling, thread and stop-string flags `generate` and `chat` share."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears; it is not printed (repeatable)")
+
+
 def add_cli(subparsers) -> None:
     """Register `tapernorm generate DIR --prompt ...` and `tapernorm chat DIR`."""
     p = subparsers.add_parser("generate", formatter_class=DefaultsFormatter,
@@ -129,13 +140,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="execution provider; cuda falls back to cpu with a warning when it cannot load")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears; it is not printed (repeatable)")
+    add_sampling_args(p)
     p.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     p.add_argument("--unfused", action="store_true", help="run model_unfused.onnx instead of the folded model.onnx")
     p.add_argument("--engine", choices=("ort", "genai"), default="ort",
@@ -144,4 +149,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=_cmd_generate)
     from .chat import add_chat_cli
-    add_chat_cli(subparsers, cmd_chat, DefaultsFormatter)
+    add_chat_cli(subparsers, cmd_chat, DefaultsFormatter, add_sampling_args)
