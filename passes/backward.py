@@ -20,7 +20,7 @@ import torch.fx as fx
 from .fold_math import fold_linear_rows, taper_map
 from .fold import module_path, sharing_refusal
 from .graph_utils import erase_site_nodes
-from .linears import Consumer, get_attr_tensor, linear_output, read_linear, weight_readers, write_linear
+from .linears import Consumer, StorageIndex, get_attr_tensor, linear_output, read_linear, weight_readers, write_linear
 from .backward_sum import sum_terms
 from .match import TaperSite, reads_metadata_only
 from .replay import concrete_dim as _concrete_dim
@@ -45,14 +45,14 @@ _SUM_HEADS = {aten.add.Tensor, aten.view.default, aten.reshape.default, aten._un
               aten.to.dtype, aten._to_copy.default, aten.index.Tensor, aten.mul.Tensor}
 
 
-def _plan_sum(gm, site: TaperSite, leaves: list, d: int, untie_embeddings: bool):
+def _plan_sum(gm, site: TaperSite, leaves: list, d: int, untie_embeddings: bool, index):
     for c in leaves:
         w = get_attr_tensor(gm, c.weight.target)
         n_out = w.shape[-2] if c.layout == "out_in" else w.shape[-1]
         if w.dim() not in (2, 3) or n_out != d or not w.is_floating_point():
             return None, f"{c.node.name}'s weight {tuple(w.shape)} does not produce {d} features"
     untied: list = []
-    reason = sharing_refusal(gm, site.name, leaves, untie_embeddings, untied)
+    reason = sharing_refusal(gm, site.name, leaves, untie_embeddings, untied, index)
     if reason:
         return None, reason.split(": ", 1)[1]
     return BackwardPlan(leaves[0], None, None, untied, leaves), None
@@ -78,8 +78,10 @@ def _chain(site: TaperSite):
         n = n.args[0]
 
 
-def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True):
-    """(BackwardPlan, None) if the site's map folds into the rows of the linear producing its input, else (None, reason)."""
+def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True,
+                  index: StorageIndex | None = None):
+    """(BackwardPlan, None) if the site's map folds into the rows of the linear producing its input, else (None, reason).
+    `index`: a StorageIndex shared by the pass's sites (None: a fresh one)."""
     lin, chain = _chain(site)
     d = site.module.weight_t.numel()
     if lin is None:
@@ -88,7 +90,7 @@ def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = 
         leaves, why = sum_terms(site, d)  # a post-norm on an MoE's weighted sum of expert outputs
         if why:
             return None, f"{chain}; nor is it a sum of linear outputs: {why}"
-        return _plan_sum(gm, site, leaves, d, untie_embeddings)
+        return _plan_sum(gm, site, leaves, d, untie_embeddings, index)
     w = get_attr_tensor(gm, lin.weight.target)
     out_val = lin.out.meta.get("val")
     if not isinstance(out_val, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
@@ -137,14 +139,17 @@ def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = 
         return None, f"output features of {where} are normalized in changing groups"
     group = torch.unique(group, return_inverse=True)[1] - (1 if bool((group < 0).any()) else 0)
     untied: list = []
-    reason = sharing_refusal(gm, site.name, [lin], untie_embeddings, untied)
+    reason = sharing_refusal(gm, site.name, [lin], untie_embeddings, untied, index)
     if reason:
         return None, reason.split(": ", 1)[1]
     return BackwardPlan(lin, pos, group, untied), None
 
 
-def apply_backward(gm: fx.GraphModule, site: TaperSite, plan: BackwardPlan) -> tuple[set[str], list[str]]:
-    """Fold the site's map into the linear's rows, bypass the map, erase it; returns (released, created) attr names."""
+def apply_backward(gm: fx.GraphModule, site: TaperSite, plan: BackwardPlan,
+                   index: StorageIndex | None = None) -> tuple[set[str], list[str]]:
+    """Fold the site's map into the linear's rows, bypass the map, erase it; returns (released, created) attr names.
+    `index`: a StorageIndex shared by the pass's sites (None: a fresh one)."""
+    index = index if index is not None else StorageIndex(gm)
     s64, beta64 = taper_map(site.module)
     released, created = set(), []
     groups: dict = {}
@@ -161,7 +166,7 @@ def apply_backward(gm: fx.GraphModule, site: TaperSite, plan: BackwardPlan) -> t
         else:
             pos = plan.pos if plan.pos is not None else torch.arange(s64.numel())
             w2, b2 = fold_linear_rows(w, b, s64, beta64, pos, plan.group, layout=lin.layout)
-        rel, new = write_linear(gm, group, w2, b2, readers)
+        rel, new = write_linear(gm, group, w2, b2, readers, index)
         released |= rel
         created += new
     site.output.replace_all_uses_with(site.input)

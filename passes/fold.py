@@ -20,8 +20,8 @@ import torch.fx as fx
 
 from .fold_math import fold_experts, fold_linear, taper_map
 from .graph_utils import erase_site_nodes
-from .linears import Consumer, add_expert_shift, get_attr_tensor, is_embedding_use, is_expert_matmul, read_linear, \
-    storage_uses, weight_readers, write_linear
+from .linears import Consumer, StorageIndex, add_expert_shift, get_attr_tensor, is_embedding_use, is_expert_matmul, \
+    read_linear, storage_uses, weight_readers, write_linear
 from .match import TaperSite, find_consumers
 from .replay import concrete_dim, replay, replayable
 
@@ -30,22 +30,21 @@ aten = torch.ops.aten
 __all__ = ["plan_fold", "apply_fold", "sharing_refusal"]
 
 
-def _storage(gm, node: fx.Node) -> int:
-    return get_attr_tensor(gm, node.target).untyped_storage().data_ptr()
-
-
 def module_path(node: fx.Node) -> str:
     """The innermost nn_module_stack path of a node ("" when none)."""
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
 
 
-def sharing_refusal(gm, site_name: str, linears: list[Consumer], untie_embeddings: bool, untied: list):
-    """None if every linear's weight is read only by `linears` (or by embedding lookups, to untie), else why not."""
-    uses = storage_uses(gm)
+def sharing_refusal(gm, site_name: str, linears: list[Consumer], untie_embeddings: bool, untied: list,
+                    index: StorageIndex | None = None):
+    """None if every linear's weight is read only by `linears` (or by embedding lookups, to untie), else why not.
+    `index`: the pass's shared StorageIndex (one is made when None)."""
+    index = index if index is not None else StorageIndex(gm)
+    uses = storage_uses(gm, index)
     mine = set().union(*(weight_readers(c) for c in linears))
     for c in linears:
-        others = [(g, u) for g, u in uses.get(_storage(gm, c.weight), []) if u not in mine]
+        others = [(g, u) for g, u in uses.get(index.key(c.weight.target), []) if u not in mine]
         if not others:
             continue
         if untie_embeddings and all(is_embedding_use(g, u) for g, u in others):
@@ -79,8 +78,9 @@ def _column_positions(site: TaperSite, c: Consumer, d: int):
     return rows[0].clone(), None
 
 
-def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True):
-    """(consumers, untied weight targets, None) if the site can fold into all its consumers, else ([], [], reason)."""
+def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True, index: StorageIndex | None = None):
+    """(consumers, untied weight targets, None) if the site can fold into all its consumers, else ([], [], reason).
+    `index`: a StorageIndex shared by the pass's sites (None: a fresh one)."""
     d = site.module.weight_t.numel()
     consumers, _, reason = find_consumers(site, d)
     if reason:
@@ -106,14 +106,17 @@ def plan_fold(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = True
         if (prev is None) != (c.scale_index is None) or (prev is not None and not torch.equal(prev, c.scale_index)):
             return [], [], f"{site.name}: {c.weight.target} is read with two different feature orders; keeping the explicit map"
     untied: list = []
-    reason = sharing_refusal(gm, site.name, consumers, untie_embeddings, untied)
+    reason = sharing_refusal(gm, site.name, consumers, untie_embeddings, untied, index)
     if reason:
         return [], [], reason
     return consumers, untied, None
 
 
-def apply_fold(gm: fx.GraphModule, site: TaperSite, consumers: list[Consumer]) -> tuple[set[str], list[str]]:
-    """Rewrite the consumers' weights, bypass the map, erase it; returns (released attr names, new attr names)."""
+def apply_fold(gm: fx.GraphModule, site: TaperSite, consumers: list[Consumer],
+               index: StorageIndex | None = None) -> tuple[set[str], list[str]]:
+    """Rewrite the consumers' weights, bypass the map, erase it; returns (released attr names, new attr names).
+    `index`: a StorageIndex shared by the pass's sites (None: a fresh one)."""
+    index = index if index is not None else StorageIndex(gm)
     s64, beta64 = taper_map(site.module)
     readers = set().union(*(weight_readers(c) for c in consumers)) | {c.node for c in consumers}
     groups: dict[tuple, list[Consumer]] = {}
@@ -129,7 +132,8 @@ def apply_fold(gm: fx.GraphModule, site: TaperSite, consumers: list[Consumer]) -
             b2 = b
         else:
             w2, b2 = fold_linear(w, b, s64 if idx is None else s64[idx], beta64, layout=group[0].layout)
-        rel, new = write_linear(gm, group, w2, b2, readers | {g.bias_add for g in group if g.bias_add is not None})
+        rel, new = write_linear(gm, group, w2, b2, readers | {g.bias_add for g in group if g.bias_add is not None},
+                                index)
         for c in group if shift is not None else []:
             new.append(add_expert_shift(gm, c, shift.to(w.dtype)))
         released |= rel

@@ -80,11 +80,12 @@ def drop_unused_attrs(gm: fx.GraphModule, candidates: set[str]) -> list[str]:
     return dropped
 
 
-def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    """Dead-code elimination, lint, recompile."""
+def cleanup(gm: fx.GraphModule, recompile: bool = True) -> fx.GraphModule:
+    """Dead-code elimination, lint, recompile (`recompile=False`: the caller recompiles, e.g. a PassManager)."""
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return gm
 
 

@@ -26,7 +26,7 @@ from .graph_utils import register_tensor
 
 aten = torch.ops.aten
 
-__all__ = ["Consumer", "as_linear", "linear_output", "get_attr_tensor", "storage_uses", "is_embedding_use",
+__all__ = ["Consumer", "as_linear", "linear_output", "get_attr_tensor", "StorageIndex", "storage_uses", "is_embedding_use",
            "read_linear", "write_linear", "weight_readers", "is_expert_matmul", "add_expert_shift"]
 
 _METADATA_ONLY = {op for op in (getattr(getattr(aten, "_assert_tensor_metadata", None), "default", None),) if op}
@@ -220,16 +220,40 @@ def linear_output(node: fx.Node) -> Consumer | None:
     return None
 
 
-def storage_uses(gm: fx.GraphModule) -> dict[int, list[tuple[fx.Node, fx.Node]]]:
-    """Storage pointer -> [(get_attr node, user node)] over every used get_attr tensor."""
+class StorageIndex:
+    """get_attr target -> storage pointer, each looked up once (module getattr chains are slow).
+
+    Share one across a pass's sites: a fold asks for storage users once per site and per linear, and
+    resolving every attribute each time made the pass quadratic in the number of sites. A write that
+    gives an existing target a new tensor must call `forget(target)` (write_linear does); new targets
+    are looked up when first met. Node users are always read live from the graph.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm, self._keys = gm, {}
+
+    def key(self, target: str) -> int | None:
+        """The storage pointer of the tensor `target` names (None: not a tensor)."""
+        if target not in self._keys:
+            t = get_attr_tensor(self.gm, target)
+            self._keys[target] = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+        return self._keys[target]
+
+    def forget(self, target: str) -> None:
+        """`target` now names another tensor: look it up again next time."""
+        self._keys.pop(target, None)
+
+
+def storage_uses(gm: fx.GraphModule, index: StorageIndex | None = None) -> dict[int, list[tuple[fx.Node, fx.Node]]]:
+    """Storage pointer -> [(get_attr node, user node)] over every used get_attr tensor (`index`: cached pointers)."""
+    index = index if index is not None else StorageIndex(gm)
     uses: dict[int, list] = {}
     for n in gm.graph.nodes:
         if n.op != "get_attr" or not n.users:
             continue
-        t = get_attr_tensor(gm, n.target)
-        if not isinstance(t, torch.Tensor):
+        key = index.key(n.target)
+        if key is None:
             continue
-        key = t.untyped_storage().data_ptr()
         for u in n.users:
             if u.target not in _METADATA_ONLY:  # reads dtype / shape only, which a fold keeps
                 uses.setdefault(key, []).append((n, u))
@@ -253,12 +277,8 @@ def read_linear(gm, c: Consumer) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, (get_attr_tensor(gm, c.bias.target) if c.bias is not None else None)
 
 
-def _storage(gm, node: fx.Node) -> int:
-    return get_attr_tensor(gm, node.target).untyped_storage().data_ptr()
-
-
-def _exclusive(gm, node: fx.Node, readers: set, uses) -> bool:
-    return set(node.users) <= readers and all(g is node for g, _ in uses.get(_storage(gm, node), []))
+def _exclusive(node: fx.Node, readers: set, uses, index: StorageIndex) -> bool:
+    return set(node.users) <= readers and all(g is node for g, _ in uses.get(index.key(node.target), []))
 
 
 def _new_attr(gm, qualname: str, value: torch.Tensor, like: torch.Tensor, created: list) -> fx.Node:
@@ -268,29 +288,32 @@ def _new_attr(gm, qualname: str, value: torch.Tensor, like: torch.Tensor, create
         return gm.graph.get_attr(name)
 
 
-def _store(gm, node, new, old, readers, uses, created) -> fx.Node:
+def _store(gm, node, new, old, readers, uses, created, index: StorageIndex) -> fx.Node:
     """Put `new` where `node` reads: in place of the attribute if exclusive, else as a fresh attribute."""
     if new is old:
         return node
-    if _exclusive(gm, node, readers, uses):
+    if _exclusive(node, readers, uses, index):
         register_tensor(gm, node.target, new, parameter=isinstance(old, torch.nn.Parameter), fresh=False)
+        index.forget(node.target)
         return node
     return _new_attr(gm, node.target + "_folded", new, old, created)
 
 
 def write_linear(gm: fx.GraphModule, group: list[Consumer], w2: torch.Tensor, b2: torch.Tensor | None,
-                 readers: set) -> tuple[set, list]:
+                 readers: set, index: StorageIndex | None = None) -> tuple[set, list]:
     """Give every linear in `group` (same weight / bias nodes) the weight w2 and bias b2.
 
     `readers`: the nodes allowed to share the old attribute (it is replaced in place only when nothing
-    else reads its storage). Returns (released attr names, created attr names).
+    else reads its storage). `index`: the pass's shared StorageIndex (kept up to date here).
+    Returns (released attr names, created attr names).
     """
-    uses, created, released = storage_uses(gm), [], set()
+    index = index if index is not None else StorageIndex(gm)
+    uses, created, released = storage_uses(gm, index), [], set()
     c0 = group[0]
     w_old, b_old = read_linear(gm, c0)
-    w_node = _store(gm, c0.weight, w2, w_old, readers, uses, created)
+    w_node = _store(gm, c0.weight, w2, w_old, readers, uses, created, index)
     if c0.bias is not None:
-        b_node = _store(gm, c0.bias, b2, b_old, readers, uses, created)
+        b_node = _store(gm, c0.bias, b2, b_old, readers, uses, created, index)
     elif b2 is not None:
         owner, _, leaf = c0.weight.target.rpartition(".")
         b_node = _new_attr(gm, f"{owner}.bias" if owner else f"{leaf}_bias", b2, w_old, created)

@@ -22,6 +22,7 @@ from .fold_math import taper_map
 from .backward import apply_backward, plan_backward
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
+from .linears import StorageIndex
 from .match import GATE_NAME, find_sites, site_refusal, stat_ops, taper_classes
 from .materialize import materialize_site
 from .verify import compare_outputs, run_outputs
@@ -83,8 +84,7 @@ class _Pass:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         t0 = time.perf_counter()
         count = self.run(gm)
-        gm.graph.lint()
-        gm.recompile()
+        gm.graph.lint()  # no recompile here: PassManager recompiles after every pass (one per pass, not two)
         self.state.passes.append({"name": self.name, "count": count, "nodes": len(gm.graph.nodes),
                                   "seconds": round(time.perf_counter() - t0, 4)})
         return PassResult(gm, count > 0)
@@ -133,20 +133,21 @@ class FoldPass(_Pass):
 
     def run(self, gm):
         st, n = self.state, 0
+        index = StorageIndex(gm)  # attribute -> storage, resolved once for all sites (was once per site and linear)
         for site in st.accepted:
-            consumers, untied, reason = plan_fold(gm, site, st.untie_embeddings)
+            consumers, untied, reason = plan_fold(gm, site, st.untie_embeddings, index)
             paths = [c.module_path or c.node.name for c in consumers]
             if reason:  # no linear after it: maybe one before it (post-norm, QK-norm)
-                plan, why = plan_backward(gm, site, st.untie_embeddings)
+                plan, why = plan_backward(gm, site, st.untie_embeddings, index)
                 if plan is None:
                     st.row(site.name, reason=f"{reason}; backward fold: {why}")
                     continue
-                released, created = apply_backward(gm, site, plan)
+                released, created = apply_backward(gm, site, plan, index)
                 untied = plan.untied
                 producer = ", ".join(dict.fromkeys(c.module_path or c.node.name for c in plan.leaves or [plan.linear]))
                 st.row(site.name, direction="backward", producer=producer)
             else:
-                released, created = apply_fold(gm, site, consumers)
+                released, created = apply_fold(gm, site, consumers, index)
                 st.row(site.name, direction="forward")
             _retarget(st.sites, site.output, site.input)  # a norm reading this one's output reads its input now
             st.released |= released
@@ -163,7 +164,7 @@ class CleanupPass(_Pass):
 
     def run(self, gm):
         dropped = drop_unused_attrs(gm, self.state.released)
-        cleanup(gm)
+        cleanup(gm, recompile=False)  # PassManager recompiles after the pass
         return len(dropped)
 
 
