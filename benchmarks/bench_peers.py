@@ -18,8 +18,6 @@ peers.{json,md,png} into a scratch directory (benchmarks/results/ with --save).
 from __future__ import annotations
 
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from peers_common import (GenaiWorker, bandwidth_probe, find_genai_python, norm_
                           summarize_config)
 from peers_models import compile_all, genai_builder_graph, hf_llama, weight_bytes_per_step  # noqa: E402
 from peers_report import chart, markdown  # noqa: E402
-from tapernorm.runtime import DecoderSession, OrtDecoder  # noqa: E402
+from tapernorm.runtime import DecoderSession, OrtDecoder, greedy_block  # noqa: E402
 from tapernorm.runtime.torch_ref import TorchRefDecoder  # noqa: E402
 
 
@@ -49,12 +47,8 @@ def run_block(dec, prompt: np.ndarray, new: int) -> dict:
     For our lean loop it also reports the seconds spent inside run_with_iobinding (SharedKVDecoder.time_runs)."""
     if hasattr(dec, "time_runs"):
         dec.time_runs, dec.run_s = True, 0.0
-    tok = dec.start(prompt).argmax(-1)
-    seq, t0 = [tok], time.perf_counter()
-    for _ in range(new - 1):
-        tok = dec.step(tok).argmax(-1)
-        seq.append(tok)
-    out = {"decode_s": time.perf_counter() - t0, "tokens": np.stack(seq, 1).tolist()}
+    tokens, decode_s = greedy_block(dec, prompt, new)
+    out = {"decode_s": decode_s, "tokens": tokens.tolist()}
     if hasattr(dec, "time_runs"):
         out["run_s"] = dec.run_s
     return out

@@ -15,7 +15,6 @@ full graph optimization, and creating it from a graph optimized and saved before
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re

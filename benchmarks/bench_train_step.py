@@ -15,7 +15,6 @@ import random
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

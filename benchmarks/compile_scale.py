@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--make", choices=list(SIZES), help=argparse.SUPPRESS)
     add_output_args(ap)
     args = ap.parse_args(argv)
+    args.cache = args.cache.resolve()  # genai's builder runs in its own cwd: a relative -i would read as a hub id
     if args.make:
         _make(args.make, args.cache)
         return 0

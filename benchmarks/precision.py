@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_output_args, library_versions, machine_info, output_dir, spread, write_results  # noqa: E402
@@ -172,7 +170,7 @@ def genai_build(hf: Path, out: Path, prec: str, log) -> Path:
 
 def speed(models: dict, genai_dirs: dict, args, log) -> dict:
     """Lockstep decode: ours (our loop, this venv's onnxruntime) vs genai's build + loop, per precision, B1/B4."""
-    from tapernorm.runtime import DecoderSession, OrtDecoder
+    from tapernorm.runtime import DecoderSession, OrtDecoder, greedy_block
     worker = GenaiWorker(find_genai_python(None), Path(__file__).resolve().parent / "genai_worker.py")
     max_len = args.prompt_len + args.steps + 1
     ours = {}
@@ -196,11 +194,8 @@ def speed(models: dict, genai_dirs: dict, args, log) -> dict:
                 for n in order:
                     if n in ours:
                         dec = ours[n][1]
-                        tok = dec.start(np.asarray(prompt, np.int64)).argmax(-1)
-                        t0 = time.perf_counter()
-                        for _ in range(args.steps - 1):
-                            tok = dec.step(tok).argmax(-1)
-                        times[n].append((time.perf_counter() - t0) / (args.steps - 1))
+                        times[n].append(greedy_block(dec, np.asarray(prompt, np.int64), args.steps)[1]
+                                        / (args.steps - 1))
                     else:
                         out = worker.call({"cmd": "run", "name": n, "prompt": prompt, "new": args.steps})
                         times[n].append(out["decode_s"] / out["steps"])

@@ -16,16 +16,13 @@ import math
 import os
 import platform
 import shutil
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from tapernorm.checkpoint import load_checkpoint
 from tapernorm.data import Tokenizer
 from tapernorm.fileio import canonical_out, dir_lock, is_swap_pointer, recover_dir, staged_dir
 from tapernorm.layers import TAPER_TYPES, taper_layers

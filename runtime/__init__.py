@@ -12,7 +12,7 @@ _WHERE = {
     "DecoderSession": "session", "ModelDirError": "session", "RuntimeConfig": "session", "cuda_loadable": "session",
     "resolve_model_path": "session",
     "GenerationResult": "generate", "Generator": "generate", "OrtDecoder": "generate", "TextModel": "generate",
-    "generate_ids": "generate", "iter_tokens": "generate", "pad_prompts": "generate", "stream_ids": "generate",
+    "generate_ids": "generate", "greedy_block": "generate", "iter_tokens": "generate", "pad_prompts": "generate", "stream_ids": "generate",
     "TextStreamer": "tokenizer", "load_tokenizer": "tokenizer", "PromptRules": "tokenizer",
     "StopStrings": "tokenizer", "ChatTemplate": "chat", "load_chat_template": "chat",
     "StaticDecoder": "torch_ref", "TorchRefDecoder": "torch_ref", "prefill": "torch_ref",

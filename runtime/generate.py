@@ -12,9 +12,7 @@ Decoders share one shape: `start(input_ids (B, T), attention_mask) -> logits (B,
 """
 from __future__ import annotations
 
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -233,6 +231,17 @@ def generate_ids(decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         if on_tokens is not None:
             on_tokens(tok, live)
     return holder["result"]
+
+
+def greedy_block(decoder, prompt: np.ndarray, n_new: int) -> tuple[np.ndarray, float]:
+    """The benchmarks' timed greedy block: prefill `prompt` (B, T), then n_new - 1 uninterrupted argmax steps, no
+    stop tokens. Returns (tokens (B, n_new), seconds of the decode steps alone)."""
+    tok = decoder.start(np.asarray(prompt, dtype=np.int64)).argmax(-1)  # (B,)
+    seq, t0 = [tok], time.perf_counter()
+    for _ in range(n_new - 1):
+        tok = decoder.step(tok).argmax(-1)
+        seq.append(tok)
+    return np.stack(seq, 1), time.perf_counter() - t0
 
 
 # -- text ----------------------------------------------------------------------------------------------

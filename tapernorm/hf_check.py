@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from .checkpoint import CheckpointError, read_json, read_safetensors_header
 

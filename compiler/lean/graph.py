@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import torch
-from onnx_ir.tensor_adapters import TorchTensor
 
 from ..onnx_io import lazy_initializer
 from .weights import NormSpec

@@ -10,7 +10,6 @@ Run layout (RUN = --out):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
