@@ -13,13 +13,12 @@ import math
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointError
-from ..fileio import recover_dir
+from .rundir import recover_outputs
 
 __all__ = ["OUT_FILES", "prepare_out", "recover_out", "json_text", "save_plain"]
 
@@ -58,17 +57,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 def recover_out(out: Path) -> list[str]:
     """Undo what a killed fine-tuning left in OUT (call it holding OUT's lock): a model/ swap cut short
     (fileio.recover_dir) and the temp files of summary.json / log_history.json."""
-    if not out.is_dir():
-        return []
-    done = recover_dir(out / "model")
-    for a in done:
-        if a.startswith("restored"):
-            print(f"tapernorm finetune: {a} (a previous process was killed while saving it)", file=sys.stderr)
-    for name in os.listdir(out):
-        if _STALE.match(name):
-            (out / name).unlink(missing_ok=True)
-            done.append(f"removed {name}")
-    return done
+    return recover_outputs(out, ("model",), _STALE, "finetune")
 
 
 def json_text(obj) -> str:

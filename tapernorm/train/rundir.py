@@ -29,23 +29,29 @@ class TrainingDiverged(RuntimeError):
     """A step produced a non-finite loss or gradient; nothing of that step was applied or written."""
 
 
-def recover_run(run: Path) -> list[str]:
-    """Undo what a killed run left in RUN (call it holding the run lock); prints one line if a directory
-    had to be restored. Returns the actions taken."""
-    if not run.is_dir():
+def recover_outputs(out: Path, dirs: tuple[str, ...], stale: re.Pattern, who: str) -> list[str]:
+    """Undo what a killed `who` (train, finetune) left in OUT (call it holding OUT's lock): swaps of `dirs` cut
+    short (fileio.recover_dir; one line when a directory had to be restored) and temp files matching `stale`.
+    Returns the actions taken."""
+    if not out.is_dir():
         return []
     done = []
-    for name in RUN_DIRS:
-        acts = recover_dir(run / name)
+    for name in dirs:
+        acts = recover_dir(out / name)
         done += acts
         for a in acts:
             if a.startswith("restored"):
-                print(f"tapernorm train: {a} (a previous process was killed while saving it)", file=sys.stderr)
-    for name in os.listdir(run):
-        if _STALE_FILE.match(name):
-            (run / name).unlink(missing_ok=True)
+                print(f"tapernorm {who}: {a} (a previous process was killed while saving it)", file=sys.stderr)
+    for name in os.listdir(out):
+        if stale.match(name):
+            (out / name).unlink(missing_ok=True)
             done.append(f"removed {name}")
     return done
+
+
+def recover_run(run: Path) -> list[str]:
+    """Undo what a killed run left in RUN (call it holding the run lock). Returns the actions taken."""
+    return recover_outputs(run, RUN_DIRS, _STALE_FILE, "train")
 
 
 def _resumable(run: Path) -> bool:
