@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tapernorm.checkpoint import read_safetensors_header, read_safetensors_layout
 
 __all__ = ["TensorInfo", "checkpoint_tensors", "checkpoint_dtype", "mmap_safetensors", "FitEstimate",
            "estimate_compile_bytes", "check_fits", "CompileFitError", "available_memory", "MEMORY_ENV",
@@ -30,7 +31,6 @@ MEMORY_ENV = "TAPERNORM_COMPILE_MEMORY"  # bytes (suffix K/M/G allowed) a compil
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-_MAX_HEADER = 100 * 2**20
 
 
 class CompileFitError(ValueError):
@@ -66,28 +66,11 @@ def safetensors_files(d: str | os.PathLike) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """(JSON header, byte offset of the data) of a safetensors file; one-line ValueError if malformed."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path}: truncated safetensors file (no header); re-save or re-download it")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER:
-            raise ValueError(f"{path}: safetensors header of {n} bytes is implausible (corrupt file?)")
-        try:
-            head = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}: safetensors header is not valid JSON (corrupt file?)") from None
-    head.pop("__metadata__", None)
-    return head, 8 + n
-
-
 def checkpoint_tensors(d: str | os.PathLike) -> list[TensorInfo]:
     """Every tensor of the directory's safetensors files, from their headers only."""
     out = []
     for f in safetensors_files(d):
-        head, _ = _header(f)
+        head = read_safetensors_header(f)
         for name, h in head.items():
             dt = _DTYPES.get(h.get("dtype"))
             if dt is None:
@@ -112,7 +95,7 @@ def mmap_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     as any of the tensors lives.
     """
     path = Path(path)
-    head, start = _header(path)
+    head, start = read_safetensors_layout(path)
     size = path.stat().st_size
     if size == start:
         return {}

@@ -34,7 +34,7 @@ from .typecheck import field_type_error
 from .tokenizer_json import write_tokenizer_json
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config",
-           "read_json", "read_safetensors_header"]
+           "read_json", "read_safetensors_header", "read_safetensors_layout"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -142,6 +142,11 @@ _MAX_HEADER = 100 << 20  # bytes; safetensors itself refuses larger headers
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     """{tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file, reading only its header; a file
     shorter than its header says (an interrupted download or copy) is a one-line CheckpointError."""
+    return read_safetensors_layout(path)[0]
+
+
+def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """(read_safetensors_header's dict, byte offset where the tensor data starts: data_offsets count from it)."""
     path = Path(path)
     bad = f"{path}: corrupt or truncated safetensors file"
     fix = "an interrupted download or copy? re-download or re-save it"
@@ -168,7 +173,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
         raise CheckpointError(f"{bad} (a header entry has no shape / data_offsets); {fix}") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{bad} (the file has {size} bytes, its header describes {8 + n + end}); {fix}")
-    return header
+    return header, 8 + n
 
 
 def _check_shapes_before_allocating(cfg: ModelConfig, header: dict, wpath: Path, cfg_path: Path) -> None:

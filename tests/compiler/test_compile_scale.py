@@ -10,9 +10,10 @@ transformers = pytest.importorskip("transformers")
 
 import tapernorm  # noqa: E402
 from tapernorm.compiler import cli  # noqa: E402
-from tapernorm.compiler.load import (MEMORY_ENV, CompileFitError, _header, checkpoint_dtype,  # noqa: E402
+from tapernorm.compiler.load import (MEMORY_ENV, CompileFitError, checkpoint_dtype,  # noqa: E402
                                      estimate_compile_bytes, load_hf_mmap, mmap_safetensors)
 from tapernorm.compiler.pipeline import compile_checkpoint  # noqa: E402
+from tapernorm.checkpoint import read_safetensors_layout  # noqa: E402
 
 STAGES = {"check", "load", "check-finite", "capture", "fold", "build", "files", "parity", "finish"}
 
@@ -98,7 +99,7 @@ def test_mmap_loading_shares_the_tensors_a_fold_leaves_alone(tmp_path):
     from tapernorm.compiler.hf_compile import HFDecoder
     from tapernorm.passes import fold
     d = tapernorm.save_pretrained(_tapered_llama(torch.float32), tmp_path / "ckpt")
-    head, start = _header(d / "tapernorm.safetensors")
+    head, start = read_safetensors_layout(d / "tapernorm.safetensors")
     model = load_hf_mmap(d, "tapered")
     params = dict(model.named_parameters())
     base = params["model.embed_tokens.weight"].data_ptr() - start - head["model.embed_tokens.weight"]["data_offsets"][0]
