@@ -271,5 +271,7 @@ def _assign(model: torch.nn.Module, tensors: dict, where: str) -> None:
             raise CheckpointError(f"{where}: key {k!r} contains NaN or inf; the checkpoint is unusable")
     tied = [k for k in state if k not in tensors]
     model.load_state_dict(tensors, strict=False, assign=True)  # the TaperNorm post-hook restores gate flags
+    from tapernorm.pos0 import track_if_needed
+    track_if_needed(model)  # c0 layers learn which rows are position 0
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -254,6 +254,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, map_location: str | torch.devic
     for k, canon in alias.items():
         tensors[k] = tensors[canon]
     model.load_state_dict(tensors, strict=True)  # post-hook restores gate / calibrated flags
+    from .pos0 import track_if_needed
+    track_if_needed(model)  # c0 layers learn which rows are position 0
     for name, m in taper_layers(model):
         if not 0.0 <= m.gate <= 1.0:
             raise CheckpointError(f"{wpath}: key {name + '.gate_value'!r} holds gate {m.gate}, outside [0, 1]")

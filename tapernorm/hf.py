@@ -265,6 +265,8 @@ def load_state_checked(model: nn.Module, tensors: dict, where: str) -> None:
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{where}: key {k!r} contains NaN or inf; the checkpoint is unusable")
     model.load_state_dict(tensors, strict=False)  # the post-hook restores gate / calibrated flags
+    from .pos0 import track_if_needed
+    track_if_needed(model)  # c0 layers learn which rows are position 0
 
 
 def _check_gates(model: nn.Module, spec: dict, where: str) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .pos0 import _pos0_freeze, _pos0_observe, pos0_factor, track_positions
+
 __all__ = [
     "TaperNorm", "TaperLayerNorm", "TAPER_TYPES", "taperize", "calibrate", "set_gate", "get_gate",
     "taper_layers", "find_final_norm", "begin_calibration", "finish_calibration", "TaperError", "CALIB_STATS",
@@ -44,7 +46,10 @@ class _TaperBase(nn.Module):
         self.register_buffer("calib_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("gate_value", torch.ones((), dtype=torch.float64))
         self.register_buffer("calibrated_flag", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("c0", torch.zeros(()))  # position 0's own c (attention sink); 0: none
         self.gate: float = 1.0
+        self.has_pos0: bool = False  # mirrors c0 > 0 (Python control flow, like gate)
+        self.pos0_rows: torch.Tensor | None = None  # (B, T) bool set per forward by track_positions; None: row 0
         self.calibrated: bool = False
         self.collecting: bool = False
         # calibration options (begin_calibration's; plain attributes, not saved: c and gamma_t carry the result)
@@ -52,6 +57,8 @@ class _TaperBase(nn.Module):
         self.calib_stat: str = "ls"           # "ls": least-squares c; "inv_rms": mean of 1 / r(h) per token
         self.calib_per_feature: bool = False  # least-squares scale per feature, folded into gamma_t at freeze
         self._feat: tuple[torch.Tensor, torch.Tensor] | None = None  # per-feature EMAs (d,), (d,) float64
+        self.calib_pos0: bool = False         # calibrate a separate c0 for position 0 (pos0.py)
+        self._p0: torch.Tensor | None = None  # EMA of mean 1 / r(h) at position 0, float64
         self.register_load_state_dict_post_hook(_sync_python_state)
 
     # -- gate -----------------------------------------------------------------------------------
@@ -77,6 +84,8 @@ class _TaperBase(nn.Module):
     @torch.no_grad()
     def _collect(self, xc: torch.Tensor, r_inv: torch.Tensor) -> None:
         """Calibration statistics of one batch: xc (..., T, d) float (centered for LN), r_inv (..., T) = 1 / r(h)."""
+        if self.calib_pos0:
+            self._p0 = _pos0_observe(self, r_inv)
         k = self.calib_skip
         if k:
             if xc.dim() < 3 or xc.shape[-2] <= k:
@@ -99,7 +108,7 @@ class _TaperBase(nn.Module):
 
     def calib_tensors(self) -> list[torch.Tensor]:
         """Every calibration EMA (for averaging over ranks before freeze_c)."""
-        return [self.calib_num, self.calib_den, *(self._feat or ())]
+        return [self.calib_num, self.calib_den, *(self._feat or ()), *(() if self._p0 is None else (self._p0,))]
 
     def calibrated_c(self) -> float:
         """Bias-corrected c* = m_hat_num / m_hat_den (the correction factors cancel in the ratio)."""
@@ -128,6 +137,8 @@ class _TaperBase(nn.Module):
             self._feat = None
         if hasattr(self, "bias_t"):
             self.bias_t.copy_(self.bias)
+        if self.calib_pos0:
+            _pos0_freeze(self)
         self.calibrated = True
         self.calibrated_flag.fill_(True)
         self.collecting = False
@@ -137,13 +148,24 @@ class _TaperBase(nn.Module):
         """s = c * gamma_t, the per-feature scale of the gate-zero map."""
         return self.c * self.weight_t
 
+    def fixed_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate-0 branch without beta_t: x * s, times c0 / c on position-0 rows when c0 is set."""
+        y = x * self.taper_scale().to(x.dtype)
+        return y * pos0_factor(self, x) if self.has_pos0 else y
+
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, gate={self.gate}, calibrated={self.calibrated}"
+        extra = f", c0={float(self.c0):.4g}" if self.has_pos0 else ""
+        return f"{self.dim}, eps={self.eps}, gate={self.gate}, calibrated={self.calibrated}{extra}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "c0", torch.zeros(()))  # files written before c0 existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _sync_python_state(module: _TaperBase, incompatible_keys) -> None:
     module.gate = float(module.gate_value)
     module.calibrated = bool(module.calibrated_flag)
+    module.has_pos0 = bool(module.c0 > 0)
 
 
 class TaperNorm(_TaperBase):
@@ -157,7 +179,7 @@ class TaperNorm(_TaperBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d)
         g = self.gate
         if g == 0.0:  # no per-token statistic at all
-            return x * self.taper_scale().to(x.dtype)
+            return self.fixed_map(x)
         xf = x.float()
         r_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1) = 1 / r(h)
         if self.collecting and self.training:
@@ -165,7 +187,7 @@ class TaperNorm(_TaperBase):
         normed = (xf * r_inv).type_as(x) * self.weight
         if g == 1.0:
             return normed
-        return g * normed + (1.0 - g) * (x * self.taper_scale().to(x.dtype))
+        return g * normed + (1.0 - g) * self.fixed_map(x)
 
 
 class TaperLayerNorm(_TaperBase):
@@ -182,14 +204,14 @@ class TaperLayerNorm(_TaperBase):
         g = self.gate
         centered = x - x.mean(-1, keepdim=True)  # linear: kept at g == 0
         if g == 0.0:
-            return centered * self.taper_scale().to(x.dtype) + self.bias_t
+            return self.fixed_map(centered) + self.bias_t
         if self.collecting and self.training:
             cf = centered.float()
             self._collect(cf, torch.rsqrt(cf.pow(2).mean(-1) + self.eps))
         normed = F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         if g == 1.0:
             return normed
-        return g * normed + (1.0 - g) * (centered * self.taper_scale().to(x.dtype) + self.bias_t)
+        return g * normed + (1.0 - g) * (self.fixed_map(centered) + self.bias_t)
 
 
 TAPER_TYPES = (TaperNorm, TaperLayerNorm)
@@ -412,14 +434,16 @@ def get_gate(model: nn.Module) -> float | None:
 CALIB_STATS = ("ls", "inv_rms")
 
 
-def begin_calibration(model: nn.Module, skip_positions: int = 0, stat: str = "ls", per_feature: bool = False) -> None:
+def begin_calibration(model: nn.Module, skip_positions: int = 0, stat: str = "ls", per_feature: bool = False,
+                      pos0: bool = False) -> None:
     """Start collecting c statistics on every uncalibrated layer (needs model.train()).
 
     Options for checkpoints with attention sinks (a few tokens, usually position 0, with residual RMS ~100x the
     rest; docs/real_checkpoints.md): skip_positions leaves each sequence's first positions out; stat "inv_rms"
     takes c = mean over tokens of 1 / r(h) (a huge token adds ~0) instead of the least-squares fit "ls" (which
     such a token dominates); per_feature fits a least-squares scale per feature and folds it into gamma_t, so
-    c * gamma_t is still one per-feature map (the fold is unchanged)."""
+    c * gamma_t is still one per-feature map (the fold is unchanged); pos0 also calibrates position 0's own c0
+    (pos0.py: the sink keeps its scale, one (B, T, 1) Mul per norm in the folded graph)."""
     if stat not in CALIB_STATS:
         raise TaperError(f"calibration statistic {stat!r} is not one of {', '.join(CALIB_STATS)}")
     if int(skip_positions) != skip_positions or skip_positions < 0:
@@ -431,6 +455,9 @@ def begin_calibration(model: nn.Module, skip_positions: int = 0, stat: str = "ls
     for _, m in layers:
         m.collecting = True
         m.calib_skip, m.calib_stat, m.calib_per_feature = int(skip_positions), stat, bool(per_feature)
+        m.calib_pos0 = bool(pos0)
+    if pos0:
+        track_positions(model)
 
 
 def finish_calibration(model: nn.Module) -> dict[str, float]:
@@ -446,17 +473,17 @@ def finish_calibration(model: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, forward=None, skip_positions: int = 0, stat: str = "ls",
-              per_feature: bool = False) -> dict[str, float]:
+              per_feature: bool = False, pos0: bool = False) -> dict[str, float]:
     """Run the taper-start calibration outside a trainer: EMA over `batches`, bias-corrected c,
     copy gamma -> gamma_t (beta -> beta_t), freeze c. `forward(model, batch)` defaults to model(batch).
-    skip_positions / stat / per_feature: begin_calibration's options for checkpoints with attention sinks.
+    skip_positions / stat / per_feature / pos0: begin_calibration's options for checkpoints with attention sinks.
 
     The gate is held at 1 while collecting. Only the TaperNorm layers are switched to train mode, so a
     model in eval mode calibrates deterministically (no dropout). Returns {layer name: c}.
     """
     if not taper_layers(model):
         raise TaperError("model has no TaperNorm layers; call taperize() first")
-    begin_calibration(model, skip_positions, stat, per_feature)
+    begin_calibration(model, skip_positions, stat, per_feature, pos0)
     layers = [m for _, m in taper_layers(model)]
     was_training = [m.training for m in layers]
     for m in layers:  # only the TaperNorm layers collect; dropout etc. keep the mode the caller set

@@ -1,0 +1,130 @@
+"""Position 0's own scale c0: the attention-sink remedy for tapering real checkpoints.
+
+Pretrained LLMs write a "massive activation" into position 0 (the attention sink): its residual RMS is ~100x
+every other token's, and nearly the same vector whatever the token (docs/real_checkpoints.md). One fixed map
+cannot serve both, so a layer calibrated with `pos0=True` also keeps c0 = mean over sequences of 1 / r(h_0),
+and its fixed map becomes
+
+    F(h_t) = h_t * c * gamma_t * p_t,   p_t = c0 / c if position(t) == 0 else 1.
+
+p_t is a per-token scalar, so it commutes with the consumer linears: s = c * gamma_t still folds into them,
+and the gate-0 graph keeps one (B, T, 1) Mul per norm, p computed once from the position ids. In decode steps
+(position > 0) p is 1.
+
+Which rows are position 0: `pos0_rows` (B, T) bool, set per forward by the pre-hook `track_positions` adds to
+the model (from position_ids, cache_position or the KV cache's length); without it, row 0 of every sequence
+(a full-sequence forward from position 0, which is what training and calibration run).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["pos0_factor", "track_positions", "pos0_ratio"]
+
+
+@torch.no_grad()
+def _pos0_observe(layer, r_inv: torch.Tensor) -> torch.Tensor:
+    """EMA (the layer's beta_ema) of mean 1 / r(h) at position 0; r_inv (..., T). Returns the updated EMA."""
+    if r_inv.dim() < 2:
+        from .layers import TaperError
+        raise TaperError(f"position-0 calibration needs (batch, seq, d) inputs, got 1 / r of shape "
+                         f"{tuple(r_inv.shape)}")
+    m = r_inv[..., 0].double().mean()
+    b = layer.beta_ema
+    prev = layer._p0 if layer._p0 is not None else torch.zeros((), dtype=torch.float64, device=m.device)
+    return prev.mul(1 - b).add(b * m)
+
+
+@torch.no_grad()
+def _pos0_freeze(layer) -> None:
+    """c0 from the EMA (bias correction as for c); called by freeze_c."""
+    n = int(layer.calib_count)
+    if layer._p0 is None or n == 0:
+        return
+    c0 = float(layer._p0) / (1.0 - (1.0 - layer.beta_ema) ** n)
+    layer.c0.fill_(c0)
+    layer.has_pos0 = c0 > 0
+    layer._p0 = None
+
+
+def pos0_ratio(layer) -> torch.Tensor:
+    """c0 / c: position 0's factor on top of the ordinary fixed map (scalar tensor)."""
+    return layer.c0 / layer.c
+
+
+def pos0_factor(layer, x: torch.Tensor) -> torch.Tensor:
+    """p (B, T, 1) or (T, 1) for x (..., T, d): c0 / c on position-0 rows, 1 elsewhere, in x's dtype."""
+    rows = layer.pos0_rows
+    if rows is None:  # a full-sequence forward: row 0 is position 0
+        rows = torch.arange(x.shape[-2], device=x.device) == 0
+    ratio = pos0_ratio(layer).to(device=x.device, dtype=torch.float32)
+    one = torch.ones((), device=x.device, dtype=torch.float32)
+    rows = rows if rows.device == x.device else rows.to(x.device)  # no op when shared: graphs see one mask
+    return torch.where(rows, ratio, one).unsqueeze(-1).to(x.dtype)
+
+
+def _past_length(past) -> int:
+    """Tokens already in a KV cache: an HF Cache or our list of (k, v) (B, H, P, D)."""
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:
+        return int(past[0][0].shape[-2]) if len(past) else 0
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def _is_positions(t, ids) -> bool:
+    """True if positional argument `t` looks like position_ids (B, T) for input_ids `ids` (B, T)."""
+    return (isinstance(t, torch.Tensor) and isinstance(ids, torch.Tensor) and t.dim() == 2 and ids.dim() == 2
+            and not t.is_floating_point() and t.dtype != torch.bool and t.shape[-1] == ids.shape[-1])
+
+
+def _rows_from_call(args, kwargs) -> torch.Tensor | None:
+    """(B, T) or (1, T) bool position-0 mask of one model call, or None for 'row 0' (no cache, no ids)."""
+    pos = kwargs.get("position_ids")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if pos is None and len(args) > 2 and _is_positions(args[2], ids):  # DecoderLM / HF order: ids, mask, positions
+        pos = args[2]
+    if pos is not None:
+        return pos == 0
+    cache_pos = kwargs.get("cache_position")
+    if cache_pos is not None:
+        return (cache_pos == 0).reshape(1, -1)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    past = kwargs.get("past_key_values", kwargs.get("cache", args[3] if len(args) > 3 else None))
+    if ids is not None and _past_length(past) > 0:
+        return torch.zeros(1, ids.shape[1], dtype=torch.bool, device=ids.device)
+    return None
+
+
+def track_positions(model: nn.Module) -> None:
+    """Add (once) a forward pre-hook on `model` that tells its c0 layers which rows are position 0 each call.
+
+    Needed for cached decoding in PyTorch (HF generate, our DecoderLM with past_key_values) of a model with c0;
+    a no-op for models without c0."""
+    if getattr(model, "_tapernorm_pos0_hook", None) is not None:
+        return
+    from .layers import taper_layers
+
+    def hook(_mod, args, kwargs):
+        layers = [m for _, m in taper_layers(model) if m.has_pos0]
+        if layers:
+            rows = _rows_from_call(args, kwargs)
+            for m in layers:
+                m.pos0_rows = rows
+        return None
+
+    model._tapernorm_pos0_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def track_if_needed(model: nn.Module) -> bool:
+    """track_positions(model) when a loaded model has c0 layers (loaders call this); returns whether it did."""
+    from .layers import taper_layers
+    if any(m.has_pos0 for _, m in taper_layers(model)):
+        track_positions(model)
+        return True
+    return False

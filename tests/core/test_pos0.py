@@ -1,0 +1,157 @@
+"""Position 0's own scale c0 (tapernorm/pos0.py): calibration, gate-1 invariance, cached decode == full forward at
+gates 0.5 and 0 (our DecoderLM and a tiny HF Llama), and save / load round trips that keep c0."""
+import pytest
+import torch
+
+from tapernorm import build_model, calibrate, set_gate, taper_layers
+from tapernorm.checkpoint import load_checkpoint, save_checkpoint
+from tapernorm.pos0 import pos0_factor, pos0_ratio
+
+VOCAB = 256
+
+
+def _batches(n=3, seed=0, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (2, 12), generator=g) for _ in range(n)]
+
+
+def _decoder(pos0=True):
+    torch.manual_seed(0)
+    m = build_model("tiny", taper_mode="internal", n_heads=2)
+    with torch.no_grad():
+        m.embed_tokens.weight.mul_(20)
+    m.eval()
+    before = m(_batches(1, seed=5)[0])
+    calibrate(m, _batches(), pos0=pos0)
+    if pos0:  # random ids have no attention sink (c0 ~ c): make position 0's scale clearly its own
+        for _, l in taper_layers(m):
+            l.c0.mul_(0.5)
+    return m, before
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    from tapernorm import taperize
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    taperize(m, "internal")
+    calibrate(m, _batches(), forward=lambda mod, b: mod(input_ids=b, use_cache=False), pos0=True)
+    for _, l in taper_layers(m):  # no sink in random ids: make position 0's scale clearly its own
+        l.c0.mul_(0.5)
+    return m
+
+
+def test_calibration_sets_c0_and_gate_one_is_unchanged():
+    m, before = _decoder()
+    layers = taper_layers(m)
+    assert layers and all(l.has_pos0 and float(l.c0) > 0 and float(l.c0) != float(l.c) for _, l in layers)
+    assert "c0=" in repr(layers[0][1])
+    with torch.no_grad():
+        assert torch.equal(m(_batches(1, seed=5)[0]), before)  # gate 1: the plain norm, c0 unused
+    plain, _ = _decoder(pos0=False)
+    assert not any(l.has_pos0 for _, l in taper_layers(plain)) and float(taper_layers(plain)[0][1].c0) == 0
+
+
+def test_factor_is_ratio_at_position_zero_only():
+    m, _ = _decoder()
+    layer = taper_layers(m)[0][1]
+    x = torch.randn(2, 5, 32)
+    p = pos0_factor(layer, x)  # no hook rows: row 0 of the sequence
+    assert p.shape == (5, 1) and torch.allclose(p[0, 0], pos0_ratio(layer)) and torch.equal(p[1:], torch.ones(4, 1))
+    layer.pos0_rows = torch.tensor([[False, True, False, False, False], [True, False, False, False, False]])
+    p = pos0_factor(layer, x)  # (B, T, 1): a left-padded row's first real token is its position 0
+    assert p.shape == (2, 5, 1) and p[0, 1, 0] == p[1, 0, 0] == pos0_ratio(layer)
+    assert int((p != 1).sum()) == 2
+    layer.pos0_rows = None
+
+
+@torch.no_grad()
+def _decoder_cached(m, ids):
+    """Last-position logits of a prefill of ids[:, :6] then one token at a time (positional call as compile does)."""
+    out, past, pos = [], None, 0
+    for chunk in (ids[:, :6], *ids[:, 6:].split(1, dim=1)):
+        T = chunk.shape[1]
+        logits, past = m(chunk, torch.ones(ids.shape[0], pos + T, dtype=torch.long),
+                         torch.arange(pos, pos + T)[None].expand(ids.shape[0], T), past, use_cache=True)
+        out.append(logits[:, -1])
+        pos += T
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("gate", [0.5, 0.0])
+def test_decoder_cached_decode_matches_full_forward(gate):
+    m, _ = _decoder()
+    set_gate(m, gate)
+    ids = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        full = m(ids)[:, 5:]  # (B, 7, V): positions 5..11
+        cached = _decoder_cached(m, ids)
+        # no position ids at all: the pre-hook infers "not position 0" from the cache length
+        logits, past = m(ids[:, :6], use_cache=True)
+        step, _ = m(ids[:, 6:7], past_key_values=past, use_cache=True)
+    assert torch.allclose(cached, full, atol=1e-4), float((cached - full).abs().max())
+    assert torch.allclose(step[:, -1], full[:, 1], atol=1e-4)
+    if gate == 0.0:  # the factor matters: without c0 position 0's logits change, the others' rows do not see it
+        with torch.no_grad():
+            first = m(ids)[:, 0]
+            for _, l in taper_layers(m):
+                l.has_pos0 = False
+            assert (m(ids)[:, 0] - first).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("gate", [0.5, 0.0])
+def test_hf_llama_cached_decode_matches_full_forward(gate):
+    m = _llama()
+    assert all(l.has_pos0 for _, l in taper_layers(m))
+    set_gate(m, gate)
+    ids = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        full = m(input_ids=ids, use_cache=False).logits
+        out = m(input_ids=ids[:, :6], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        for t in range(6, ids.shape[1]):
+            out = m(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+        gen = m.generate(ids[:, :6], max_new_tokens=4, do_sample=False, attention_mask=torch.ones(2, 6, dtype=torch.long))
+    cached = torch.stack(steps, 1)
+    assert torch.allclose(cached, full[:, 5:], atol=1e-4), float((cached - full[:, 5:]).abs().max())
+    with torch.no_grad():  # generate's cached tokens == full-forward greedy
+        toks = ids[:, :6]
+        for _ in range(4):
+            toks = torch.cat([toks, m(input_ids=toks, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, toks)
+
+
+def test_save_load_round_trips_keep_c0(tmp_path):
+    from tapernorm.hf import from_pretrained, save_pretrained
+    m = _llama()
+    set_gate(m, 0.0)
+    ids = _batches(1, seed=4)[0]
+    save_pretrained(m, tmp_path / "hf")
+    back = from_pretrained(tmp_path / "hf")
+    c0 = {n: float(l.c0) for n, l in taper_layers(m)}
+    assert {n: float(l.c0) for n, l in taper_layers(back)} == c0 and all(l.has_pos0 for _, l in taper_layers(back))
+    assert getattr(back, "_tapernorm_pos0_hook", None) is not None  # cached decode knows position 0
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids, use_cache=False).logits, m(input_ids=ids, use_cache=False).logits)
+    d, _ = _decoder()
+    set_gate(d, 0.0)
+    save_checkpoint(d, tmp_path / "run")
+    d2, _ = load_checkpoint(tmp_path / "run")
+    assert [float(l.c0) for _, l in taper_layers(d2)] == [float(l.c0) for _, l in taper_layers(d)]
+    with torch.no_grad():
+        assert torch.equal(d2(ids), d(ids))
+        assert torch.allclose(_decoder_cached(d2, ids), d(ids)[:, 5:], atol=1e-4)
+
+
+def test_files_without_c0_still_load():
+    m, _ = _decoder(pos0=False)
+    sd = {k: v for k, v in m.state_dict().items() if not k.endswith(".c0")}  # written before c0 existed
+    m2, _ = _decoder(pos0=True)
+    m2.load_state_dict(sd)
+    assert not any(l.has_pos0 for _, l in taper_layers(m2)) and all(float(l.c0) == 0 for _, l in taper_layers(m2))
