@@ -5,7 +5,7 @@ import ast
 
 import onnx
 
-__all__ = ["check_statistics", "STAT_OPS"]
+__all__ = ["check_statistics", "STAT_OPS", "pos0_counts"]
 
 STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
             "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization")
@@ -82,3 +82,32 @@ def check_statistics(model: onnx.ModelProto, folded_layers: list[str], expect_to
         reason = f"{total} statistic ops remain ({by_op}), at most {expect_total} expected"
     return {"ok": reason is None, "offending": offending, "total": total, "by_op": by_op,
             "unattributed": unattributed, "folded_layers": list(folded_layers), "reason": reason}
+
+
+# -- position-0 factors (tapernorm/pos0.py) ---------------------------------------------------------------
+def pos0_counts(model: onnx.ModelProto) -> dict:
+    """The position-0 factor nodes of a graph (norms with c0): {"wheres": Where(position == 0, c0 / c, 1) nodes
+    (lean: named `pos0/Where_k`; generic export: reading a `*.pos0_ratio` initializer), "muls": the Mul nodes
+    applying one (through Unsqueeze / Cast), "equal": Equal nodes feeding them}; all 0 for a model without c0."""
+    wheres = [n for n in model.graph.node if n.op_type == "Where" and (
+        n.name.startswith("pos0/Where") or any(i.endswith("pos0_ratio") or "pos0_ratio_" in i for i in n.input))]
+    values = {o for n in wheres for o in n.output}
+    conds = {n.input[0] for n in wheres}
+    grew = True
+    while grew:  # follow the factor through shape / dtype ops
+        grew = False
+        for n in model.graph.node:
+            if n.op_type in ("Unsqueeze", "Cast", "Reshape", "Expand") and n.input and n.input[0] in values \
+                    and not set(n.output) <= values:
+                values |= set(n.output)
+                grew = True
+    muls = sum(1 for n in model.graph.node if n.op_type == "Mul" and any(i in values for i in n.input))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    equal = set()
+    for c in {n.input[0] for n in wheres}:  # the condition, back through Unsqueeze / Cast to its Equal
+        n = producer.get(c)
+        while n is not None and n.op_type in ("Unsqueeze", "Cast"):
+            n = producer.get(n.input[0])
+        if n is not None and n.op_type == "Equal":
+            equal.add(n.name or id(n))
+    return {"wheres": len(wheres), "muls": muls, "equal": len(equal)}

@@ -38,6 +38,7 @@ from .defaults import DEFAULT_PROMPT, PARITY_TOKENS
 from .hf_compile import load_for_compile
 from .onnx_fold import check_statistics
 from .onnx_io import load_onnx
+from .onnx_stats import pos0_counts
 from .lean import NEAREST, LeanError, spec_for, write_genai_config
 from .lean.hf_arch import check_config
 from .tokenizer_files import COPIED_FILES, copy_tokenizer_files, update_runtime_json
@@ -386,8 +387,11 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         if graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
             write_genai_config(tmp, cfg, eos_id=tok_ids["eos_id"], bos_id=tok_ids["bos_id"], provider=provider,
                                eos_ids=toks.eos_ids)
+        pos0 = {"sites": rep_fold.get("pos0_factors", 0),  # norms with position 0's own scale c0 (passes/pos0.py)
+                **{f: pos0_counts(load_onnx(tmp / f, load_external_data=False)) for f in variants}}
         report = {
             "checkpoint": str(ckpt), "out_dir": str(out_dir), "dtype": plan.graph_dtype, "arch": cfg.arch, "graph": graph,
+            "pos0": pos0,
             "precision": prec,
             "ort_optimized": optimized_counts(tmp) if n_weights <= LEAN_STREAM_ABOVE else {},  # writes a full copy
             "ort_optimized_skipped": None if n_weights <= LEAN_STREAM_ABOVE else
@@ -429,7 +433,9 @@ def summary_text(rep: dict) -> str:
             + f"  folded {len(rep['folded_layers'])} norm(s); statistics check: "
             f"{'ok' if rep['statistics_check']['ok'] else rep['statistics_check']['reason']} "
             f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"
-            f"  parity: prompt logits max|diff| "
+            + (f"  position 0's own scale: {rep['pos0']['sites']} norm(s), {rep['pos0']['model.onnx']['muls']} "
+               "per-token Mul(s) in model.onnx (1 at every position but 0)\n" if rep.get("pos0", {}).get("sites") else "")
+            + f"  parity: prompt logits max|diff| "
             + ", ".join(f"{_SHORT[f]} {g[f]['prompt_logits_max_abs_diff']:.2e}" for f in g) + "; "
             + (f"{p['new_tokens']} greedy tokens identical in PyTorch / {' / '.join(_SHORT[f] for f in g)}"
                if "precision" not in p else

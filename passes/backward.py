@@ -82,6 +82,9 @@ def plan_backward(gm: fx.GraphModule, site: TaperSite, untie_embeddings: bool = 
                   index: StorageIndex | None = None):
     """(BackwardPlan, None) if the site's map folds into the rows of the linear producing its input, else (None, reason).
     `index`: a StorageIndex shared by the pass's sites (None: a fresh one)."""
+    if site.pos0 and site.kind == "ln":  # passes/pos0.py: p after the rows fold would scale beta_t too
+        return None, ("an LN map with position 0's own scale c0 cannot fold into the rows of the linear before it "
+                      "(the factor c0 / c would scale beta_t too)")
     lin, chain = _chain(site)
     d = site.module.weight_t.numel()
     if lin is None:

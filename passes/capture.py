@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 
 import torch
 import torch.nn as nn
@@ -64,6 +65,20 @@ def no_cache_default(module: nn.Module, args: tuple = (), kwargs: dict | None = 
             cfg.use_cache = True
 
 
+@contextlib.contextmanager
+def _pos0_rows_restored(module: nn.Module):
+    """c0 layers' per-call `pos0_rows` (set by their model's pre-hook, tapernorm/pos0.py) is a plain attribute:
+    torch.export warns that it was assigned while tracing; silence that one warning and reset it to None after."""
+    layers = [m for m in module.modules() if getattr(m, "has_pos0", False)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*pos0_rows.*were assigned during export")
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.pos0_rows = None
+
+
 def capture(module: nn.Module, example_args=(), example_kwargs: dict | None = None,
             dynamic_shapes=None) -> torch.fx.GraphModule:
     """Export `module` (non-strict) on the example inputs and return the unlifted fx GraphModule."""
@@ -72,7 +87,7 @@ def capture(module: nn.Module, example_args=(), example_kwargs: dict | None = No
     if not isinstance(example_args, tuple):
         example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     try:
-        with no_cache_default(module, example_args, example_kwargs):
+        with no_cache_default(module, example_args, example_kwargs), _pos0_rows_restored(module):
             ep = torch.export.export(module, example_args, kwargs=example_kwargs or None,
                                      dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; give one clear line, keep the cause

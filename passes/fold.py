@@ -60,8 +60,11 @@ def sharing_refusal(gm, site_name: str, linears: list[Consumer], untie_embedding
 
 def _column_positions(site: TaperSite, c: Consumer, d: int):
     """(norm position of each of c's input columns, None) by replaying the views in between, or (None, why)."""
-    def scale_only(n):  # x * number: moves nothing
-        return n.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(n.args[1], (int, float))
+    def scale_only(n):  # x * number or x * per-token factor (..., 1) (a c0 layer's p): moves nothing
+        other = n.args[1] if len(n.args) > 1 else None
+        ov = other.meta.get("val") if isinstance(other, fx.Node) else None
+        return n.target in (aten.mul.Tensor, aten.div.Tensor) and (
+            isinstance(other, (int, float)) or (isinstance(ov, torch.Tensor) and ov.dim() >= 1 and ov.shape[-1] == 1))
 
     bad = next((n for n in c.via if not (replayable(n) or scale_only(n))), None)
     if bad is not None:

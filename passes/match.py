@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
+from .pos0 import is_pos0_rows, pos0_problem
 from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, storage_uses
 from .replay import aten_ops as _ops
 from .replay import replayable
@@ -59,6 +60,12 @@ class TaperSite:
     input: fx.Node | None = None
     output: fx.Node | None = None
     problem: str | None = None  # structural reason the site cannot be rewritten
+    rows: fx.Node | None = None  # c0 layers (passes/pos0.py): the position-0 mask read from outside, if any
+
+    @property
+    def pos0(self) -> bool:
+        """True if the layer has position 0's own scale c0 (one per-token factor p beside the map)."""
+        return bool(getattr(self.module, "has_pos0", False))
 
     @property
     def kind(self) -> str:
@@ -135,6 +142,13 @@ def _bind_io(site: TaperSite) -> None:
                 inputs.append(a)
         if any(u not in inside for u in n.users):
             outputs.append(n)
+    if site.pos0:  # the position-0 mask (bool) is the factor's input, not an activation
+        rows = [a for a in inputs if is_pos0_rows(a)]
+        inputs = [a for a in inputs if not is_pos0_rows(a)]
+        if len(rows) > 1:
+            site.problem = f"traced call reads {len(rows)} boolean masks; a c0 layer reads one position-0 mask"
+            return
+        site.rows = rows[0] if rows else None
     if len(inputs) != 1 or len(outputs) != 1:
         site.problem = (f"traced call has {len(inputs)} activation inputs and {len(outputs)} outputs; "
                         "expected one of each")
@@ -155,6 +169,8 @@ def site_refusal(site: TaperSite) -> str | None:
         return f"{site.name}: in training mode; call model.eval() before folding"
     if site.problem:
         return f"{site.name}: {site.problem}"
+    if site.pos0 and (why := pos0_problem(site)):
+        return f"{site.name}: {why}"
     stats = [n for n in site.nodes if n.target in _STAT_OPS]
     want = 1 if site.kind == "ln" else 0  # LN keeps its (linear) centering mean
     if len(stats) != want:

@@ -6,6 +6,9 @@
 s = c * gamma_t (and beta_t) are computed in float64 from the source module and stored as constants
 in x's dtype. The result is the "unfused" graph the benchmark compares against; the fold pass then
 pushes these maps into the consuming linears.
+
+A layer with position 0's own scale c0 also gets one per-token factor p (B, T, 1) (passes/pos0.py): on the
+map's output for RMS (out = (x * s) * p), on its input for LN (x * p, before the shift).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch.fx as fx
 from .fold_math import taper_map
 from .graph_utils import erase_site_nodes, register_tensor
 from .match import TaperSite
+from .pos0 import pos0_factor_node, scope_above
 
 aten = torch.ops.aten
 
@@ -44,6 +48,10 @@ def materialize_site(gm: fx.GraphModule, site: TaperSite) -> set[str]:
     with g.inserting_after(out):
         s_node = g.get_attr(s_name)
     new = [s_node]
+    if site.pos0 and site.kind == "ln":  # p on the map's input: before the shift (passes/pos0.py)
+        p = pos0_factor_node(gm, site, site.rows, x, s_node)
+        with g.inserting_before(s_node):
+            x = site.input = scope_above(g.call_function(aten.mul.Tensor, (x, p)), out, xv)
     with g.inserting_after(s_node):
         if site.kind == "rms":
             y = _new_node(g, aten.mul.Tensor, (x, s_node), out, out.meta.get("val"))
@@ -59,8 +67,14 @@ def materialize_site(gm: fx.GraphModule, site: TaperSite) -> set[str]:
                 with g.inserting_after(sc):
                     y = _new_node(g, aten.add.Tensor, (sc, b_node), out, out.meta.get("val"))
             new += [b_node, mean, cen, sc, y]
-    out.replace_all_uses_with(y)
+    result = y
+    if site.pos0 and site.kind == "rms":  # p on the map's output: outside the site, a per-token factor
+        p = pos0_factor_node(gm, site, site.rows, x, y)
+        with g.inserting_after(y):
+            result = scope_above(g.call_function(aten.mul.Tensor, (y, p)), out, out.meta.get("val"))
+    out.replace_all_uses_with(result)
     released = erase_site_nodes(gm, site.nodes)
     site.nodes = [n for n in new if n.op == "call_function"]
     site.output = y
     return released
+

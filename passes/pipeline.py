@@ -17,6 +17,8 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
+from tapernorm.layers import TAPER_TYPES
+
 from .capture import capture, no_cache_default
 from .fold_math import taper_map
 from .backward import apply_backward, plan_backward
@@ -25,6 +27,7 @@ from .graph_utils import cleanup, drop_unused_attrs, graph_check
 from .linears import StorageIndex
 from .match import GATE_NAME, find_sites, site_refusal, stat_ops, taper_classes
 from .materialize import materialize_site
+from .pos0 import pos0_ratio_value
 from .verify import compare_outputs, run_outputs
 
 __all__ = ["fold", "materialize", "FoldState", "SiteResult", "SITES_META", "site_results"]
@@ -39,6 +42,8 @@ class SiteResult:
     status: "folded" (no op left: `direction` "forward" into the consumers, "backward" into the producer's
     rows) | "materialized" (the explicit map x * scale (RMS) or (x - mean x) * scale + shift (LN) is in the graph)
     | "skipped" (kept as it was; `reason` says why). scale / shift: the gate-0 map (float64, (d,)).
+    pos0: the site's position-0 factor c0 / c (float32 value) when the layer has c0 (passes/pos0.py): a folded or
+    materialized site then keeps one Mul by p = where(position == 0, pos0, 1) (B, T, 1); None without c0.
     """
     name: str
     kind: str
@@ -47,6 +52,7 @@ class SiteResult:
     scale: torch.Tensor | None
     shift: torch.Tensor | None
     reason: str | None
+    pos0: float | None = None
 
 
 def site_results(gm: fx.GraphModule) -> dict[str, SiteResult]:
@@ -104,6 +110,8 @@ class DetectPass(_Pass):
             m = site.module
             reason = site_refusal(site)
             st.row(site.name, kind=site.kind, gate=float(getattr(m, "gate", float("nan"))), reason=reason)
+            if site.pos0 and isinstance(m, TAPER_TYPES):
+                st.row(site.name, pos0_ratio=float(pos0_ratio_value(m)))
             if reason is None:
                 st.accepted.append(site)
         for name, m in uncalled:
@@ -245,6 +253,8 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise RuntimeError(f"{mode}: {str(e).strip().splitlines()[0]}: {type(cause).__name__}: {first}") from e
     counts = {s: sum(1 for r in state.layers.values() if r["status"] == s) for s in ("folded", "materialized", "skipped")}
+    counts["pos0_factors"] = sum(1 for r in state.layers.values()
+                                 if r.get("pos0_ratio") is not None and r["status"] != "skipped")
     report = {
         "pass": mode, **counts,
         "layers": state.layers,
@@ -270,7 +280,8 @@ def _typed_results(state: FoldState) -> dict[str, SiteResult]:
     out = {}
     for name, r in state.layers.items():
         s, beta = maps.get(name, (None, None))
-        out[name] = SiteResult(name, r.get("kind", "rms"), r["status"], r.get("direction"), s, beta, r.get("reason"))
+        out[name] = SiteResult(name, r.get("kind", "rms"), r["status"], r.get("direction"), s, beta, r.get("reason"),
+                               r.get("pos0_ratio"))
     return out
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from tapernorm.passes.pipeline import site_results
 
 from ..onnx_io import max_ir_version, save_onnx, stream_initializers, write_onnx_header
-from ..onnx_stats import check_statistics
+from ..onnx_stats import check_statistics, pos0_counts
 from .families import NEAREST, SPECS, FamilySpec, dims_of, spec_for
 from .hf_arch import SpecLean
 from .weights import LeanError, linear_weights, norm_spec
@@ -101,7 +101,7 @@ def lean_model_proto(model: nn.Module, gm: fx.GraphModule, report: dict | None, 
     proto.metadata_props.add(key="tapernorm.statistics_check", value=json.dumps(stats, sort_keys=True))
     facts = {"arch": getattr(cfg, "arch", None) or spec.name, "family": spec.name, "dims": asdict(dims),
              "norms": kinds, "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items())),
-             "statistics_check": stats}
+             "statistics_check": stats, "pos0": pos0_counts(proto)}
     return proto, facts
 
 

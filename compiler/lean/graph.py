@@ -100,6 +100,26 @@ class LeanGraph:
                                                 self.const_i64([1], "const_i64_1")])  # (B, T)
         return self._positions
 
+    def pos0_factor(self, ratio: float) -> ir.Value:
+        """p (B, T, 1) = where(position == 0, ratio, 1) in the graph dtype (tapernorm/pos0.py's factor of a norm with
+        position 0's own scale c0, ratio = c0 / c): the Equal once per graph, one Where per distinct ratio. Decode
+        steps have every position > 0, so p is 1 there; a right-padded row's position 0 is its first column."""
+        if getattr(self, "_is0", None) is None:
+            self._p0: dict[float, ir.Value] = {}
+            is0 = self.op("Equal", [self.positions(), self.const_i64(0, "const_i64_s0")], name="pos0/Equal")  # (B, T)
+            self._is0 = self.op("Unsqueeze", [is0, self.const_i64([2], "const_i64_2")], name="pos0/Unsqueeze")
+        if ratio not in self._p0:
+            k = len(self._p0)
+            self._p0[ratio] = self.op("Where", [self._is0, self.const_f(ratio, f"pos0_ratio_{k}"),
+                                                self.const_f(1.0, "const_f_1")], name=f"pos0/Where_{k}")  # (B, T, 1)
+        return self._p0[ratio]
+
+    def _with_pos0(self, spec: NormSpec, y: ir.Value) -> ir.Value:
+        """y * p for a norm with position 0's own scale (named `<norm>/pos0`: compile counts these), else y."""
+        if spec.pos0 is None:
+            return y
+        return self.op("Mul", [y, self.pos0_factor(spec.pos0)], name=f"{spec.name}/pos0")
+
     def last_position(self, h: ir.Value) -> ir.Value:
         """h (B, T, d) -> (B, 1, d) at each row's last real position: max(L_b - 1 - (W - T), 0)."""
         offset = self.op("Sub", [self.width, self.seq_len])  # (1,) W - T (= past length when not ragged)
@@ -171,14 +191,15 @@ class LeanGraph:
             if delta_bias is not None:
                 delta = self.op("Add", [delta, self.weight(f"{n}.residual_bias", delta_bias)])
             x = self.op("Add", [residual, delta])
-        if spec.kind == "none":
-            return x, x
+        if spec.kind == "none":  # folded; a c0 norm keeps its per-token factor on the normed branch only
+            return self._with_pos0(spec, x), x
         if spec.kind == "map_rms":
-            return self.op("Mul", [x, self.weight(f"{n}.taper_scale", spec.weight)], name=n), x
+            return self._with_pos0(spec, self.op("Mul", [x, self.weight(f"{n}.taper_scale", spec.weight)], name=n)), x
         if spec.kind == "map_ln":
             mean = self.op("ReduceMean", [x, self.const_i64([-1], "const_i64_m1")], {"keepdims": 1},
                            name=f"{n}/ReduceMean")  # the map's mean-centering (linear, not a statistic)
             scaled = self.op("Mul", [self.op("Sub", [x, mean]), self.weight(f"{n}.taper_scale", spec.weight)])
+            scaled = self._with_pos0(spec, scaled)  # before the shift: (x - mean) * s * p + beta_t
             return self.op("Add", [scaled, self.weight(f"{n}.taper_bias", spec.bias)], name=n), x
         if spec.kind == "rms":  # no residual yet (first norm): the form ORT fuses to SimplifiedLayerNormalization
             two = self.const_f(2.0, "const_f_2")
@@ -194,10 +215,12 @@ class LeanGraph:
 
     def head_norm(self, spec: NormSpec, x: ir.Value, heads: int | None) -> ir.Value:
         """A norm (or map) on q / k (B, T, H D): over each head's D features when `heads`, else over all H D."""
-        if spec.kind == "none":
+        if spec.kind == "none" and spec.pos0 is None:
             return x
         if heads is None:
             return self.norm(spec, x, None, None)[0]
+        if spec.pos0 is not None:  # the passes refuse c0 on (B, T, H, D) inputs; never reached from a fold
+            raise ValueError(f"{spec.name}: a per-head norm with position 0's own scale has no lean form")
         split = self.op("Reshape", [x, self.const_i64([0, 0, heads, -1], f"const_i64_heads_{heads}")])  # (B, T, H, D)
         y = self.norm(spec, split, None, None)[0]
         return self.op("Reshape", [y, self.const_i64([0, 0, -1], "const_i64_merge_heads")])  # (B, T, H D)

@@ -8,6 +8,8 @@ The fx passes stay the one place where folding is decided and computed. The buil
 - each norm site gets a `NormSpec` from the passes' typed SiteResult: `folded` -> no op at all,
   `materialized` -> the explicit gate-0 map the passes computed (s, beta_t), a plain RMSNorm / LayerNorm ->
   a kept (Skip) norm; anything else (a TaperNorm whose gate is not 0) is a LeanError naming the layer.
+  A TaperNorm with position 0's own scale c0 (tapernorm/pos0.py) also carries `pos0` = c0 / c, read from the
+  model: the graph multiplies the normed value by where(position == 0, c0 / c, 1) (graph.py, `pos0_factor`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn as nn
 from tapernorm.layers import TAPER_TYPES
 from tapernorm.passes.linears import linear_output, read_linear
 from tapernorm.passes.pipeline import SiteResult
+from tapernorm.passes.pos0 import pos0_ratio_value
 
 __all__ = ["LeanError", "NormSpec", "linear_weights", "norm_spec", "WRAPPER_PREFIX"]
 
@@ -42,6 +45,7 @@ class NormSpec:
     weight: torch.Tensor | None = None  # gamma (kept) or s (map), (d,)
     bias: torch.Tensor | None = None  # beta (kept LN) or beta_t (map_ln), (d,)
     eps: float = 1e-6
+    pos0: float | None = None  # c0 / c of a TaperNorm with position 0's own scale: x * where(pos == 0, pos0, 1)
 
 
 def linear_weights(gm: fx.GraphModule, prefix: str = WRAPPER_PREFIX) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -84,15 +88,26 @@ def _kept_norm(name: str, m: nn.Module, gain_offset: float) -> NormSpec | None:
     return None
 
 
+def _pos0(name: str, m: nn.Module, site: SiteResult) -> float | None:
+    """c0 / c (float32) of a gate-0 TaperNorm with position 0's own scale, read from the model (c0, c buffers);
+    the passes' SiteResult must agree (a folded graph without the factor would be silently wrong)."""
+    ratio = float(pos0_ratio_value(m)) if getattr(m, "has_pos0", False) else None
+    if (ratio is None) != (site.pos0 is None) or (ratio is not None and ratio != site.pos0):
+        raise LeanError(f"{name}: the model's position-0 scale (c0 / c = {ratio}) differs from what the passes saw "
+                        f"({site.pos0}); re-run the fold on this model")
+    return ratio
+
+
 def norm_spec(name: str, m: nn.Module, site: SiteResult | None, gain_offset: float = 0.0) -> NormSpec:
     """The NormSpec of norm module `m` (at builder path `name`) from the passes' typed result for its site."""
     if isinstance(m, TAPER_TYPES):
         status = site.status if site is not None else None
         ln = type(m).__name__ == "TaperLayerNorm"
+        p0 = _pos0(name, m, site) if status in ("folded", "materialized") else None
         if status == "folded":
-            return NormSpec(name, "none", eps=m.eps)
+            return NormSpec(name, "none", eps=m.eps, pos0=p0)
         if status == "materialized":
-            return NormSpec(name, "map_ln" if ln else "map_rms", site.scale, site.shift, m.eps)
+            return NormSpec(name, "map_ln" if ln else "map_rms", site.scale, site.shift, m.eps, p0)
         why = (site.reason if site is not None else None) or f"gate {m.gate:g} is not 0"
         raise LeanError(f"{name}: {type(m).__name__} is not at gate 0 ({why}); its blend of norm and map has no "
                         "fused op in the lean graph - finish the taper, or compile with --graph generic")

@@ -1,0 +1,148 @@
+"""`tapernorm compile` of gate-0 models with position 0's own scale c0 (tapernorm/pos0.py, passes/pos0.py): the
+lean graph keeps one Mul by where(position == 0, c0 / c, 1) per norm (one Equal per graph); parity of prompt and
+decode logits and greedy tokens at batch 1 (the compile's own check) and of a ragged batch of 3 (each row's first
+real token is its position 0); our DecoderLM (RMS, LN), a Hugging Face Llama (GQA) and OLMo2 (post-norms folded
+backward, QK-norms), the generic export, fp16 / int4; a model without c0 compiles with no factor node at all."""
+import numpy as np
+import pytest
+import torch
+
+from lean_util import prompt_ids, torch_steps
+from tapernorm import build_model, calibrate, set_gate, taper_layers
+from tapernorm.checkpoint import save_checkpoint
+from tapernorm.compiler.pipeline import compile_checkpoint, summary_text
+from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
+from tiny_models import random_batches
+
+NONE = {"wheres": 0, "muls": 0, "equal": 0}
+
+
+def _sink(model):
+    """Random ids have no attention sink (c0 ~ c): make position 0's scale clearly its own."""
+    for _, l in taper_layers(model):
+        l.c0.mul_(0.5)
+    return model
+
+
+def _decoder(arch="tiny", mode="internal", pos0=True):
+    torch.manual_seed(0)
+    m = build_model(arch, taper_mode=mode, n_heads=2)  # head_dim 16: rotary inside GroupQueryAttention
+    with torch.no_grad():
+        m.embed_tokens.weight.mul_(20)  # logits of a useful size: greedy tokens vary
+    calibrate(m, random_batches(), pos0=pos0)
+    set_gate(_sink(m) if pos0 else m, 0.0)
+    return m.eval()
+
+
+def _ragged(model, out, vocab, variant="model.onnx"):
+    """Greedy tokens of a ragged batch of 3 through the runtime == each row alone in PyTorch (full forwards)."""
+    rows = [prompt_ids(vocab, 9), prompt_ids(vocab, 5, k=11), prompt_ids(vocab, 2, k=5)]
+    ref = [torch_steps(model, p, 3)[0] for p in rows]
+    sess = DecoderSession(out, variant=variant, provider="cpu", intra_op_threads=1)
+    assert generate_ids(OrtDecoder(sess), rows, max_new_tokens=3).tokens == ref
+
+
+@pytest.mark.parametrize("arch,mode,n", [("tiny", "internal", 4), ("tiny-gpt2", "all", 5)])
+def test_lean_compile_with_c0(tmp_path, arch, mode, n):
+    m = _decoder(arch, mode)
+    save_checkpoint(m, tmp_path / "ckpt")
+    rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=5, unfused=True)
+    assert rep["graph"] == "lean" and rep["parity"]["ok"] and rep["statistics_check"]["ok"]
+    want = {"wheres": n, "muls": n, "equal": 1}
+    assert rep["pos0"] == {"sites": n, "model.onnx": want, "model_unfused.onnx": want}
+    assert rep["export"]["model.onnx"]["pos0"] == want
+    assert all(k == "none" for k in rep["export"]["model.onnx"]["norms"].values() if k != "rms")
+    for g in rep["parity"]["graphs"].values():  # prompt + decode logits, greedy tokens at batch 1
+        assert g["tokens_identical"] and g["prompt_logits_max_abs_diff"] < 1e-4 * rep["parity"]["logit_scale"]
+    assert f"position 0's own scale: {n} norm(s), {n} per-token Mul(s)" in summary_text(rep)
+    for v in ("model.onnx", "model_unfused.onnx"):
+        _ragged(m, tmp_path / "out", 256, v)
+    if arch == "tiny":
+        _genai_agrees(tmp_path / "out")
+
+
+def _genai_agrees(out):
+    """onnxruntime-genai (its own venv and onnxruntime) runs the same lean directory to our loop's tokens."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+    prompts = [[1, 5, 9, 4], [1, 40, 41, 42]]
+    ours = generate_ids(OrtDecoder(DecoderSession(out, provider="cpu", intra_op_threads=1)), prompts,
+                        max_new_tokens=5).tokens
+    root = Path(__file__).resolve().parents[2]
+    genai_py = next((p for p in (os.environ.get("TAPERNORM_GENAI_PYTHON"), str(root / ".venv-genai/bin/python"))
+                     if p and Path(p).is_file()), None)
+    if genai_py is None:
+        return  # no onnxruntime-genai venv here: our loop's parity above is the check
+    script = ("import json, sys\nfrom tapernorm.runtime.genai_engine import GenaiEngine\n"
+              "print(json.dumps(GenaiEngine(sys.argv[1], threads=1).generate_ids(json.loads(sys.argv[2]), "
+              "max_new_tokens=5).tokens))")
+    proc = subprocess.run([genai_py, "-c", script, str(out), json.dumps(prompts)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ours
+
+
+def test_model_without_c0_compiles_without_factor(tmp_path):
+    save_checkpoint(_decoder(pos0=False), tmp_path / "ckpt")
+    rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=3)
+    assert rep["parity"]["ok"] and rep["pos0"] == {"sites": 0, "model.onnx": NONE}
+    assert rep["export"]["model.onnx"]["pos0"] == NONE and "Where" not in rep["export"]["model.onnx"]["ops"]
+    assert "position 0" not in summary_text(rep)
+
+
+def test_generic_export_with_c0(tmp_path):
+    """The generic (dynamo) export keeps the pass's factor on the position_ids input: exact as well."""
+    m = _decoder()
+    save_checkpoint(m, tmp_path / "ckpt")
+    rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=4, graph="generic")
+    assert rep["graph"] == "generic" and rep["parity"]["ok"]
+    assert rep["pos0"] == {"sites": 4, "model.onnx": {"wheres": 4, "muls": 4, "equal": 1}}
+    _ragged(m, tmp_path / "out", 256)  # left-padded rows: position_ids max(cumsum - 1, 0)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_reduced_precision_with_c0(tmp_path, precision):
+    save_checkpoint(_decoder(), tmp_path / "ckpt")
+    rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", precision=precision, block_size=16, parity_tokens=3)
+    assert rep["parity"]["ok"] and rep["pos0"]["model.onnx"] == {"wheres": 4, "muls": 4, "equal": 1}
+    assert rep["dtype"] == ("float16" if precision == "fp16" else "float32")
+
+
+def _hf(model_type, **extra):
+    transformers = pytest.importorskip("transformers")
+    from tapernorm import taperize
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.AutoConfig.for_model(model_type, **{
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1,
+        "eos_token_id": 2, **extra})  # head_dim 16, GQA 4 / 2
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        m.get_input_embeddings().weight.mul_(4.0)
+    taperize(m, "all")
+    g = torch.Generator().manual_seed(1)
+    calibrate(m, [torch.randint(3, 128, (2, 12), generator=g) for _ in range(2)],
+              forward=lambda mod, b: mod(input_ids=b, use_cache=False), pos0=True)
+    set_gate(_sink(m), 0.0)
+    return m
+
+
+@pytest.mark.parametrize("family,n", [("llama", 5), ("olmo2", 9)])
+def test_hf_compile_with_c0(tmp_path, family, n):
+    """A tapered HF directory (save_pretrained) compiles to the lean graph; OLMo2's post-norms fold backward and
+    keep the factor after o_proj / down_proj, its QK-norms (over all heads) after q_proj / k_proj."""
+    from tapernorm.compiler.hf_compile import HFDecoder
+    from tapernorm.hf import save_pretrained
+    hf = _hf(family, **({"tie_word_embeddings": True} if family == "llama" else {}))
+    save_pretrained(hf, tmp_path / "hf")
+    rep = compile_checkpoint(tmp_path / "hf", tmp_path / "out", parity_tokens=5)
+    assert rep["graph"] == "lean" and rep["parity"]["ok"], rep.get("hf")
+    assert rep["pos0"] == {"sites": n, "model.onnx": {"wheres": n, "muls": n, "equal": 1}}
+    dec = HFDecoder(hf, "all").eval()
+    _ragged(dec, tmp_path / "out", 128)
+    g = rep["parity"]["graphs"]["model.onnx"]
+    assert g["tokens_identical"] and g["decode_logits_max_abs_diff"] < 1e-4 * rep["parity"]["logit_scale"]
+    assert np.isfinite(g["prompt_logits_max_abs_diff"])
