@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cap import cap_factor
 from .pos0 import _pos0_freeze, _pos0_observe, pos0_factor, track_positions
 
 __all__ = [
@@ -49,6 +50,9 @@ class _TaperBase(nn.Module):
         self.register_buffer("c0", torch.zeros(()))  # position 0's own c (attention sink); 0: none
         self.gate: float = 1.0
         self.has_pos0: bool = False  # mirrors c0 > 0 (Python control flow, like gate)
+        self.taper_cap: float = 0.0  # training-only guard while 0 < gate < 1 (cap.py); 0: off
+        self.cap_hits: int = 0
+        self.cap_seen: int = 0
         self.pos0_rows: torch.Tensor | None = None  # (B, T) bool set per forward by track_positions; None: row 0
         self.calibrated: bool = False
         self.collecting: bool = False
@@ -187,7 +191,10 @@ class TaperNorm(_TaperBase):
         normed = (xf * r_inv).type_as(x) * self.weight
         if g == 1.0:
             return normed
-        return g * normed + (1.0 - g) * self.fixed_map(x)
+        fixed = self.fixed_map(x)
+        if self.taper_cap:
+            fixed = fixed * cap_factor(self, r_inv, x)
+        return g * normed + (1.0 - g) * fixed
 
 
 class TaperLayerNorm(_TaperBase):
@@ -211,7 +218,10 @@ class TaperLayerNorm(_TaperBase):
         normed = F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         if g == 1.0:
             return normed
-        return g * normed + (1.0 - g) * (self.fixed_map(centered) + self.bias_t)
+        fixed = self.fixed_map(centered)
+        if self.taper_cap:
+            fixed = fixed * cap_factor(self, torch.rsqrt(centered.float().pow(2).mean(-1, keepdim=True) + self.eps), x)
+        return g * normed + (1.0 - g) * (fixed + self.bias_t)
 
 
 TAPER_TYPES = (TaperNorm, TaperLayerNorm)

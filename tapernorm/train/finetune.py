@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..data import load_corpus, tokenize_corpus, val_batches
 from ..fileio import atomic_write_text, canonical_out, dir_lock
 from ..hf import from_pretrained, save_pretrained
+from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from .finetune_cli import FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
@@ -100,9 +101,11 @@ class TaperCallback(_callback_base()):
 
     def on_log(self, args, state, control, logs=None, model=None, **kw):
         if state.is_world_process_zero and logs and "loss" in logs:
+            rate = cap_rate(model) if model is not None else None
+            capped = f" capped {rate:.2e}" if rate is not None else ""
             print(f"[finetune] step {state.global_step}/{state.max_steps} loss {float(logs['loss']):.4f} "
-                  f"gate {self._last_gate(model, state.global_step):.4f} lr {float(logs.get('learning_rate', 0)):.3g}",
-                  file=sys.stderr, flush=True)
+                  f"gate {self._last_gate(model, state.global_step):.4f} lr {float(logs.get('learning_rate', 0)):.3g}"
+                  f"{capped}", file=sys.stderr, flush=True)
 
     def _last_gate(self, model, step: int) -> float:
         """The gate of the last step taken (the mean over layers under a staged schedule)."""
@@ -307,6 +310,8 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     names = taperize(model, cfg.mode) if tapering else []
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
+    if tapering and cfg.taper_cap:
+        set_cap(model, cfg.taper_cap)
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
     try:  # never inside OUT, where a directory of the user's could have its name
@@ -329,10 +334,13 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=use_cpu,
         bf16=cfg.bf16, ddp_broadcast_buffers=False, ddp_find_unused_parameters=True,
         dataloader_num_workers=0, remove_unused_columns=False, ddp_backend="gloo" if use_cpu and world > 1 else None)
-    calib = {"skip_positions": cfg.calib_skip, "stat": cfg.calib_stat, "per_feature": cfg.calib_per_feature}
+    calib = {"skip_positions": cfg.calib_skip, "stat": cfg.calib_stat, "per_feature": cfg.calib_per_feature,
+             "pos0": cfg.calib_pos0}
     staged = (StagedGates(sched, cfg.taper_order, hold=cfg.taper_hold)
               if tapering and (cfg.taper_order != "global" or cfg.taper_hold) else None)
-    rms = NormRmsLoss(model, cfg.rms_loss) if tapering and cfg.rms_loss > 0 else None  # every position: the sinks
+    rms = (NormRmsLoss(model, cfg.rms_loss, skip_positions=1 if cfg.calib_pos0 else 0,  # c0 serves position 0
+                       hinge=cfg.rms_hinge)
+           if tapering and cfg.rms_loss > 0 else None)
     trainer = TaperTrainer(model=model, args=args, train_dataset=_Chunks(data.train, cfg.seq_len),
                            callbacks=[TaperCallback(sched, target, calib, staged)] if tapering else [],
                            scale_target=target, scale_lambda=cfg.scale_lambda, scale_form=cfg.scale_form,

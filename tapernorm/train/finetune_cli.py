@@ -63,7 +63,10 @@ class FinetuneConfig:
     calib_skip: int = 0               # leading positions of each sequence left out of c's statistic
     calib_stat: str = "ls"            # ls | inv_rms
     calib_per_feature: bool = False
+    calib_pos0: bool = False          # position 0 gets its own c0 (pos0.py; one (B, T, 1) Mul per norm folded)
     rms_loss: float = 0.0             # lambda of the per-token norm-input RMS loss (rms_loss.py); 0 = off
+    rms_hinge: float = 0.0            # > 1: only tokens above rms_hinge x the calibrated scale pay; 0 = symmetric
+    taper_cap: float = 0.0            # > 1: training-only cap on a token's fixed branch while 0 < gate < 1 (cap.py)
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
 
@@ -95,6 +98,10 @@ class FinetuneConfig:
             raise ValueError(f"--scale-form {self.scale_form!r} is not one of {', '.join(SCALE_FORMS)}")
         if self.calib_skip < 0 or self.rms_loss < 0 or self.taper_hold < 0:
             raise ValueError("--calib-skip, --rms-loss and --taper-hold must be >= 0")
+        if not (self.taper_cap == 0 or self.taper_cap >= 1):
+            raise ValueError(f"--taper-cap {self.taper_cap} must be 0 (off) or >= 1")
+        if not (self.rms_hinge == 0 or self.rms_hinge >= 1):
+            raise ValueError(f"--rms-hinge {self.rms_hinge} must be 0 (symmetric) or >= 1 (a factor over 1 / c)")
         T, W, t0, t1 = self.resolved_steps()
         if self.taper_hold > t1 - t0:
             raise ValueError(f"--taper-hold {self.taper_hold} is longer than the taper span {t1 - t0}")
@@ -141,7 +148,13 @@ _HELP = {
     "calib_stat": "c's statistic: ls (least squares, the paper's; extreme tokens dominate it) or inv_rms (mean of "
                   "1 / RMS over tokens; robust to sink tokens)",
     "calib_per_feature": "fit a least-squares scale per feature at calibration, folded into gamma_t",
+    "calib_pos0": "calibrate a separate scale c0 for position 0 (the attention sink); the folded graph keeps one "
+                  "per-token Mul per norm, 1 at every position but 0",
     "rms_loss": "lambda of the loss pulling every tapered norm's input RMS per token toward 1 / c (0: off)",
+    "rms_hinge": "make the RMS loss one-sided: only tokens whose input RMS exceeds H times the calibrated scale pay "
+                 "(0: symmetric)",
+    "taper_cap": "while 0 < gate < 1, cap each token's fixed-map branch at K times its calibrated size (training "
+                 "only: gate 0 has no cap; the log line says how often it acted; 0: off)",
     "taper_order": "global: one gate (the paper); first / last: blocks taper one after another from the first / "
                    "last block (each over 30%% of the taper span)",
     "taper_hold": "steps the gate stays 1 after calibration (the RMS loss already acts) before tapering",

@@ -7,10 +7,15 @@ whose residual RMS is ~100x the rest (docs/real_checkpoints.md); at gate 0 they 
 
     L_rms = lambda * mean over calibrated tapered norms l, tokens t of (log(r(h_lt) * c_l))^2
 
-Unit-free (one lambda for every layer whatever its scale) and symmetric in over- and undershoot. It is zero
+Unit-free (one lambda for every layer whatever its scale) and symmetric in over- and undershoot. With a hinge
+H > 1 it is one-sided and only outliers pay: (max(0, log(r(h_lt) * c_l) - log H))^2, tokens more than H times
+the calibrated scale. Those are what overflow at gate 0 (a token at 10x reaches a quadratic MLP 10x too large);
+tokens below it only shrink, so the hinge leaves the ordinary spread, and the CE, alone. It is zero
 before calibration (no c yet) and adds no module to the model: the gate-0 model folds exactly as without it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -24,10 +29,13 @@ class NormRmsLoss:
     """Forward pre-hooks on every TaperNorm of `model` that record its input while training; `loss()` is L_rms
     over the last forward. `skip_positions` leaves each sequence's first positions out (as calibration may)."""
 
-    def __init__(self, model: nn.Module, lam: float, skip_positions: int = 0):
+    def __init__(self, model: nn.Module, lam: float, skip_positions: int = 0, hinge: float = 0.0):
         if not lam >= 0:
             raise ValueError(f"rms-loss lambda must be >= 0, got {lam}")
+        if not (hinge == 0 or hinge >= 1):
+            raise ValueError(f"rms-loss hinge must be 0 (off) or >= 1 (a factor over the calibrated scale), got {hinge}")
         self.lam, self.skip = float(lam), int(skip_positions)
+        self.log_hinge = math.log(hinge) if hinge else None
         self._seen: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (input, c, centered)
         self._hooks = [m.register_forward_pre_hook(self._record) for _, m in taper_layers(model)] if lam > 0 else []
         self.log: list[float] = []
@@ -52,7 +60,10 @@ class NormRmsLoss:
             if centered:
                 xf = xf - xf.mean(-1, keepdim=True)
             log_r = 0.5 * torch.log(xf.pow(2).mean(-1) + 1e-12)  # (B, T)
-            terms.append((log_r + torch.log(c.float())).pow(2).mean())
+            dev = log_r + torch.log(c.float())  # log(r * c) (B, T)
+            if self.log_hinge is not None:
+                dev = torch.relu(dev - self.log_hinge)
+            terms.append(dev.pow(2).mean())
         self._seen.clear()
         out = self.lam * torch.stack(terms).mean()
         self.log.append(float(out.detach()))

@@ -141,3 +141,56 @@ def test_finetune_with_every_remedy_ends_at_gate_zero_and_folds(tmp_path):
     model = tapernorm.from_pretrained(out / "model").eval()
     assert tapernorm.get_gate(model) == 0.0
     _fold_parity(model)
+
+
+def test_rms_hinge_charges_only_tokens_above_h_times_the_scale():
+    layer = _layer_c(TaperNorm, torch.randn(2, 5, D))
+    layer.train()
+    loss = NormRmsLoss(torch.nn.Sequential(layer), lam=1.0, hinge=2.0)
+    x = torch.randn(2, 5, D)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt() / layer.c  # every token at r = 1 / c
+    layer(x * 1.9)  # under the hinge: free, though the symmetric loss would charge it
+    assert float(loss.loss()) == 0.0
+    big = x.clone()
+    big[:, 2] *= 8.0  # one token at 8x the scale: (log 8 - log 2)^2 on 1 of 5 tokens
+    layer(big)
+    assert float(loss.loss()) == pytest.approx(float(torch.log(torch.tensor(4.0))) ** 2 / 5, rel=1e-4)
+    with pytest.raises(ValueError, match="hinge"):
+        NormRmsLoss(torch.nn.Sequential(layer), lam=1.0, hinge=0.5)
+
+
+def test_pos0_calibration_gives_position_zero_its_own_scale():
+    x = _sink_batch()
+    layer = _layer_c(TaperNorm, x, skip_positions=1, stat="inv_rms", pos0=True)
+    r_inv = torch.rsqrt(x.pow(2).mean(-1) + layer.eps)
+    assert float(layer.c0) == pytest.approx(float(r_inv[:, 0].mean()), rel=1e-5)
+    assert float(layer.c) == pytest.approx(float(r_inv[:, 1:].mean()), rel=1e-5)
+    layer.set_gate(0.0)
+    with torch.no_grad():
+        y = layer(x)
+    want0 = x[:, 0] * float(layer.c0) * layer.weight_t  # the sink keeps (about) its normalized size
+    torch.testing.assert_close(y[:, 0], want0.detach())
+    torch.testing.assert_close(y[:, 1:], (x[:, 1:] * layer.taper_scale()).detach())
+
+
+def test_taper_cap_bounds_the_fixed_branch_and_leaves_gate_zero_alone():
+    from tapernorm.cap import cap_rate, set_cap
+    x = _sink_batch()  # position 0 at ~1000x: r * c ~ 1000 with c fitted on the others
+    layer = _layer_c(TaperNorm, x, skip_positions=1, stat="inv_rms")
+    seq = torch.nn.Sequential(layer)
+    assert set_cap(seq, 4.0) == 1
+    layer.set_gate(0.5)
+    with torch.no_grad():
+        y = layer(x)
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.eps) * layer.weight
+        fixed = (y - 0.5 * normed) / 0.5
+    rc = x.pow(2).mean(-1).sqrt() * layer.c  # (B, T)
+    want = x * layer.taper_scale() * torch.clamp(4.0 / rc, max=1.0).unsqueeze(-1)
+    torch.testing.assert_close(fixed, want.detach(), rtol=1e-4, atol=1e-5)
+    assert cap_rate(seq) == pytest.approx(float((rc > 4).float().mean()))  # the sinks, and only them
+    assert cap_rate(seq) is None  # reset
+    layer.set_gate(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), (x * layer.taper_scale()).detach())  # no statistic, no cap
+    with pytest.raises(ValueError, match="cap"):
+        set_cap(seq, 0.5)
