@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from typing import Iterable
 
 import torch
@@ -382,14 +383,16 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
                      f"diff {min(diffs):.2g} on a probe input); tapernorm cannot represent it")
 
 
-def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = None) -> list[str]:
+def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = None,
+             keep: str | None = None) -> list[str]:
     """Replace every RMSNorm / LayerNorm in `model` with a TaperNorm / TaperLayerNorm equal to it at gate 1.
 
     Covers plain-gain RMSNorms, Gemma's (1 + w) RMSNorm (the TaperNorm gain is 1 + w), LayerNorms with
     or without weight / bias (a missing one is a frozen 1 / 0). Each replacement is checked against the
     norm on probe inputs. mode="internal" leaves the final norm (the one feeding the output head) alone;
-    "all" tapers it too. Returns the qualified names replaced. Refuses (TaperError) norm types it cannot
-    represent, before changing anything.
+    "all" tapers it too. `keep`: a regular expression; norms whose qualified name it matches (re.search) stay
+    as they are (a partial taper: those stay norms in the compiled graph). Returns the qualified names replaced.
+    Refuses (TaperError) norm types it cannot represent, before changing anything.
     """
     if mode not in ("internal", "all"):
         raise TaperError(f"mode {mode!r} is not one of 'internal', 'all'")
@@ -398,6 +401,8 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
     plan = []  # check every norm first, so a refusal leaves the model untouched
     for name, m in model.named_modules():
         if not name or isinstance(m, TAPER_TYPES) or (mode == "internal" and name == final):
+            continue
+        if keep and re.search(keep, name):
             continue
         new = _plan_norm(name, m, first.dtype, first.device)
         if new is not None:

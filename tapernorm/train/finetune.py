@@ -307,7 +307,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     val_before = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     tapering = cfg.mode != "baseline"
-    names = taperize(model, cfg.mode) if tapering else []
+    names = taperize(model, cfg.mode, keep=cfg.keep_norms or None) if tapering else []
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
     if tapering and cfg.taper_cap:
@@ -329,7 +329,7 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=scratch, max_steps=T, logging_nan_inf_filter=False, per_device_train_batch_size=cfg.batch_size // world,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=W, weight_decay=cfg.weight_decay,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup", warmup_steps=W, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip, seed=cfg.seed, data_seed=cfg.seed, logging_steps=max(1, T // 20),
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=use_cpu,
         bf16=cfg.bf16, ddp_broadcast_buffers=False, ddp_find_unused_parameters=True,

@@ -66,6 +66,8 @@ class FinetuneConfig:
     calib_pos0: bool = False          # position 0 gets its own c0 (pos0.py; one (B, T, 1) Mul per norm folded)
     rms_loss: float = 0.0             # lambda of the per-token norm-input RMS loss (rms_loss.py); 0 = off
     rms_hinge: float = 0.0            # > 1: only tokens above rms_hinge x the calibrated scale pay; 0 = symmetric
+    keep_norms: str = ""              # regex of norm names left untapered (a partial taper); "" = none
+    lr_schedule: str = "cosine"       # cosine | constant (after the warmup)
     taper_cap: float = 0.0            # > 1: training-only cap on a token's fixed branch while 0 < gate < 1 (cap.py)
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
@@ -153,6 +155,9 @@ _HELP = {
     "rms_loss": "lambda of the loss pulling every tapered norm's input RMS per token toward 1 / c (0: off)",
     "rms_hinge": "make the RMS loss one-sided: only tokens whose input RMS exceeds H times the calibrated scale pay "
                  "(0: symmetric)",
+    "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
+                  "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
+    "lr_schedule": "learning-rate decay after the warmup: cosine (to 0 at the last step) or constant",
     "taper_cap": "while 0 < gate < 1, cap each token's fixed-map branch at K times its calibrated size (training "
                  "only: gate 0 has no cap; the log line says how often it acted; 0: off)",
     "taper_order": "global: one gate (the paper); first / last: blocks taper one after another from the first / "
@@ -180,9 +185,10 @@ def add_cli(subparsers) -> None:
         base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order"):
+        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order", "lr_schedule"):
             choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS,
-                       "calib_stat": ("ls", "inv_rms"), "taper_order": ("global", "first", "last")}[f.name]
+                       "calib_stat": ("ls", "inv_rms"), "taper_order": ("global", "first", "last"),
+                       "lr_schedule": ("cosine", "constant")}[f.name]
             p.add_argument(flag, choices=choices, **kw)
         else:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)

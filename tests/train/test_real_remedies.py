@@ -194,3 +194,28 @@ def test_taper_cap_bounds_the_fixed_branch_and_leaves_gate_zero_alone():
         torch.testing.assert_close(layer(x), (x * layer.taper_scale()).detach())  # no statistic, no cap
     with pytest.raises(ValueError, match="cap"):
         set_cap(seq, 0.5)
+
+
+def test_finetune_with_the_sink_recipe_ends_at_gate_zero_and_compiles(tmp_path):
+    """--calib-pos0, the hinged RMS loss, the cap, a constant lr and a partial taper (--keep-norms): the saved
+    model has c0, the kept norms are plain norms, and compile's parity check passes on the mixed graph."""
+    import json
+
+    from hf_models import FT_ARGS, hf_dir
+
+    import tapernorm
+    from tapernorm.compiler.cli import main
+    src = hf_dir("llama", tmp_path / "src")
+    out = tmp_path / "ft"
+    assert main(["finetune", str(src), "--out", str(out), "--mode", "internal", *FT_ARGS, "--calib-skip", "1",
+                 "--calib-stat", "inv_rms", "--calib-per-feature", "--calib-pos0", "--rms-loss", "5",
+                 "--rms-hinge", "1.5", "--taper-cap", "2", "--lr-schedule", "constant",
+                 "--keep-norms", r"layers\.1\.post_attention"]) == 0
+    model = tapernorm.from_pretrained(out / "model").eval()
+    layers = dict(taper_layers(model))
+    assert "model.layers.1.post_attention_layernorm" not in layers and len(layers) == 3
+    assert all(m.gate == 0.0 and float(m.c0) > 0 for m in layers.values())
+    assert main(["compile", str(out / "model"), "--out", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / "compile_report.json").read_text())
+    assert report["parity"]["ok"] and report["pos0"]["sites"] == 3 and report["pos0"]["model.onnx"]["muls"] == 3
+    assert report["parity"]["graphs"]["model.onnx"]["tokens_identical"]
