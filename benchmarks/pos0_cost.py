@@ -1,7 +1,9 @@
 """What position 0's own scale c0 costs in the compiled graph (issue 19): SmolLM2-135M tapered (Internal-Taper) to
 gate 0, calibrated once with c0 (tapernorm.calibrate(..., pos0=True) on the builtin corpus); the variant without c0
 is the same model with c0 set to 0, so both graphs have the same folded weights and differ only in the factor
-(one Mul by where(position == 0, c0 / c, 1) per norm, one Equal per graph). Both compiled lean fp32; timed with
+(one Mul by where(position == 0, c0 / c, 1) per norm, one Equal per graph). The c0 graph in both forms the lean
+builder has (compiler/lean/graph.py POS0_FORM: "where", one Where per norm; "split", one Where over a table of all
+ratios + one Split). All compiled lean fp32; timed with
 our runtime loop in lockstep: B1 prefill of a 64-token prompt, then 32 decode steps; variants interleaved in a
 reshuffled order every round; per-round paired ratios c0 / plain (median, quartiles) and the A/A pair (a second
 session of the plain graph). Nothing here needs the logits to be good, only finite (checked).
@@ -23,6 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_output_args, library_versions, machine_info, output_dir, spread, write_results  # noqa: E402
 from real_checkpoint import smollm2_dir  # noqa: E402
+
+
+SMALL = 0.01  # the random-weight fallback's scale of the block output projections (0.05: finite with c0 only)
 
 
 def calibration_batches(hf: Path, n: int, seq: int):
@@ -64,24 +69,29 @@ def tapered_pair(hf: Path, work: Path, args, log) -> dict:
     model = tapernorm.from_pretrained(hf, dtype=torch.float32).eval()
     names = _taper(model, hf, args)
     weights = "SmolLM2-135M-Instruct (real)"
-    finite = _finite(model, probe)
-    if finite:
-        saved = {l: (float(l.c0), l.has_pos0) for _, l in taper_layers(model)}
-        for l in saved:
-            l.c0.zero_()
-            l.has_pos0 = False
-        finite = _finite(model, probe)
-        for l, (c0, has) in saved.items():
-            l.c0.fill_(c0)
-            l.has_pos0 = has
-    if not finite:
-        from transformers import AutoModelForCausalLM
-        log("[pos0] gate-0 logits of the real checkpoint are not finite: using its config with random weights")
+    real = {"c0": _finite(model, probe)}
+    saved = {l: (float(l.c0), l.has_pos0) for _, l in taper_layers(model)}
+    for l in saved:
+        l.c0.zero_()
+        l.has_pos0 = False
+    real["plain"] = _finite(model, probe)
+    for l, (c0, has) in saved.items():
+        l.c0.fill_(c0)
+        l.has_pos0 = has
+    if not all(real.values()):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        log(f"[pos0] gate-0 logits of the real checkpoint finite: {real}; timing its config with random weights")
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(model.config).eval()
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf)).eval()
+        with torch.no_grad():  # small block outputs: at gate 0 the random blocks' (quadratic) MLPs stay bounded
+            for n, p in model.named_parameters():
+                if n.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(SMALL)
         names = _taper(model, hf, args)
-        weights = "random init (SmolLM2-135M config: the real shapes), gate 0 not finite on the real weights"
+        weights = (f"random init of the SmolLM2-135M config (the real shapes; o_proj / down_proj x {SMALL}): "
+                   f"gate-0 logits on the real weights finite with c0 {real['c0']}, without {real['plain']}")
     facts = {"mode": args.mode, "tapered_norms": len(names), "calib_batches": args.calib_batches, "weights": weights,
+             "real_weights_gate0_finite": real,
              "c0_over_c": {n: float(l.c0 / l.c) for n, l in taper_layers(model)}}
     for tag in ("c0", "plain"):
         if tag == "plain":
@@ -96,13 +106,19 @@ def tapered_pair(hf: Path, work: Path, args, log) -> dict:
     return facts
 
 
-def compiled(src: Path, out: Path, log) -> dict:
-    """Lean fp32 `tapernorm compile` of src into out (cached); the report's parity, position-0 counts and nodes."""
+def compiled(src: Path, out: Path, log, form: str = "where") -> dict:
+    """Lean fp32 `tapernorm compile` of src into out (cached) with the factors in `form` (compiler.lean.graph
+    POS0_FORMS); the report's parity, position-0 counts and nodes."""
+    from tapernorm.compiler.lean import graph as lean_graph
     from tapernorm.compiler.lean.builder import ort_optimized_nodes
     from tapernorm.compiler.pipeline import compile_checkpoint
     if not (out / "compile_report.json").is_file():
-        log(f"[pos0] compile {src.name}")
-        compile_checkpoint(src, out, parity_tokens=4, log=lambda m: log(f"[compile] {m}"))
+        log(f"[pos0] compile {src.name} ({form})")
+        lean_graph.POS0_FORM, before = form, lean_graph.POS0_FORM
+        try:
+            compile_checkpoint(src, out, parity_tokens=4, log=lambda m: log(f"[compile] {m}"))
+        finally:
+            lean_graph.POS0_FORM = before
     rep = json.loads((out / "compile_report.json").read_text())
     g = rep["parity"]["graphs"]["model.onnx"]
     exp = rep["export"]["model.onnx"]
@@ -145,11 +161,12 @@ def lockstep(dirs: dict, args, log) -> dict:
 
     def ratio(xs, a, b):  # time a / time b per round: > 1 means a is slower
         return spread([x / y for x, y in zip(xs[a], xs[b])])
-    return {"variants": rows,
-            "ratios": {"decode step c0 / plain": ratio(step, "c0", "plain"),
-                       "prefill c0 / plain": ratio(pre, "c0", "plain"),
-                       "A/A decode step plain_aa / plain": ratio(step, "plain_aa", "plain"),
-                       "A/A prefill plain_aa / plain": ratio(pre, "plain_aa", "plain")}}
+    pairs = [("c0_where", "plain"), ("c0_split", "plain"), ("c0_split", "c0_where"), ("plain_aa", "plain")]
+    ratios = {}
+    for what, xs in (("decode step", step), ("prefill", pre)):
+        for a, b in pairs:
+            ratios[f"{'A/A ' if a == 'plain_aa' else ''}{what} {a} / {b}"] = ratio(xs, a, b)
+    return {"variants": rows, "ratios": ratios}
 
 
 def markdown(res: dict) -> str:
@@ -203,8 +220,11 @@ def main(argv=None) -> int:
     tap = tapered_pair(hf, args.work, args, log)
     if not (tap["c0_logits_finite"] and tap["plain_logits_finite"]):
         raise SystemExit(f"gate-0 logits are not finite ({tap['weights']}); nothing to time")
-    comp = {t: compiled(args.work / t, args.work / f"{t}_lean", log) for t in ("c0", "plain")}
-    dirs = {"c0": args.work / "c0_lean", "plain": args.work / "plain_lean", "plain_aa": args.work / "plain_lean"}
+    comp = {"c0_where": compiled(args.work / "c0", args.work / "c0_lean", log, "where"),
+            "c0_split": compiled(args.work / "c0", args.work / "c0_split_lean", log, "split"),
+            "plain": compiled(args.work / "plain", args.work / "plain_lean", log)}
+    dirs = {"c0_where": args.work / "c0_lean", "c0_split": args.work / "c0_split_lean",
+            "plain": args.work / "plain_lean", "plain_aa": args.work / "plain_lean"}
     speed = lockstep(dirs, args, log)
     res = {"benchmark": "pos0_cost", "machine": machine, "versions": library_versions(),
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -97,7 +97,7 @@ def pos0_counts(model: onnx.ModelProto) -> dict:
     while grew:  # follow the factor through shape / dtype ops
         grew = False
         for n in model.graph.node:
-            if n.op_type in ("Unsqueeze", "Cast", "Reshape", "Expand") and n.input and n.input[0] in values \
+            if n.op_type in ("Unsqueeze", "Cast", "Reshape", "Expand", "Split") and n.input and n.input[0] in values \
                     and not set(n.output) <= values:
                 values |= set(n.output)
                 grew = True

@@ -21,9 +21,11 @@ import torch
 from ..onnx_io import lazy_initializer
 from .weights import NormSpec
 
-__all__ = ["LeanGraph", "ONNX_DTYPES", "OPSET"]
+__all__ = ["LeanGraph", "ONNX_DTYPES", "OPSET", "POS0_FORMS"]
 
 OPSET = 21
+POS0_FORMS = ("where", "split")  # how the factors of norms with c0 are built (pos0_factor / pos0_table)
+POS0_FORM = "split"  # benchmarks/pos0_cost.py times both: decode step vs no c0 x1.05 (split) / x1.13 (where), B1
 ONNX_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                torch.bfloat16: ir.DataType.BFLOAT16}
 MS = "com.microsoft"
@@ -100,17 +102,34 @@ class LeanGraph:
                                                 self.const_i64([1], "const_i64_1")])  # (B, T)
         return self._positions
 
-    def pos0_factor(self, ratio: float) -> ir.Value:
-        """p (B, T, 1) = where(position == 0, ratio, 1) in the graph dtype (tapernorm/pos0.py's factor of a norm with
-        position 0's own scale c0, ratio = c0 / c): the Equal once per graph, one Where per distinct ratio. Decode
-        steps have every position > 0, so p is 1 there; a right-padded row's position 0 is its first column."""
+    def _pos0_mask(self) -> ir.Value:
+        """(B, T, 1) bool: position == 0 (a right-padded row's first column), built once per graph."""
         if getattr(self, "_is0", None) is None:
             self._p0: dict[float, ir.Value] = {}
             is0 = self.op("Equal", [self.positions(), self.const_i64(0, "const_i64_s0")], name="pos0/Equal")  # (B, T)
             self._is0 = self.op("Unsqueeze", [is0, self.const_i64([2], "const_i64_2")], name="pos0/Unsqueeze")
+        return self._is0
+
+    def pos0_table(self, ratios: list[float]) -> None:
+        """The "split" form (POS0_FORM): every norm's factor at once, P = Where(mask, [r_1 .. r_n], 1) (B, T, n)
+        split into n (B, T, 1) outputs: 2 nodes for all norms instead of one Where each. Call before the norms."""
+        ratios = list(dict.fromkeys(ratios))
+        mask = self._pos0_mask()
+        table = self.weight("pos0_ratio_table", torch.tensor(ratios, dtype=torch.float64))  # (n,)
+        ones = self.weight("pos0_ones", torch.ones(len(ratios), dtype=torch.float64))
+        full = self.op("Where", [mask, table, ones], name="pos0/Where_table")  # (B, T, n)
+        parts = [full] if len(ratios) == 1 else self.op(
+            "Split", [full], {"axis": -1, "num_outputs": len(ratios)}, n_out=len(ratios), name="pos0/Split")
+        self._p0.update(zip(ratios, parts))
+
+    def pos0_factor(self, ratio: float) -> ir.Value:
+        """p (B, T, 1) = where(position == 0, ratio, 1) in the graph dtype (tapernorm/pos0.py's factor of a norm with
+        position 0's own scale c0, ratio = c0 / c): the Equal once per graph, one Where per distinct ratio (or a
+        slice of pos0_table's split). Decode steps have every position > 0, so p is 1 there."""
+        mask = self._pos0_mask()
         if ratio not in self._p0:
             k = len(self._p0)
-            self._p0[ratio] = self.op("Where", [self._is0, self.const_f(ratio, f"pos0_ratio_{k}"),
+            self._p0[ratio] = self.op("Where", [mask, self.const_f(ratio, f"pos0_ratio_{k}"),
                                                 self.const_f(1.0, "const_f_1")], name=f"pos0/Where_{k}")  # (B, T, 1)
         return self._p0[ratio]
 

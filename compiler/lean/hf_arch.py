@@ -22,6 +22,7 @@ import torch.nn as nn
 from tapernorm.hf_config import GUARDED_KEY
 
 from .families import DecoderDims, FamilySpec
+from . import graph as graph_module
 from .graph import MS, LeanGraph
 from .weights import LeanError, NormSpec
 
@@ -148,6 +149,9 @@ class SpecLean:
         """Emit the whole graph; the logits value is `self.logits` (B, 1, V)."""
         g, s = self.g, self.spec
         residual, delta, bias = self.embed()
+        ratios = [n.pos0 for n in self.norms.values() if n.pos0 is not None]
+        if ratios and graph_module.POS0_FORM == "split":  # every position-0 factor from one Where + Split
+            g.pos0_table(ratios)
         for i in range(self.dims.num_layers):
             pre_a, pre_m = (self.norm(self.p(i, n)) if n else None for n in s.pre_norms)
             post_a, post_m = (self.norm(self.p(i, n)) if n else None for n in s.post_norms)

@@ -42,13 +42,18 @@ def _ragged(model, out, vocab, variant="model.onnx"):
     assert generate_ids(OrtDecoder(sess), rows, max_new_tokens=3).tokens == ref
 
 
-@pytest.mark.parametrize("arch,mode,n", [("tiny", "internal", 4), ("tiny-gpt2", "all", 5)])
-def test_lean_compile_with_c0(tmp_path, arch, mode, n):
+@pytest.mark.parametrize("arch,mode,n,form", [("tiny", "internal", 4, "split"), ("tiny-gpt2", "all", 5, "where")])
+def test_lean_compile_with_c0(tmp_path, monkeypatch, arch, mode, n, form):
+    """Both factor forms of the lean builder: "split" (the default: one Where over all ratios, one Split) and
+    "where" (one Where per ratio); either way one Mul per norm and one Equal."""
+    from tapernorm.compiler.lean import graph as lean_graph
+    monkeypatch.setattr(lean_graph, "POS0_FORM", form)
     m = _decoder(arch, mode)
     save_checkpoint(m, tmp_path / "ckpt")
     rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=5, unfused=True)
     assert rep["graph"] == "lean" and rep["parity"]["ok"] and rep["statistics_check"]["ok"]
-    want = {"wheres": n, "muls": n, "equal": 1}
+    want = {"wheres": 1 if form == "split" else n, "muls": n, "equal": 1}
+    assert ("Split" in rep["export"]["model.onnx"]["ops"]) == (form == "split")
     assert rep["pos0"] == {"sites": n, "model.onnx": want, "model_unfused.onnx": want}
     assert rep["export"]["model.onnx"]["pos0"] == want
     assert all(k == "none" for k in rep["export"]["model.onnx"]["norms"].values() if k != "rms")
@@ -106,7 +111,7 @@ def test_generic_export_with_c0(tmp_path):
 def test_reduced_precision_with_c0(tmp_path, precision):
     save_checkpoint(_decoder(), tmp_path / "ckpt")
     rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", precision=precision, block_size=16, parity_tokens=3)
-    assert rep["parity"]["ok"] and rep["pos0"]["model.onnx"] == {"wheres": 4, "muls": 4, "equal": 1}
+    assert rep["parity"]["ok"] and rep["pos0"]["model.onnx"] == {"wheres": 1, "muls": 4, "equal": 1}
     assert rep["dtype"] == ("float16" if precision == "fp16" else "float32")
 
 
@@ -140,7 +145,7 @@ def test_hf_compile_with_c0(tmp_path, family, n):
     save_pretrained(hf, tmp_path / "hf")
     rep = compile_checkpoint(tmp_path / "hf", tmp_path / "out", parity_tokens=5)
     assert rep["graph"] == "lean" and rep["parity"]["ok"], rep.get("hf")
-    assert rep["pos0"] == {"sites": n, "model.onnx": {"wheres": n, "muls": n, "equal": 1}}
+    assert rep["pos0"] == {"sites": n, "model.onnx": {"wheres": 1, "muls": n, "equal": 1}}
     dec = HFDecoder(hf, "all").eval()
     _ragged(dec, tmp_path / "out", 128)
     g = rep["parity"]["graphs"]["model.onnx"]
