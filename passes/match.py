@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
-from .pos0 import is_pos0_rows, pos0_problem
 from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, storage_uses
+from .pos0 import is_pos0_rows, pos0_problem
 from .replay import aten_ops as _ops
 from .replay import replayable
 
