@@ -7,6 +7,9 @@ before the model has learned to avoid it (docs/real_checkpoints.md). With a cap 
 
     F_K(h) = F(h) * min(1, K / (r(h) * c_t)),   c_t = c0 at position 0 (pos0.py), c elsewhere,
 
+and with `cap_anneal` K grows as the gate falls, K_g = K / g: 2 at gate 1, 20 at gate 0.1, 2e4 at 1e-4, so the cap
+fades into gate 0 instead of vanishing there and the model sees (and learns from) ever larger tokens.
+
 which uses r(h), already computed for the normalized branch. At gate 0 there is no r(h) and no cap: the gate-0
 model is the plain fixed map, folds exactly, and `finetune`'s evaluation at gate 0 shows whether any token still
 needed the cap. Each layer counts the tokens it capped (`cap_hits` / `cap_seen`) so the run can log how often
@@ -22,23 +25,24 @@ __all__ = ["cap_factor", "cap_rate", "set_cap"]
 def cap_factor(layer, r_inv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """min(1, K / (r * c_t)) of shape r_inv's (..., T, 1) for layer.taper_cap = K; counts the capped tokens."""
     from .pos0 import pos0_factor
+    k = layer.taper_cap / max(layer.gate, 1e-12) if layer.cap_anneal else layer.taper_cap
     rc = layer.c.float() / r_inv  # (..., T, 1) = r(h) * c
     if layer.has_pos0:
         rc = rc * pos0_factor(layer, x).float()
     with torch.no_grad():
-        layer.cap_hits += int((rc > layer.taper_cap).sum())
+        layer.cap_hits += int((rc > k).sum())
         layer.cap_seen += rc.numel()
-    return (layer.taper_cap / rc).clamp(max=1.0).to(x.dtype)
+    return (k / rc).clamp(max=1.0).to(x.dtype)
 
 
-def set_cap(model: torch.nn.Module, k: float) -> int:
-    """Set the cap K (0: off) on every TaperNorm of `model`; returns how many layers."""
+def set_cap(model: torch.nn.Module, k: float, anneal: bool = False) -> int:
+    """Set the cap K (0: off; anneal: K / gate) on every TaperNorm of `model`; returns how many layers."""
     from .layers import taper_layers
     if not (k == 0 or k >= 1):
         raise ValueError(f"taper cap {k} must be 0 (off) or >= 1 (a factor over the calibrated scale)")
     layers = taper_layers(model)
     for _, m in layers:
-        m.taper_cap = float(k)
+        m.taper_cap, m.cap_anneal = float(k), bool(anneal)
     return len(layers)
 
 

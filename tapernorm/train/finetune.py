@@ -311,7 +311,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
     if tapering and cfg.taper_cap:
-        set_cap(model, cfg.taper_cap)
+        set_cap(model, cfg.taper_cap, cfg.cap_anneal)
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
     try:  # never inside OUT, where a directory of the user's could have its name

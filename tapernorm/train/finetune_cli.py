@@ -68,6 +68,7 @@ class FinetuneConfig:
     rms_hinge: float = 0.0            # > 1: only tokens above rms_hinge x the calibrated scale pay; 0 = symmetric
     keep_norms: str = ""              # regex of norm names left untapered (a partial taper); "" = none
     lr_schedule: str = "cosine"       # cosine | constant (after the warmup)
+    cap_anneal: bool = False          # the cap grows as K / gate (fades into gate 0)
     taper_cap: float = 0.0            # > 1: training-only cap on a token's fixed branch while 0 < gate < 1 (cap.py)
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
@@ -158,6 +159,7 @@ _HELP = {
     "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
     "lr_schedule": "learning-rate decay after the warmup: cosine (to 0 at the last step) or constant",
+    "cap_anneal": "let the taper cap grow as K / gate, so it fades into gate 0 instead of vanishing there",
     "taper_cap": "while 0 < gate < 1, cap each token's fixed-map branch at K times its calibrated size (training "
                  "only: gate 0 has no cap; the log line says how often it acted; 0: off)",
     "taper_order": "global: one gate (the paper); first / last: blocks taper one after another from the first / "

@@ -219,3 +219,17 @@ def test_finetune_with_the_sink_recipe_ends_at_gate_zero_and_compiles(tmp_path):
     report = json.loads((tmp_path / "c" / "compile_report.json").read_text())
     assert report["parity"]["ok"] and report["pos0"]["sites"] == 3 and report["pos0"]["model.onnx"]["muls"] == 3
     assert report["parity"]["graphs"]["model.onnx"]["tokens_identical"]
+
+
+def test_annealed_cap_grows_as_k_over_gate():
+    from tapernorm.cap import cap_rate, set_cap
+    x = _sink_batch()
+    layer = _layer_c(TaperNorm, x, skip_positions=1, stat="inv_rms")
+    seq = torch.nn.Sequential(layer)
+    rc = x.pow(2).mean(-1).sqrt() * layer.c
+    for gate in (0.5, 0.05):
+        set_cap(seq, 2.0, anneal=True)
+        layer.set_gate(gate)
+        with torch.no_grad():
+            layer(x)
+        assert cap_rate(seq) == pytest.approx(float((rc > 2.0 / gate).float().mean()))
