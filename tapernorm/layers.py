@@ -94,10 +94,10 @@ class _TaperBase(nn.Module):
             self._p0 = _pos0_observe(self, r_inv)
         k = self.calib_skip
         if k:
-            if xc.dim() < 3 or xc.shape[-2] <= k:
+            if xc.dim() < 3 or xc.shape[1] <= k:
                 raise TaperError(f"calibration skips the first {k} position(s) but got input of shape "
                                  f"{tuple(xc.shape)}; calibrate on (batch, seq > {k}, d) sequences")
-            xc, r_inv = xc[..., k:, :], r_inv[..., k:]
+            xc, r_inv = xc[:, k:], r_inv[:, k:]  # position is dim 1 (per-head norms: (B, T, H, d))
         if self.calib_stat == "inv_rms":  # sink-robust: a huge token adds ~0 to the mean of 1 / r
             self._observe(r_inv.mean(), torch.ones((), dtype=torch.float64))
         else:

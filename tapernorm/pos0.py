@@ -25,12 +25,13 @@ __all__ = ["pos0_factor", "track_positions", "pos0_ratio"]
 
 @torch.no_grad()
 def _pos0_observe(layer, r_inv: torch.Tensor) -> torch.Tensor:
-    """EMA (the layer's beta_ema) of mean 1 / r(h) at position 0; r_inv (..., T). Returns the updated EMA."""
+    """EMA (the layer's beta_ema) of mean 1 / r(h) at position 0; r_inv (B, T) or (B, T, H) (per-head norms).
+    Returns the updated EMA."""
     if r_inv.dim() < 2:
         from .layers import TaperError
         raise TaperError(f"position-0 calibration needs (batch, seq, d) inputs, got 1 / r of shape "
                          f"{tuple(r_inv.shape)}")
-    m = r_inv[..., 0].double().mean()
+    m = r_inv[:, 0].double().mean()  # position is dim 1 (batch first), whatever follows it
     b = layer.beta_ema
     prev = layer._p0 if layer._p0 is not None else torch.zeros((), dtype=torch.float64, device=m.device)
     return prev.mul(1 - b).add(b * m)
@@ -54,14 +55,19 @@ def pos0_ratio(layer) -> torch.Tensor:
 
 
 def pos0_factor(layer, x: torch.Tensor) -> torch.Tensor:
-    """p (B, T, 1) or (T, 1) for x (..., T, d): c0 / c on position-0 rows, 1 elsewhere, in x's dtype."""
+    """p for x (B, T, d), (B, T, H, d) (per-head norms) or (T, d): c0 / c on position-0 rows, 1 elsewhere, in x's
+    dtype, shaped (B, T, 1[, 1]) or (T, 1[, 1]) to broadcast over x."""
+    tdim = 1 if x.dim() >= 3 else 0
     rows = layer.pos0_rows
     if rows is None:  # a full-sequence forward: row 0 is position 0
-        rows = torch.arange(x.shape[-2], device=x.device) == 0
+        rows = torch.arange(x.shape[tdim], device=x.device) == 0
     ratio = pos0_ratio(layer).to(device=x.device, dtype=torch.float32)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     rows = rows if rows.device == x.device else rows.to(x.device)  # no op when shared: graphs see one mask
-    return torch.where(rows, ratio, one).unsqueeze(-1).to(x.dtype)
+    p = torch.where(rows, ratio, one).unsqueeze(-1)
+    for _ in range(x.dim() - 2 - tdim):  # per-head norms: one more axis after the position
+        p = p.unsqueeze(-1)
+    return p.to(x.dtype)
 
 
 def _past_length(past) -> int:

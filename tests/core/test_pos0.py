@@ -155,3 +155,38 @@ def test_files_without_c0_still_load():
     m2, _ = _decoder(pos0=True)
     m2.load_state_dict(sd)
     assert not any(l.has_pos0 for _, l in taper_layers(m2)) and all(float(l.c0) == 0 for _, l in taper_layers(m2))
+
+
+def test_per_head_norms_calibrate_and_scale_position_zero_not_head_zero():
+    """Qwen3's q_norm / k_norm see (B, T, H, d): position is dim 1, and c0 / the factor follow it."""
+    transformers = pytest.importorskip("transformers")
+    from tapernorm.layers import calibrate, set_gate, taper_layers, taperize
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    m = transformers.Qwen3ForCausalLM(cfg).eval()
+    taperize(m, "internal")
+    ids = torch.randint(0, 100, (2, 12))
+    calibrate(m, [ids], forward=lambda mm, b: mm(input_ids=b, use_cache=False), skip_positions=1, stat="inv_rms",
+              pos0=True)
+    q = dict(taper_layers(m))["model.layers.0.self_attn.q_norm"]
+    seen = []
+    h = q.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))
+    set_gate(m, 1.0)
+    with torch.no_grad():
+        m(input_ids=ids, use_cache=False)
+    h.remove()
+    r_inv = torch.rsqrt(seen[0].pow(2).mean(-1) + q.eps)  # (B, T, H)
+    assert float(q.c0) == pytest.approx(float(r_inv[:, 0].mean()), rel=1e-5)
+    assert float(q.c) == pytest.approx(float(r_inv[:, 1:].mean()), rel=1e-5)
+    for g in (0.5, 0.0):
+        set_gate(m, g)
+        with torch.no_grad():
+            full = m(input_ids=ids, use_cache=False).logits
+            out = m(input_ids=ids[:, :8], use_cache=True)
+            steps, past = [out.logits], out.past_key_values
+            for t in range(8, 12):
+                o = m(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+                steps.append(o.logits)
+                past = o.past_key_values
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
