@@ -26,7 +26,18 @@ from bench_common import add_output_args, library_versions, machine_info, output
 from real_checkpoint import smollm2_dir  # noqa: E402
 
 ROBUST = {"calib_stat": "inv_rms", "calib_skip": 1, "rms_loss": 1.0}
+# the sink recipe (docs/real_checkpoints.md, section 5): position 0's own c0, a robust per-feature map for the rest,
+# the one-sided RMS loss and the training-only cap; a hold at gate 1 (fraction of the taper span), constant lr
+SINK = {"calib_stat": "inv_rms", "calib_skip": 1, "calib_per_feature": True, "calib_pos0": True, "rms_loss": 30.0,
+        "rms_hinge": 1.5, "taper_cap": 2.0, "hold_frac": 0.2, "lr_schedule": "constant"}
+KEEP6 = {"keep_norms": r"layers\.(4|9|14|19|24|29)\.post_attention_layernorm"}  # 6 of 60 internal norms stay
 VARIANTS: dict[str, dict] = {
+    "internal-sink": {"mode": "internal", **SINK},
+    "all-sink": {"mode": "all", **SINK},
+    "internal-sink-keep6": {"mode": "internal", **SINK, **KEEP6},
+    "all-sink-keep6": {"mode": "all", **SINK, **KEEP6},
+    # the layers whose tokens the cap caught (1-10: sink candidates; 27-29: the last, fastest-growing residuals)
+    "internal-sink-keepends": {"mode": "internal", **SINK, "keep_norms": r"layers\.([1-9]|10|27|28|29)\."},
     "baseline": {"mode": "baseline"},
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
     "internal-robust": {"mode": "internal", **ROBUST},
@@ -36,11 +47,11 @@ VARIANTS: dict[str, dict] = {
     "internal-robust-hold": {"mode": "internal", **ROBUST, "taper_hold": 14},   # taper 22..36 in --quick
     "internal-ls-staged": {"mode": "internal", "taper_order": "last"},
 }
-DEFAULT_VARIANTS = "baseline,internal,internal-robust,all-robust"
+DEFAULT_VARIANTS = "baseline,internal,internal-sink,all-sink,internal-sink-keep6,all-sink-keep6"
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHATS = ["What is the capital of France?", "Give me two tips for sleeping better."]
 # (steps, warmup, taper start, taper end, seq, batch, eval batches)
-SETTINGS = {"quick": (40, 4, 8, 36, 64, 2, 8), "full": (150, 10, 20, 140, 128, 4, 16)}
+SETTINGS = {"quick": (200, 10, 20, 180, 64, 2, 8), "full": (400, 10, 40, 360, 64, 4, 16)}
 
 
 def _settings(args) -> dict:
@@ -56,6 +67,9 @@ def run_variant(name: str, opts: dict, settings: dict, work: Path) -> dict:
     """One fine-tune in-process; a divergence (any error) is recorded with its one-line message."""
     from tapernorm.train.finetune import finetune
     from tapernorm.train.finetune_cli import FinetuneConfig
+    opts = dict(opts)
+    if "hold_frac" in opts:  # the hold scales with the schedule
+        opts["taper_hold"] = round(opts.pop("hold_frac") * (settings["taper_end"] - settings["taper_start"]))
     cfg = FinetuneConfig(model=str(smollm2_dir()), out_dir=str(work / name), overwrite=True, **settings, **opts)
     t = time.time()
     try:
@@ -161,11 +175,11 @@ def _markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in result["runs"] if r["variant"] == "baseline" and r["ok"]), None)
     for r in result["runs"]:
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-"
+        opts = (", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-").replace("|", "\\|")
         if not r["ok"]:
             err = r.get("error") or f"non-finite (CE {r.get('val_after')})"
-            m = re.search(r"diverged at step (\d+): loss (\S+) at gate ([\d.]+)", err)
-            err = f"step {m.group(1)}, loss {m.group(2)}, gate {float(m.group(3)):.3f}" if m else err
+            m = re.search(r"diverged at step (\d+): (loss|gradient norm) (\S+) at gate ([\d.e-]+)", err)
+            err = f"step {m.group(1)}, {m.group(2)} {m.group(3)}, gate {float(m.group(4)):.3g}" if m else err
             lines.append(f"| {r['variant']} | {opts} | - | diverged: {err} "
                          f"| - | - | - | - | {r['seconds']:.0f} |")
             continue
@@ -203,7 +217,7 @@ def merge(out: Path, base: str, tags: list[str]) -> int:
 def main() -> int:
     """Run the variants, then compile and run the tapered ones that finished."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="40 steps at seq 64, batch 2")
+    ap.add_argument("--quick", action="store_true", help="200 steps at seq 64, batch 2 (default: 400 at batch 4)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=0, help="override the step count (schedule scales with it)")
     ap.add_argument("--lr", type=float, default=1e-4)

@@ -41,6 +41,10 @@ from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gat
 from .finetune_cli import FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import TrainingDiverged, divergence_message
+
+LATE_TAPER_HINT = ("a pretrained checkpoint's outlier tokens (attention sinks) overflow without their norms; try "
+                   "--calib-pos0, --rms-loss with --rms-hinge, --taper-cap, --keep-norms and a longer taper "
+                   "(docs/real_checkpoints.md)")
 from .rms_loss import NormRmsLoss, add_rms_loss
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
 from .staged import StagedGates
@@ -173,7 +177,7 @@ class TaperTrainer(_trainer_base()):
         kept = (f"{out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'}"
                 if out is not None else "nothing was saved")
         return divergence_message(self.state.global_step, loss, gnorm, lr, layers[0][1].gate if layers else None,
-                                  taper, bool(self.args.bf16), Path("."), kept=kept)
+                                  taper, bool(self.args.bf16), Path("."), kept=kept, late_taper_hint=LATE_TAPER_HINT)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._h.clear()

@@ -127,9 +127,11 @@ def clear_run_dir(run: Path, overwrite: bool) -> None:
 
 
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate: float | None,
-                       taper: tuple[int, int] | None, bf16: bool, ckpt: Path, kept: str | None = None) -> str:
+                       taper: tuple[int, int] | None, bf16: bool, ckpt: Path, kept: str | None = None,
+                       late_taper_hint: str | None = None) -> str:
     """One line: the step, what went non-finite (at which gate), the likely cause and fix, and what was kept
-    (`kept` replaces the checkpoint phrase, for commands without one)."""
+    (`kept` replaces the checkpoint phrase, for commands without one). `late_taper_hint`: the command's own advice
+    for a divergence late in a long taper (gate below 0.5), where the model, not the learning rate, is the cause."""
     what = f"loss {loss}" if loss != loss or abs(loss) == float("inf") else f"gradient norm {grad_norm}"
     what += f" at gate {gate:g}" if gate is not None else ""
     if lr >= 1.0:  # no schedule makes a step this large stable
@@ -139,6 +141,8 @@ def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate
     elif taper is not None and gate is not None and gate < 1.0 and taper[1] - taper[0] < 20:
         cause = (f"the gate fell from 1 to {gate:g} over a {taper[1] - taper[0]}-step taper (steps {taper[0]}-"
                  f"{taper[1]}), too abrupt for this model: use more --steps, a later --taper-end, or a lower --lr")
+    elif late_taper_hint and gate is not None and gate < 0.5:
+        cause = f"the model is not stable this far into the taper: {late_taper_hint}"
     else:
         cause = f"the learning rate {lr:g} is likely too high for this model: lower --lr or raise --warmup-steps"
     kept = kept or (f"{ckpt} (the state after {_ckpt_step(ckpt)} steps) is kept"

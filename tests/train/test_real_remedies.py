@@ -233,3 +233,14 @@ def test_annealed_cap_grows_as_k_over_gate():
         with torch.no_grad():
             layer(x)
         assert cap_rate(seq) == pytest.approx(float((rc > 2.0 / gate).float().mean()))
+
+
+def test_a_late_taper_divergence_points_at_the_sink_remedies_not_the_learning_rate():
+    from tapernorm.train.finetune import LATE_TAPER_HINT
+    from tapernorm.train.rundir import divergence_message
+    msg = divergence_message(180, float("nan"), 1.0, 1e-4, 0.0, (20, 180), False, Path("."), kept="x",
+                             late_taper_hint=LATE_TAPER_HINT)
+    assert "not stable this far into the taper" in msg and "--calib-pos0" in msg and "\n" not in msg
+    early = divergence_message(60, float("nan"), 1.0, 1e-4, 0.9, (20, 180), False, Path("."), kept="x",
+                               late_taper_hint=LATE_TAPER_HINT)
+    assert "learning rate" in early
