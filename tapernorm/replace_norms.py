@@ -184,15 +184,25 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
         raise TaperError(f"mode {mode!r} is not one of 'internal', 'all'")
     final = final_norm if final_norm is not None else find_final_norm(model)
     first = next((p for p in model.parameters() if p.is_floating_point()), torch.empty(0))
-    plan = []  # check every norm first, so a refusal leaves the model untouched
+    if keep:
+        try:
+            re.compile(keep)
+        except re.error as e:
+            raise TaperError(f"keep pattern {keep!r} is not a valid regular expression ({e})") from None
+    plan, kept = [], []  # check every norm first, so a refusal leaves the model untouched
     for name, m in model.named_modules():
         if not name or isinstance(m, TAPER_TYPES) or (mode == "internal" and name == final):
             continue
         if keep and re.search(keep, name):
+            if _is_rms_norm(m) or _is_layer_norm(m):
+                kept.append(name)
             continue
         new = _plan_norm(name, m, first.dtype, first.device)
         if new is not None:
             plan.append((name, new))
+    if keep and not kept:
+        raise TaperError(f"keep pattern {keep!r} matches no norm; norms are named like "
+                         f"{', '.join(n for n, _ in plan[:2]) or 'model.layers.0.input_layernorm'}")
     for name, new in plan:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

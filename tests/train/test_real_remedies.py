@@ -244,3 +244,14 @@ def test_a_late_taper_divergence_points_at_the_sink_remedies_not_the_learning_ra
     early = divergence_message(60, float("nan"), 1.0, 1e-4, 0.9, (20, 180), False, Path("."), kept="x",
                                late_taper_hint=LATE_TAPER_HINT)
     assert "learning rate" in early
+
+
+def test_keep_pattern_refuses_a_bad_regex_and_one_that_keeps_no_norm():
+    model = hf_model("llama")
+    with pytest.raises(TaperError, match="not a valid regular expression"):
+        taperize(model, "internal", keep="layers.(1")
+    with pytest.raises(TaperError, match="matches no norm; norms are named like model.layers.0"):
+        taperize(model, "internal", keep=r"layers\.1\.mlp")
+    assert not taper_layers(model)  # nothing was replaced
+    names = taperize(model, "internal", keep=r"layers\.1\.post_attention")
+    assert "model.layers.1.post_attention_layernorm" not in names and "model.layers.1.input_layernorm" in names
