@@ -357,8 +357,10 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
     final_gate = sched.gate(T) if tapering else None
     val_after = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     if not math.isfinite(val_after):  # finite steps, yet the result overflows: nothing of it is kept
+        fix = (f"at gate {final_gate:g} {LATE_TAPER_HINT}" if final_gate is not None and final_gate < 0.5
+               else "lower --lr or raise --warmup-steps")
         raise TrainingDiverged(f"training diverged: the held-out loss after fine-tuning is {val_after} (before: "
-                               f"{val_before:.4g}); lower --lr or raise --warmup-steps; nothing was written "
+                               f"{val_before:.4g}); {fix}; nothing was written "
                                f"({out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'})")
     cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TaperCallback)), None)
     summary = {"model": cfg.model, "model_dir": str(out / "model"), "mode": cfg.mode, "tapered_layers": names,

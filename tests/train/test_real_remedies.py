@@ -255,3 +255,22 @@ def test_keep_pattern_refuses_a_bad_regex_and_one_that_keeps_no_norm():
     assert not taper_layers(model)  # nothing was replaced
     names = taperize(model, "internal", keep=r"layers\.1\.post_attention")
     assert "model.layers.1.post_attention_layernorm" not in names and "model.layers.1.input_layernorm" in names
+
+
+def test_a_non_finite_result_at_gate_zero_names_the_taper_remedies(tmp_path, monkeypatch):
+    import tapernorm.train.finetune as ft
+    from hf_models import FT_ARGS, hf_dir
+    calls = []
+    real = ft.evaluate_chunks
+
+    def overflow_after(*a, **k):  # the held-out loss before is real, after is what an overflowing model gives
+        calls.append(1)
+        return real(*a, **k) if len(calls) == 1 else float("nan")
+    monkeypatch.setattr(ft, "evaluate_chunks", overflow_after)
+    with pytest.raises(ft.TrainingDiverged, match=r"at gate 0 a pretrained checkpoint.*--calib-pos0"):
+        ft.finetune(ft.FinetuneConfig(model=str(hf_dir("llama", tmp_path / "src")), out_dir=str(tmp_path / "ft"),
+                                      mode="internal", **dict(zip(
+                                          ["steps", "taper_start", "taper_end", "warmup_steps", "seq_len", "batch_size",
+                                           "lr", "max_docs", "eval_batches"],
+                                          [int(v) if v.isdigit() else float(v) for v in FT_ARGS[1::2]]))))
+    assert not (tmp_path / "ft" / "model").exists()
