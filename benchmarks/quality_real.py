@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict] = {
     "all-sink-keep6": {"mode": "all", **SINK, **KEEP6},
     # the layers whose tokens the cap caught (1-10: sink candidates; 27-29: the last, fastest-growing residuals)
     "internal-sink-keepends": {"mode": "internal", **SINK, "keep_norms": r"layers\.([1-9]|10|27|28|29)\."},
+    # the last third, where the tokens that still needed the cap at the end were (docs, section 5.2: E10)
+    "internal-sink-keeplate": {"mode": "internal", **SINK, "keep_norms": r"layers\.(19|2\d)\."},
     "baseline": {"mode": "baseline"},
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
     "internal-robust": {"mode": "internal", **ROBUST},
