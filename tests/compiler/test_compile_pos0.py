@@ -8,30 +8,17 @@ import pytest
 import torch
 
 from lean_util import prompt_ids, torch_steps
-from tapernorm import build_model, calibrate, set_gate, taper_layers
+from tapernorm import calibrate, set_gate
 from tapernorm.checkpoint import save_checkpoint
 from tapernorm.compiler.pipeline import compile_checkpoint, summary_text
 from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
-from tiny_models import random_batches
+from tiny_models import make_pos0, sharpen_pos0
 
 NONE = {"wheres": 0, "muls": 0, "equal": 0}
 
 
-def _sink(model):
-    """Random ids have no attention sink (c0 ~ c): make position 0's scale clearly its own."""
-    for _, l in taper_layers(model):
-        l.c0.mul_(0.5)
-    return model
-
-
 def _decoder(arch="tiny", mode="internal", pos0=True):
-    torch.manual_seed(0)
-    m = build_model(arch, taper_mode=mode, n_heads=2)  # head_dim 16: rotary inside GroupQueryAttention
-    with torch.no_grad():
-        m.embed_tokens.weight.mul_(20)  # logits of a useful size: greedy tokens vary
-    calibrate(m, random_batches(), pos0=pos0)
-    set_gate(_sink(m) if pos0 else m, 0.0)
-    return m.eval()
+    return make_pos0(arch, mode, pos0, embed_scale=20.0)  # head_dim 16: rotary inside GroupQueryAttention
 
 
 def _ragged(model, out, vocab, variant="model.onnx"):
@@ -131,7 +118,7 @@ def _hf(model_type, **extra):
     g = torch.Generator().manual_seed(1)
     calibrate(m, [torch.randint(3, 128, (2, 12), generator=g) for _ in range(2)],
               forward=lambda mod, b: mod(input_ids=b, use_cache=False), pos0=True)
-    set_gate(_sink(m), 0.0)
+    set_gate(sharpen_pos0(m), 0.0)
     return m
 
 

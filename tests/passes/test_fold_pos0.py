@@ -4,11 +4,12 @@ an HF Llama, backward folds (OLMo2 post-norms); typed site results say so; a mod
 import pytest
 import torch
 
-from tapernorm import build_model, calibrate, set_gate, taper_layers
+from tapernorm import calibrate, set_gate, taper_layers
 from tapernorm.compiler.export_onnx import KVCacheLM, dynamic_shapes, example_inputs
 from tapernorm.passes import fold, materialize
 from tapernorm.passes.capture import capture
 from tapernorm.passes.pipeline import site_results
+from tiny_models import make_pos0, sharpen_pos0
 
 aten = torch.ops.aten
 VOCAB = 256
@@ -18,19 +19,8 @@ def _ids(B=2, T=12, seed=0, vocab=VOCAB):
     return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _sink(model):
-    """Random ids have no attention sink (c0 ~ c): make position 0's scale clearly its own."""
-    for _, l in taper_layers(model):
-        l.c0.mul_(0.5)
-    return model
-
-
 def _decoder(arch="tiny", mode="internal", pos0=True):
-    torch.manual_seed(0)
-    m = build_model(arch, taper_mode=mode, n_heads=2)
-    calibrate(m, [_ids(seed=s) for s in range(3)], pos0=pos0)
-    set_gate(_sink(m) if pos0 else m, 0.0)
-    return m.eval()
+    return make_pos0(arch, mode, pos0, batches=[_ids(seed=s) for s in range(3)])
 
 
 def _factors(gm) -> int:
@@ -117,7 +107,7 @@ def _hf(model_type, **extra):
     taperize(m, "all")
     calibrate(m, [_ids(seed=s, vocab=128) for s in range(2)], forward=lambda mod, b: mod(input_ids=b, use_cache=False),
               pos0=True)
-    set_gate(_sink(m), 0.0)
+    set_gate(sharpen_pos0(m), 0.0)
     return m
 
 
