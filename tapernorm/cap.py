@@ -29,8 +29,8 @@ def cap_factor(layer, r_inv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     rc = layer.c.float() / r_inv  # (..., T, 1) = r(h) * c
     if layer.has_pos0:
         rc = rc * pos0_factor(layer, x).float()
-    with torch.no_grad():
-        layer.cap_hits += int((rc > k).sum())
+    with torch.no_grad():  # a tensor sum: no device sync per norm; cap_rate reads it once per log line
+        layer.cap_hits = layer.cap_hits + (rc > k).sum()
         layer.cap_seen += rc.numel()
     return (k / rc).clamp(max=1.0).to(x.dtype)
 
@@ -54,4 +54,4 @@ def cap_rate(model: torch.nn.Module, reset: bool = True) -> float | None:
         hits, seen = hits + m.cap_hits, seen + m.cap_seen
         if reset:
             m.cap_hits = m.cap_seen = 0
-    return hits / seen if seen else None
+    return int(hits) / seen if seen else None

@@ -51,7 +51,7 @@ class _TaperBase(nn.Module):
         self.has_pos0: bool = False  # mirrors c0 > 0 (Python control flow, like gate)
         self.taper_cap: float = 0.0  # training-only guard while 0 < gate < 1 (cap.py); 0: off
         self.cap_anneal: bool = False  # K / gate instead of K
-        self.cap_hits: int = 0
+        self.cap_hits: int | torch.Tensor = 0  # capped tokens since cap_rate's last reset (a tensor once counted)
         self.cap_seen: int = 0
         self.pos0_rows: torch.Tensor | None = None  # (B, T) bool set per forward by track_positions; None: row 0
         self.calibrated: bool = False

@@ -111,13 +111,15 @@ def track_positions(model: nn.Module) -> None:
     """Add (once) a forward pre-hook on `model` that tells its c0 layers which rows are position 0 each call.
 
     Needed for cached decoding in PyTorch (HF generate, our DecoderLM with past_key_values) of a model with c0;
-    a no-op for models without c0."""
+    a no-op for models without c0. Serves the TaperNorms the model has when this is called (their c0 may be set
+    later, at calibration)."""
     if getattr(model, "_tapernorm_pos0_hook", None) is not None:
         return
     from .layers import taper_layers
+    taper = [m for _, m in taper_layers(model)]  # found once, not on every forward
 
     def hook(_mod, args, kwargs):
-        layers = [m for _, m in taper_layers(model) if m.has_pos0]
+        layers = [m for m in taper if m.has_pos0]
         if layers:
             rows = _rows_from_call(args, kwargs)
             for m in layers:
