@@ -38,9 +38,9 @@ from ..fileio import atomic_write_text, canonical_out, dir_lock
 from ..hf import from_pretrained, save_pretrained
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
-from .finetune_cli import FinetuneConfig
+from .finetune_cli import LR_SCHEDULES, FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
-from .rundir import TrainingDiverged, divergence_message
+from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message
 
 LATE_TAPER_HINT = ("a pretrained checkpoint's outlier tokens (attention sinks) overflow without their norms; try "
                    "--calib-pos0, --rms-loss with --rms-hinge, --taper-cap, --keep-norms and a longer taper "
@@ -333,7 +333,8 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=scratch, max_steps=T, logging_nan_inf_filter=False, per_device_train_batch_size=cfg.batch_size // world,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup", warmup_steps=W, weight_decay=cfg.weight_decay,
+        learning_rate=cfg.lr, lr_scheduler_type=LR_SCHEDULES[cfg.lr_schedule], warmup_steps=W,
+        weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip, seed=cfg.seed, data_seed=cfg.seed, logging_steps=max(1, T // 20),
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, use_cpu=use_cpu,
         bf16=cfg.bf16, ddp_broadcast_buffers=False, ddp_find_unused_parameters=True,
@@ -357,8 +358,8 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
     final_gate = sched.gate(T) if tapering else None
     val_after = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     if not math.isfinite(val_after):  # finite steps, yet the result overflows: nothing of it is kept
-        fix = (f"at gate {final_gate:g} {LATE_TAPER_HINT}" if final_gate is not None and final_gate < 0.5
-               else "lower --lr or raise --warmup-steps")
+        late = final_gate is not None and final_gate < LATE_TAPER_GATE
+        fix = f"at gate {final_gate:g} {LATE_TAPER_HINT}" if late else "lower --lr or raise --warmup-steps"
         raise TrainingDiverged(f"training diverged: the held-out loss after fine-tuning is {val_after} (before: "
                                f"{val_before:.4g}); {fix}; nothing was written "
                                f"({out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'})")

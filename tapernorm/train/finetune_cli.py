@@ -21,6 +21,7 @@ from .config import SCALE_FORMS
 __all__ = ["FinetuneConfig", "SCHEDULES", "MODES", "add_cli", "config_from_args"]
 
 MODES = ("internal", "all", "baseline")
+LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-schedule -> HF lr_scheduler_type
 
 # Table 3 of the paper: total steps, LR-warmup end, taper start, taper end (gate 0 from there)
 SCHEDULES: dict[str, tuple[int, int, int, int]] = {
@@ -97,6 +98,8 @@ class FinetuneConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
         if not (self.lr > 0 and self.grad_clip > 0 and self.scale_lambda >= 0 and 0 < self.beta_ema <= 1):
             raise ValueError("--lr and --grad-clip must be > 0, --scale-lambda >= 0, --beta-ema in (0, 1]")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         if self.scale_form not in SCALE_FORMS:
             raise ValueError(f"--scale-form {self.scale_form!r} is not one of {', '.join(SCALE_FORMS)}")
         if self.calib_skip < 0 or self.rms_loss < 0 or self.taper_hold < 0:
@@ -190,7 +193,7 @@ def add_cli(subparsers) -> None:
         elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order", "lr_schedule"):
             choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS,
                        "calib_stat": ("ls", "inv_rms"), "taper_order": ("global", "first", "last"),
-                       "lr_schedule": ("cosine", "constant")}[f.name]
+                       "lr_schedule": tuple(LR_SCHEDULES)}[f.name]
             p.add_argument(flag, choices=choices, **kw)
         else:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)

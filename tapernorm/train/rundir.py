@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..fileio import recover_dir, remove_dir
 
-__all__ = ["prepare_run_dir", "clear_run_dir", "recover_run", "divergence_message", "foreign_entries", "RUN_FILES", "RUN_DIRS",
-           "TrainingDiverged"]
+__all__ = ["prepare_run_dir", "clear_run_dir", "recover_run", "divergence_message", "LATE_TAPER_GATE",
+           "foreign_entries", "RUN_FILES", "RUN_DIRS", "TrainingDiverged"]
 
 RUN_FILES = ("log.jsonl", "summary.json", "curves.png", "tokenizer.model")
 RUN_DIRS = ("checkpoint", "model")
@@ -126,6 +126,9 @@ def clear_run_dir(run: Path, overwrite: bool) -> None:
             remove_dir(run / name)
 
 
+LATE_TAPER_GATE = 0.5  # below it a divergence is the taper's doing rather than the learning rate's
+
+
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate: float | None,
                        taper: tuple[int, int] | None, bf16: bool, ckpt: Path, kept: str | None = None,
                        late_taper_hint: str | None = None) -> str:
@@ -141,7 +144,7 @@ def divergence_message(step: int, loss: float, grad_norm: float, lr: float, gate
     elif taper is not None and gate is not None and gate < 1.0 and taper[1] - taper[0] < 20:
         cause = (f"the gate fell from 1 to {gate:g} over a {taper[1] - taper[0]}-step taper (steps {taper[0]}-"
                  f"{taper[1]}), too abrupt for this model: use more --steps, a later --taper-end, or a lower --lr")
-    elif late_taper_hint and gate is not None and gate < 0.5:
+    elif late_taper_hint and gate is not None and gate < LATE_TAPER_GATE:
         cause = f"the model is not stable this far into the taper: {late_taper_hint}"
     else:
         cause = f"the learning rate {lr:g} is likely too high for this model: lower --lr or raise --warmup-steps"
