@@ -55,9 +55,13 @@ def pos0_problem(site) -> str | None:
     if len(wheres) != 1:
         return f"traced call has {len(wheres)} where ops; a c0 layer at gate 0 has exactly one (its position-0 factor)"
     xv = site.input.meta.get("val") if site.input is not None else None
-    if not isinstance(xv, torch.Tensor) or xv.dim() not in (2, 3):
-        return (f"input of shape {tuple(getattr(xv, 'shape', ()))} is not (B, T, d) or (T, d); position 0's own "
-                "scale needs tokens on dim -2 (per-head norms with c0 are not supported)")
+    if not isinstance(xv, torch.Tensor) or xv.dim() not in (2, 3, 4):
+        return (f"input of shape {tuple(getattr(xv, 'shape', ()))} is not (B, T, d), (T, d) or, per head, "
+                "(B, T, H, d); position 0's own scale needs one token axis before the features (and heads)")
+    rv = site.rows.meta.get("val") if site.rows is not None else None
+    if xv.dim() == 4 and isinstance(rv, torch.Tensor) and str(rv.shape[-1]) != str(xv.shape[1]):
+        return (f"per-head input of shape {tuple(xv.shape)} does not have the position mask's {rv.shape[-1]} tokens "
+                "on dim 1; position 0's own scale needs (B, T, H, d)")
     if float(site.module.c0) <= 0 or float(site.module.c) <= 0:
         return f"c0 {float(site.module.c0):g} / c {float(site.module.c):g} is not a positive ratio"
     return None
@@ -83,11 +87,18 @@ def _fake(x_val):
     return detect_fake_mode([x_val])
 
 
+def _unsq(val, v):
+    """The example value of v.unsqueeze(-1) (None without one)."""
+    return val(lambda: v.unsqueeze(-1)) if v is not None else None
+
+
 def pos0_factor_node(gm: fx.GraphModule, site, rows: fx.Node | None, x: fx.Node, like: fx.Node) -> fx.Node:
-    """Insert p = where(rows, c0 / c, 1).unsqueeze(-1) (x's dtype; (B, T, 1) or (T, 1)) before `like`; returns it.
+    """Insert p = where(rows, c0 / c, 1).unsqueeze(-1) (x's dtype; (B, T, 1), (T, 1), or (B, T, 1, 1) for a
+    per-head x (B, T, H, d)) before `like`; returns it.
     `rows` None: arange(T) == 0 over x's sequence dim (a full-sequence call from position 0)."""
     xv = x.meta["val"]
     g, mode = gm.graph, _fake(xv)
+    tdim = 1 if xv.dim() >= 3 else 0  # as tapernorm/pos0.py's pos0_factor: tokens on dim 1 of batched inputs
     ratio = pos0_ratio_value(site.module)
     name = register_tensor(gm, site.path + ".pos0_ratio", ratio, parameter=False)
 
@@ -99,19 +110,21 @@ def pos0_factor_node(gm: fx.GraphModule, site, rows: fx.Node | None, x: fx.Node,
 
     with g.inserting_before(like):
         if rows is None:
-            T = xv.shape[-2]
+            T = xv.shape[tdim]
             if isinstance(T, torch.SymInt):
-                T = scope_above(g.call_function(aten.sym_size.int, (x, xv.dim() - 2)), like, T)
+                T = scope_above(g.call_function(aten.sym_size.int, (x, tdim)), like, T)
             ar = scope_above(g.call_function(aten.arange.default, (T,), {"device": xv.device}), like,
-                       val(lambda: torch.arange(xv.shape[-2], device=xv.device)))
+                       val(lambda: torch.arange(xv.shape[tdim], device=xv.device)))
             rows = scope_above(g.call_function(aten.eq.Scalar, (ar, 0)), like, val(lambda: ar.meta["val"] == 0))
         r = scope_above(g.get_attr(name), like)
         rv = rows.meta.get("val")
         r_fake = val(lambda: mode.from_tensor(ratio)) if mode is not None else ratio
         w = scope_above(g.call_function(aten.where.ScalarOther, (rows, r, 1.0)), like,
                   val(lambda: torch.where(rv, r_fake, 1.0)) if rv is not None else None)
-        p = scope_above(g.call_function(aten.unsqueeze.default, (w, -1)), like,
-                  val(lambda: w.meta["val"].unsqueeze(-1)) if w.meta.get("val") is not None else None)
+        p = w
+        for _ in range(1 + max(0, xv.dim() - 2 - tdim)):  # (B, T, 1); per head (B, T, 1, 1)
+            p = scope_above(g.call_function(aten.unsqueeze.default, (p, -1)), like,
+                      _unsq(val, p.meta.get("val")))
         if xv.dtype != torch.float32:
             p = scope_above(g.call_function(aten._to_copy.default, (p,), {"dtype": xv.dtype}), like,
                       val(lambda: p.meta["val"].to(xv.dtype)) if p.meta.get("val") is not None else None)

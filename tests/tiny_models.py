@@ -50,3 +50,29 @@ def make_pos0(arch: str = "tiny", mode: str = "internal", pos0: bool = True, bat
     calibrate(model, batches if batches is not None else random_batches(), pos0=pos0)
     set_gate(sharpen_pos0(model) if pos0 else model, 0.0)
     return model.eval()
+
+
+def make_hf_pos0(model_type: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                 embed_scale: float = 1.0, vocab: int = 128, seed: int = 0, **extra):
+    """A tiny Hugging Face causal LM from a config (head_dim hidden / heads, GQA heads / kv_heads), tapered "all",
+    calibrated with position 0's own scale c0 (sharpened), at gate 0, eval. `model_type` e.g. "llama", "olmo2",
+    "qwen3" (per-head QK norms q_norm / k_norm on (B, T, H, head_dim)); `extra` goes to the config."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    from tapernorm import taperize
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.AutoConfig.for_model(model_type, **{
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": hidden * 3 // 2, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+        "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, **extra})
+    torch.manual_seed(seed)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    if embed_scale != 1.0:
+        with torch.no_grad():
+            m.get_input_embeddings().weight.mul_(embed_scale)
+    taperize(m, "all")
+    g = torch.Generator().manual_seed(seed + 1)
+    calibrate(m, [torch.randint(3, vocab, (2, 12), generator=g) for _ in range(2)],
+              forward=lambda mod, b: mod(input_ids=b, use_cache=False), pos0=True)
+    set_gate(sharpen_pos0(m), 0.0)
+    return m

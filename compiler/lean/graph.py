@@ -14,6 +14,8 @@ first L_b positions; GroupQueryAttention takes seqlens_k = L_b - 1 and the rotar
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -238,8 +240,11 @@ class LeanGraph:
             return x
         if heads is None:
             return self.norm(spec, x, None, None)[0]
-        if spec.pos0 is not None:  # the passes refuse c0 on (B, T, H, D) inputs; never reached from a fold
-            raise ValueError(f"{spec.name}: a per-head norm with position 0's own scale has no lean form")
+        if spec.pos0 is not None:  # c0: p (B, T, 1) is one scalar per token, so it scales the (B, T, H D) input
+            x = self._with_pos0(spec, x)  # exact for every gate-0 form: RMS x*s*p, LN (xp - mean xp)*s + beta_t
+            spec = dataclasses.replace(spec, pos0=None)
+            if spec.kind == "none":
+                return x
         split = self.op("Reshape", [x, self.const_i64([0, 0, heads, -1], f"const_i64_heads_{heads}")])  # (B, T, H, D)
         y = self.norm(spec, split, None, None)[0]
         return self.op("Reshape", [y, self.const_i64([0, 0, -1], "const_i64_merge_heads")])  # (B, T, H D)

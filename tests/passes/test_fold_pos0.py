@@ -149,3 +149,107 @@ def test_ln_backward_fold_is_refused_with_reason():
     site = find_sites(gm, w)[0][0]
     plan, why = plan_backward(gm, site)
     assert plan is None and "would scale beta_t too" in why
+
+
+def _qwen3():
+    from tiny_models import make_hf_pos0
+    return make_hf_pos0("qwen3", hidden=32, layers=1)  # 4 q heads / 2 kv heads of 8: q_norm / k_norm per head
+
+
+def _per_head_factor_shapes(gm) -> list:
+    """Shapes of the factors multiplied into 4-D (B, T, H, d) values: (B, T, 1, 1) for per-head sites."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.target == aten.mul.Tensor and len(n.args) == 2 and isinstance(n.args[1], torch.fx.Node):
+            xv, pv = (a.meta.get("val") for a in n.args)
+            if getattr(xv, "dim", lambda: 0)() == 4 and getattr(pv, "shape", (0,))[-1] == 1:
+                out.append(tuple(pv.shape))
+    return out
+
+
+def test_qwen3_per_head_qk_norms_fold_backward_with_factor():
+    """Qwen3's q_norm / k_norm read q_proj / k_proj(x).view(B, T, H, d): with c0 they fold backward into the
+    projections' rows (as without c0) and keep one Mul by p (B, T, 1, 1) each, before RoPE; exact on a prefill from
+    position 0 and on the cached decode step after it (one dynamic-shape graph); the materialized graph as well."""
+    from tapernorm.compiler.export_onnx import dynamic_shapes as dyn
+    from tapernorm.compiler.hf_compile import HFDecoder
+    dec = HFDecoder(_qwen3(), "all").eval()
+    w = KVCacheLM(dec)
+    c = dec.config
+    args, ds = example_inputs(c), dyn(c.n_layers)
+    gm = capture(w, args, dynamic_shapes=ds)
+    ids = _ids(2, 6, seed=9, vocab=128)
+    pre = (ids, torch.ones(2, 6, dtype=torch.long), torch.arange(6)[None].expand(2, 6).contiguous(),
+           tuple(torch.zeros(2, c.num_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)))
+    for fn, status in ((fold, "folded"), (materialize, "materialized")):
+        g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
+        sites = site_results(g2)
+        qk = {k: s for k, s in sites.items() if k.endswith(("q_norm", "k_norm"))}
+        assert len(qk) == 2 and all(s.status == status and s.pos0 is not None for s in qk.values()), \
+            {k: s.reason for k, s in sites.items()}
+        if status == "folded":
+            assert all(s.direction == "backward" for s in qk.values())
+            assert rep["graph"]["taper_nodes_after"] == 0
+        assert rep[status] == rep["pos0_factors"] == _factors(g2) == 5 and rep["verify"]["ok"]
+        assert sorted(_per_head_factor_shapes(g2)) == [(2, 3, 1, 1)] * 2  # the example's (B, T): one per QK-norm
+        with torch.no_grad():
+            (ref, *ref_past), (got, *got_past) = w(*pre), g2(*pre)  # logits, flat presents (B, Hkv, 6, d)
+            assert torch.allclose(got, ref, atol=1e-5 * max(1.0, float(ref.abs().max())))
+            step = (_ids(2, 1, seed=3, vocab=128), torch.ones(2, 7, dtype=torch.long), torch.full((2, 1), 6))
+            ref2, got2 = w(*step, tuple(ref_past))[0], g2(*step, tuple(got_past))[0]  # decode at position 6
+        assert torch.allclose(got2, ref2, atol=1e-5 * max(1.0, float(ref2.abs().max())))
+
+
+def test_qwen3_k_norm_factor_is_live():
+    """Position 0's k scaled by c0 / c changes what later queries attend to: dropping the QK-norms' c0 changes the
+    logits after position 0 (so the parity above checks the per-head factor, not a no-op)."""
+    m = _qwen3()
+    ids = _ids(2, 6, seed=9, vocab=128)
+    with torch.no_grad():
+        a = m(input_ids=ids, use_cache=False).logits
+        for name, layer in taper_layers(m):
+            if name.endswith(("q_norm", "k_norm")):
+                layer.has_pos0 = False
+        b = m(input_ids=ids, use_cache=False).logits
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-3
+
+
+def test_qwen3_full_sequence_call_folds():
+    """Called on input_ids alone (no position ids, no cache) the factor is traced on arange(T) == 0 over dim 1 of
+    the (B, T, H, d) input; the pass rebuilds it as (T, 1, 1) outside the norm and folds."""
+    m = _qwen3()
+    ids = _ids(2, 7, seed=4, vocab=128)
+    fwd = lambda mod: mod(input_ids=ids, use_cache=False).logits  # noqa: E731
+    g2, rep = fold(m, (), {"input_ids": ids, "use_cache": False})
+    assert rep["folded"] == rep["pos0_factors"] == _factors(g2) == 5 and rep["verify"]["ok"], rep["layers"]
+    assert _per_head_factor_shapes(g2) == [(7, 1, 1)] * 2
+    with torch.no_grad():
+        out = g2(input_ids=ids, use_cache=False)
+        got = out.logits if hasattr(out, "logits") else out[0]
+        assert torch.allclose(got, fwd(m), atol=1e-5 * max(1.0, float(fwd(m).abs().max())))
+
+
+class _FiveD(torch.nn.Module):
+    """A TaperNorm over (B, T, 2, 2, 4): a per-head layout the passes cannot give a position-0 factor."""
+
+    def __init__(self):
+        super().__init__()
+        from tapernorm.layers import TaperNorm
+        self.proj, self.norm, self.out = torch.nn.Linear(8, 16), TaperNorm(4), torch.nn.Linear(16, 8)
+
+    def forward(self, x):  # (B, T, 8)
+        y = self.proj(x).view(*x.shape[:2], 2, 2, 4)
+        return self.out(self.norm(y).flatten(2))
+
+
+def test_unsupported_per_head_shape_is_refused_naming_the_layer():
+    torch.manual_seed(0)
+    m = _FiveD()
+    xs = [torch.randn(2, 5, 8) for _ in range(2)]
+    calibrate(m, xs, pos0=True)
+    set_gate(sharpen_pos0(m), 0.0)
+    m.eval()
+    g2, rep = fold(m, (xs[0],))
+    row = rep["layers"]["norm"]
+    assert row["status"] == "skipped" and rep["folded"] == 0 and rep["verify"]["ok"]
+    assert row["reason"].startswith("norm: input of shape (2, 5, 2, 2, 4)") and "\n" not in row["reason"]
