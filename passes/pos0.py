@@ -21,7 +21,10 @@ So the passes keep one Mul by p (B, T, 1) per site and fold s (and beta_t) exact
     LN:   xp = x * p; out = (xp - mean xp) * s + beta_t      (p on the map's input, before the shift)
 
 p = where(rows, c0 / c, 1).unsqueeze(-1), computed in float32 and cast to x's dtype exactly as the layer's
-`pos0_factor` does. `rows` (B, T) / (1, T) bool is the position-0 mask the model's pre-hook (pos0.track_positions)
+`pos0_factor` does. Per-head norms (Qwen3's q_norm / k_norm on q_proj(x).view(B, T, H, d)) get one more
+unsqueeze, p (B, T, 1, 1), and fold backward into the projection's rows as without c0 (RMS: exact, the Mul by p
+stays between the projection's view and RoPE). Other layouts are refused with the layer's name: inputs of rank 5
+or more, and a 4-D input whose dim 1 is not the position mask's token axis (e.g. (B, H, T, d)). `rows` (B, T) / (1, T) bool is the position-0 mask the model's pre-hook (pos0.track_positions)
 computed from position_ids (one node shared by every layer), or, for a site traced without it, arange(T) == 0.
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """`tapernorm compile` of gate-0 models with position 0's own scale c0 (tapernorm/pos0.py, passes/pos0.py): the
 lean graph keeps one Mul by where(position == 0, c0 / c, 1) per norm (one Equal per graph); parity of prompt and
 decode logits and greedy tokens at batch 1 (the compile's own check) and of a ragged batch of 3 (each row's first
-real token is its position 0); our DecoderLM (RMS, LN), a Hugging Face Llama (GQA) and OLMo2 (post-norms folded
-backward, QK-norms), the generic export, fp16 / int4; a model without c0 compiles with no factor node at all."""
+real token is its position 0); our DecoderLM (RMS, LN), a Hugging Face Llama (GQA), OLMo2 (post-norms folded
+backward, QK-norms) and Qwen3 (per-head QK-norms), the generic export, fp16 / int4; a model without c0 compiles with
+no factor node at all."""
 import numpy as np
 import pytest
 import torch
@@ -138,3 +139,34 @@ def test_hf_compile_with_c0(tmp_path, family, n):
     g = rep["parity"]["graphs"]["model.onnx"]
     assert g["tokens_identical"] and g["decode_logits_max_abs_diff"] < 1e-4 * rep["parity"]["logit_scale"]
     assert np.isfinite(g["prompt_logits_max_abs_diff"])
+
+
+@pytest.mark.parametrize("graph", ["lean", "generic"])
+def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
+    """Qwen3's per-head q_norm / k_norm with c0 fold backward into q_proj / k_proj rows and keep one Mul by p each
+    (lean: on the (B, T, H d) q / k before rotary; generic: the pass's (B, T, 1, 1) factor): 2 layers x (2 block
+    norms + q_norm + k_norm) + the final norm = 9 factors; prompt / decode logits and greedy tokens match PyTorch
+    (the compile's check) and a ragged batch of 3 through the KV-cache runtime matches each row alone."""
+    from tapernorm.compiler.hf_compile import HFDecoder
+    from tapernorm.hf import save_pretrained
+    from tiny_models import make_hf_pos0
+    hf = make_hf_pos0("qwen3", embed_scale=4.0)  # head_dim 16: rotary inside GroupQueryAttention
+    save_pretrained(hf, tmp_path / "hf")
+    rep = compile_checkpoint(tmp_path / "hf", tmp_path / "out", parity_tokens=5, graph=graph,
+                             unfused=graph == "lean")
+    assert rep["graph"] == graph and rep["parity"]["ok"], rep.get("hf")
+    rows = rep["passes"]["fold"]["layers"]
+    qk = {k: r for k, r in rows.items() if k.endswith(("q_norm", "k_norm"))}
+    assert len(qk) == 4 and all(r["status"] == "folded" and r["direction"] == "backward" for r in qk.values())
+    if graph == "lean":
+        want = {"wheres": 1, "muls": 9, "equal": 1}
+        assert rep["pos0"] == {"sites": 9, "model.onnx": want, "model_unfused.onnx": want}
+    else:
+        assert rep["pos0"] == {"sites": 9, "model.onnx": {"wheres": 9, "muls": 9, "equal": 1}}
+    for g in rep["parity"]["graphs"].values():
+        assert g["tokens_identical"], g
+        for k in ("prompt_logits_max_abs_diff", "decode_logits_max_abs_diff"):
+            assert g[k] < 1e-4 * rep["parity"]["logit_scale"], (k, g)
+    dec = HFDecoder(hf, "all").eval()
+    for v in (("model.onnx", "model_unfused.onnx") if graph == "lean" else ("model.onnx",)):
+        _ragged(dec, tmp_path / "out", 128, v)

@@ -1,6 +1,7 @@
 """Fold of gate-0 norms with position 0's own scale c0 (passes/pos0.py): s folds into the linears exactly as
 without c0 and one Mul by p = where(position == 0, c0 / c, 1) (B, T, 1) stays per norm; RMS, LN (GPT-2 biases),
-an HF Llama, backward folds (OLMo2 post-norms); typed site results say so; a model without c0 gets no factor."""
+an HF Llama, backward folds (OLMo2 post-norms, Qwen3's per-head QK-norms with a (B, T, 1, 1) factor); typed site
+results say so; a model without c0 gets no factor; per-head layouts without one are refused naming the layer."""
 import pytest
 import torch
 
@@ -253,3 +254,26 @@ def test_unsupported_per_head_shape_is_refused_naming_the_layer():
     row = rep["layers"]["norm"]
     assert row["status"] == "skipped" and rep["folded"] == 0 and rep["verify"]["ok"]
     assert row["reason"].startswith("norm: input of shape (2, 5, 2, 2, 4)") and "\n" not in row["reason"]
+
+
+def test_per_head_input_without_tokens_on_dim_1_is_refused():
+    """A 4-D input whose dim 1 is not the position mask's token axis ((B, H, T, d), as Gemma 3 calls its QK-norms)
+    has no (B, T, 1, 1) factor: pos0_problem says so (the check on the traced shapes, with symbolic T)."""
+    from types import SimpleNamespace as NS
+
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tapernorm.passes.pos0 import pos0_problem
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    T = mode.shape_env.create_unbacked_symint()
+    with mode:
+        x, rows = torch.empty(2, 4, T, 8), torch.empty(2, T, dtype=torch.bool)
+    where = NS(target=aten.where.ScalarOther)
+    site = NS(nodes=[where], input=NS(meta={"val": x}), rows=NS(meta={"val": rows}),
+              module=NS(c0=torch.tensor(0.5), c=torch.tensor(1.0)))
+    why = pos0_problem(site)
+    assert why is not None and why.startswith("per-head input of shape (2, 4, ") and "(B, T, H, d)" in why
+    with mode:
+        site.input.meta["val"] = torch.empty(2, T, 4, 8)
+    assert pos0_problem(site) is None
