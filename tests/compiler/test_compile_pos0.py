@@ -146,7 +146,8 @@ def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
     """Qwen3's per-head q_norm / k_norm with c0 fold backward into q_proj / k_proj rows and keep one Mul by p each
     (lean: on the (B, T, H d) q / k before rotary; generic: the pass's (B, T, 1, 1) factor): 2 layers x (2 block
     norms + q_norm + k_norm) + the final norm = 9 factors; prompt / decode logits and greedy tokens match PyTorch
-    (the compile's check) and a ragged batch of 3 through the KV-cache runtime matches each row alone."""
+    (the compile's check), a ragged batch of 3 through the KV-cache runtime matches each row alone, and
+    onnxruntime-genai runs the lean directory to the same tokens."""
     from tapernorm.compiler.hf_compile import HFDecoder
     from tapernorm.hf import save_pretrained
     from tiny_models import make_hf_pos0
@@ -170,3 +171,5 @@ def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
     dec = HFDecoder(hf, "all").eval()
     for v in (("model.onnx", "model_unfused.onnx") if graph == "lean" else ("model.onnx",)):
         _ragged(dec, tmp_path / "out", 128, v)
+    if graph == "lean":
+        _genai_agrees(tmp_path / "out")
