@@ -21,18 +21,21 @@ So the passes keep one Mul by p (B, T, 1) per site and fold s (and beta_t) exact
     LN:   xp = x * p; out = (xp - mean xp) * s + beta_t      (p on the map's input, before the shift)
 
 p = where(rows, c0 / c, 1).unsqueeze(-1), computed in float32 and cast to x's dtype exactly as the layer's
-`pos0_factor` does. Per-head norms (Qwen3's q_norm / k_norm on q_proj(x).view(B, T, H, d)) get one more
-unsqueeze, p (B, T, 1, 1), and fold backward into the projection's rows as without c0 (RMS: exact, the Mul by p
-stays between the projection's view and RoPE). Other layouts are refused with the layer's name: inputs of rank 5
-or more, and a 4-D input whose dim 1 is not the position mask's token axis (e.g. (B, H, T, d)). `rows` (B, T) / (1, T) bool is the position-0 mask the model's pre-hook (pos0.track_positions)
-computed from position_ids (one node shared by every layer), or, for a site traced without it, arange(T) == 0.
+`pos0_factor` does, its tokens on the layer's token axis (`token_dim`, tapernorm/pos0.py). Per-head norms get one
+more axis: Qwen3's q_norm / k_norm on q_proj(x).view(B, T, H, d) (token_dim 1) p (B, T, 1, 1); Gemma 3's on
+q_proj(x).view(B, T, H, d).transpose(1, 2) = (B, H, T, d) (token_dim 2) p (B, 1, T, 1). Either way they fold
+backward into the projection's rows as without c0 (RMS: exact, the Mul by p stays between the projection's view
+and RoPE). Other layouts are refused with the layer's name: inputs of rank 5 or more, and a 4-D input whose token
+axis does not hold the position mask's tokens (a token_dim that does not match how the model calls the norm).
+`rows` (B, T) / (1, T) bool is the position-0 mask the model's pre-hook (pos0.track_positions) computed from
+position_ids (one node shared by every layer), or, for a site traced without it, arange(T) == 0.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from tapernorm.pos0 import pos0_ratio
+from tapernorm.pos0 import pos0_ratio, token_axis
 
 from .graph_utils import register_tensor
 
@@ -60,11 +63,15 @@ def pos0_problem(site) -> str | None:
     xv = site.input.meta.get("val") if site.input is not None else None
     if not isinstance(xv, torch.Tensor) or xv.dim() not in (2, 3, 4):
         return (f"input of shape {tuple(getattr(xv, 'shape', ()))} is not (B, T, d), (T, d) or, per head, "
-                "(B, T, H, d); position 0's own scale needs one token axis before the features (and heads)")
+                "(B, T, H, d) / (B, H, T, d); position 0's own scale needs one token axis before the features")
+    tdim = int(getattr(site.module, "token_dim", 1)) if xv.dim() >= 3 else 0
+    if not 0 <= tdim <= xv.dim() - 2:
+        return f"token_dim {tdim} does not fit the input of shape {tuple(xv.shape)}"
     rv = site.rows.meta.get("val") if site.rows is not None else None
-    if xv.dim() == 4 and isinstance(rv, torch.Tensor) and str(rv.shape[-1]) != str(xv.shape[1]):
+    if xv.dim() == 4 and isinstance(rv, torch.Tensor) and str(rv.shape[-1]) != str(xv.shape[tdim]):
         return (f"per-head input of shape {tuple(xv.shape)} does not have the position mask's {rv.shape[-1]} tokens "
-                "on dim 1; position 0's own scale needs (B, T, H, d)")
+                f"on its token_dim {tdim}; position 0's own scale needs (B, T, H, d) with token_dim 1 or "
+                "(B, H, T, d) with token_dim 2 (set by taperize from the model family)")
     if float(site.module.c0) <= 0 or float(site.module.c) <= 0:
         return f"c0 {float(site.module.c0):g} / c {float(site.module.c):g} is not a positive ratio"
     return None
@@ -90,18 +97,18 @@ def _fake(x_val):
     return detect_fake_mode([x_val])
 
 
-def _unsq(val, v):
-    """The example value of v.unsqueeze(-1) (None without one)."""
-    return val(lambda: v.unsqueeze(-1)) if v is not None else None
+def _unsq(val, v, dim: int = -1):
+    """The example value of v.unsqueeze(dim) (None without one)."""
+    return val(lambda: v.unsqueeze(dim)) if v is not None else None
 
 
 def pos0_factor_node(gm: fx.GraphModule, site, rows: fx.Node | None, x: fx.Node, like: fx.Node) -> fx.Node:
-    """Insert p = where(rows, c0 / c, 1).unsqueeze(-1) (x's dtype; (B, T, 1), (T, 1), or (B, T, 1, 1) for a
-    per-head x (B, T, H, d)) before `like`; returns it.
-    `rows` None: arange(T) == 0 over x's sequence dim (a full-sequence call from position 0)."""
+    """Insert p = where(rows, c0 / c, 1), unsqueezed to broadcast over x (x's dtype; (B, T, 1), (T, 1), per head
+    (B, T, 1, 1) for x (B, T, H, d) or (B, 1, T, 1) for x (B, H, T, d), token_dim 2) before `like`; returns it.
+    `rows` None: arange(T) == 0 over x's token axis (a full-sequence call from position 0)."""
     xv = x.meta["val"]
     g, mode = gm.graph, _fake(xv)
-    tdim = 1 if xv.dim() >= 3 else 0  # as tapernorm/pos0.py's pos0_factor: tokens on dim 1 of batched inputs
+    tdim = token_axis(site.module, xv.dim())  # as tapernorm/pos0.py's pos0_factor: the layer's token_dim
     ratio = pos0_ratio_value(site.module)
     name = register_tensor(gm, site.path + ".pos0_ratio", ratio, parameter=False)
 
@@ -111,6 +118,7 @@ def pos0_factor_node(gm: fx.GraphModule, site, rows: fx.Node | None, x: fx.Node,
         with mode:
             return fn()
 
+    given = rows is not None  # the model's (B, T) / (1, T) mask; else arange(T) == 0 (T,)
     with g.inserting_before(like):
         if rows is None:
             T = xv.shape[tdim]
@@ -121,13 +129,15 @@ def pos0_factor_node(gm: fx.GraphModule, site, rows: fx.Node | None, x: fx.Node,
             rows = scope_above(g.call_function(aten.eq.Scalar, (ar, 0)), like, val(lambda: ar.meta["val"] == 0))
         r = scope_above(g.get_attr(name), like)
         rv = rows.meta.get("val")
+        rows_2d = rv.dim() == 2 if rv is not None else given
         r_fake = val(lambda: mode.from_tensor(ratio)) if mode is not None else ratio
         w = scope_above(g.call_function(aten.where.ScalarOther, (rows, r, 1.0)), like,
                   val(lambda: torch.where(rv, r_fake, 1.0)) if rv is not None else None)
         p = w
-        for _ in range(1 + max(0, xv.dim() - 2 - tdim)):  # (B, T, 1); per head (B, T, 1, 1)
-            p = scope_above(g.call_function(aten.unsqueeze.default, (p, -1)), like,
-                      _unsq(val, p.meta.get("val")))
+        for _ in range(tdim - 1 if rows_2d else 0):  # heads before tokens: (B, 1, T)
+            p = scope_above(g.call_function(aten.unsqueeze.default, (p, 1)), like, _unsq(val, p.meta.get("val"), 1))
+        for _ in range(xv.dim() - 1 - tdim):  # (B, T, 1); per head (B, T, 1, 1) or (B, 1, T, 1)
+            p = scope_above(g.call_function(aten.unsqueeze.default, (p, -1)), like, _unsq(val, p.meta.get("val")))
         if xv.dtype != torch.float32:
             p = scope_above(g.call_function(aten._to_copy.default, (p,), {"dtype": xv.dtype}), like,
                       val(lambda: p.meta["val"].to(xv.dtype)) if p.meta.get("val") is not None else None)

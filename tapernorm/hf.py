@@ -228,6 +228,8 @@ def apply_taper_layout(model: nn.Module, layers: dict, where: str) -> None:
         _set_module(model, name, new)
     if layers:
         guard_hf_config(getattr(model, "config", None))
+        from .replace_norms import set_token_dims
+        set_token_dims(model)  # not saved: the family says which norms see (B, H, T, d) (old directories too)
 
 
 def _weight_files(d: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cap import cap_factor
-from .pos0 import _pos0_freeze, _pos0_observe, pos0_factor, track_positions
+from .pos0 import _pos0_freeze, _pos0_observe, pos0_factor, token_axis, track_positions
 
 __all__ = [
     "TaperNorm", "TaperLayerNorm", "TAPER_TYPES", "taperize", "calibrate", "set_gate", "get_gate",
@@ -54,6 +54,7 @@ class _TaperBase(nn.Module):
         self.cap_hits: int | torch.Tensor = 0  # capped tokens since cap_rate's last reset (a tensor once counted)
         self.cap_seen: int = 0
         self.pos0_rows: torch.Tensor | None = None  # (B, T) bool set per forward by track_positions; None: row 0
+        self.token_dim: int = 1  # tokens' axis of a batched input: 1 (B, T[, H], d); 2 per head (B, H, T, d) (pos0.py)
         self.calibrated: bool = False
         self.collecting: bool = False
         # calibration options (begin_calibration's; plain attributes, not saved: c and gamma_t carry the result)
@@ -92,10 +93,11 @@ class _TaperBase(nn.Module):
             self._p0 = _pos0_observe(self, r_inv)
         k = self.calib_skip
         if k:
-            if xc.dim() < 3 or xc.shape[1] <= k:
+            t = token_axis(self, xc.dim())  # 1; per-head (B, H, T, d) norms: 2
+            if xc.dim() < 3 or xc.shape[t] <= k:
                 raise TaperError(f"calibration skips the first {k} position(s) but got input of shape "
                                  f"{tuple(xc.shape)}; calibrate on (batch, seq > {k}, d) sequences")
-            xc, r_inv = xc[:, k:], r_inv[:, k:]  # position is dim 1 (per-head norms: (B, T, H, d))
+            xc, r_inv = xc.narrow(t, k, xc.shape[t] - k), r_inv.narrow(t, k, xc.shape[t] - k)
         if self.calib_stat == "inv_rms":  # sink-robust: a huge token adds ~0 to the mean of 1 / r
             self._observe(r_inv.mean(), torch.ones((), dtype=torch.float64))
         else:
@@ -159,6 +161,7 @@ class _TaperBase(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", c0={float(self.c0):.4g}" if self.has_pos0 else ""
+        extra += f", token_dim={self.token_dim}" if self.token_dim != 1 else ""
         return f"{self.dim}, eps={self.eps}, gate={self.gate}, calibrated={self.calibrated}{extra}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -14,24 +14,42 @@ and the gate-0 graph keeps one (B, T, 1) Mul per norm, p computed once from the 
 Which rows are position 0: `pos0_rows` (B, T) bool, set per forward by the pre-hook `track_positions` adds to
 the model (from position_ids, cache_position or the KV cache's length); without it, row 0 of every sequence
 (a full-sequence forward from position 0, which is what training and calibration run).
+
+Which axis of the layer's input holds the tokens: the layer's `token_dim` (`token_axis`). 1 for (B, T, d) and for
+per-head norms called before the heads move forward, (B, T, H, d) (Qwen3's q_norm / k_norm); 2 for QK-norms called
+on (B, H, T, d) (Gemma 3, ...): `taperize` and the loaders set it from the model family (replace_norms.py's
+HEADS_FIRST_NORMS), never from shapes (H == T would be ambiguous). p is then (B, 1, T, 1).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-__all__ = ["pos0_factor", "track_positions", "pos0_ratio"]
+__all__ = ["pos0_factor", "track_positions", "pos0_ratio", "token_axis"]
+
+
+def token_axis(layer, ndim: int) -> int:
+    """The token axis of a rank-`ndim` input of `layer`: its `token_dim` (1: (B, T, d) / (B, T, H, d); 2: per-head
+    (B, H, T, d)) for batched inputs (rank >= 3), 0 for an unbatched (T, d)."""
+    if ndim < 3:
+        return 0
+    t = int(getattr(layer, "token_dim", 1))
+    if not 1 <= t <= ndim - 2:
+        from .layers import TaperError
+        raise TaperError(f"TaperNorm token_dim {t} does not fit an input of rank {ndim} (tokens must sit between "
+                         f"the batch dim 0 and the feature dim {ndim - 1}); set token_dim to 1 or re-taperize")
+    return t
 
 
 @torch.no_grad()
 def _pos0_observe(layer, r_inv: torch.Tensor) -> torch.Tensor:
-    """EMA (the layer's beta_ema) of mean 1 / r(h) at position 0; r_inv (B, T) or (B, T, H) (per-head norms).
-    Returns the updated EMA."""
+    """EMA (the layer's beta_ema) of mean 1 / r(h) at position 0 (index 0 of the layer's token axis); r_inv (B, T),
+    per head (B, T, H) or (B, H, T) (token_dim 2). Returns the updated EMA."""
     if r_inv.dim() < 2:
         from .layers import TaperError
         raise TaperError(f"position-0 calibration needs (batch, seq, d) inputs, got 1 / r of shape "
                          f"{tuple(r_inv.shape)}")
-    m = r_inv[:, 0].double().mean()  # position is dim 1 (batch first), whatever follows it
+    m = r_inv.select(token_axis(layer, r_inv.dim() + 1), 0).double().mean()  # every head of position 0
     b = layer.beta_ema
     prev = layer._p0 if layer._p0 is not None else torch.zeros((), dtype=torch.float64, device=m.device)
     return prev.mul(1 - b).add(b * m)
@@ -55,17 +73,20 @@ def pos0_ratio(layer) -> torch.Tensor:
 
 
 def pos0_factor(layer, x: torch.Tensor) -> torch.Tensor:
-    """p for x (B, T, d), (B, T, H, d) (per-head norms) or (T, d): c0 / c on position-0 rows, 1 elsewhere, in x's
-    dtype, shaped (B, T, 1[, 1]) or (T, 1[, 1]) to broadcast over x."""
-    tdim = 1 if x.dim() >= 3 else 0
+    """p for x (B, T, d), per head (B, T, H, d) or (B, H, T, d) (the layer's token_dim), or (T, d): c0 / c on
+    position-0 rows, 1 elsewhere, in x's dtype, shaped to broadcast over x: tokens on x's token axis, batch on dim 0,
+    1 elsewhere ((B, T, 1), (B, T, 1, 1), (B, 1, T, 1); (T, 1[, 1]) without a mask)."""
+    tdim = token_axis(layer, x.dim())
     rows = layer.pos0_rows
     if rows is None:  # a full-sequence forward: row 0 is position 0
-        rows = torch.arange(x.shape[tdim], device=x.device) == 0
+        rows = torch.arange(x.shape[tdim], device=x.device) == 0  # (T,)
     ratio = pos0_ratio(layer).to(device=x.device, dtype=torch.float32)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     rows = rows if rows.device == x.device else rows.to(x.device)  # no op when shared: graphs see one mask
-    p = torch.where(rows, ratio, one).unsqueeze(-1)
-    for _ in range(x.dim() - 2 - tdim):  # per-head norms: one more axis after the position
+    p = torch.where(rows, ratio, one)  # (B, T), (1, T) or (T,)
+    for _ in range(tdim - 1 if p.dim() == 2 else 0):  # heads before tokens: (B, 1, T)
+        p = p.unsqueeze(1)
+    for _ in range(x.dim() - 1 - tdim):  # the features (and heads after the tokens)
         p = p.unsqueeze(-1)
     return p.to(x.dtype)
 

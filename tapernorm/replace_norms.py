@@ -14,7 +14,17 @@ import torch.nn as nn
 
 from .layers import TAPER_TYPES, TaperError, TaperLayerNorm, TaperNorm, _TaperBase
 
-__all__ = ["taperize", "find_final_norm"]
+__all__ = ["taperize", "find_final_norm", "HEADS_FIRST_NORMS", "set_token_dims"]
+
+# model_type -> names of the norms it calls on (B, H, T, d): per-head QK-norms applied after q / k move their heads
+# before the tokens (`.transpose(1, 2)`), so their TaperNorms get token_dim 2 (tapernorm/pos0.py). Read off each
+# family's modeling code (transformers 5); every other norm keeps token_dim 1 ((B, T, d), or per head (B, T, H, d)
+# as Qwen3 / OLMo-style QK-norms called before the transpose). Stable LM's per-head LayerNorms sit inside
+# `q_layernorm.norms.<i>` (each sees (B, 1, T, d)): a name matches when any of its components is listed.
+HEADS_FIRST_NORMS: dict[str, tuple[str, ...]] = {
+    "gemma3_text": ("q_norm", "k_norm"), "gemma3": ("q_norm", "k_norm"), "exaone4": ("q_norm", "k_norm"),
+    "apertus": ("q_norm", "k_norm"), "phi": ("q_layernorm", "k_layernorm"), "stablelm": ("q_layernorm", "k_layernorm"),
+}
 
 
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm", "norm_f")
@@ -169,6 +179,22 @@ def _plan_norm(name: str, m: nn.Module, model_dtype, model_device) -> _TaperBase
                      f"diff {min(diffs):.2g} on a probe input); tapernorm cannot represent it")
 
 
+def set_token_dims(model: nn.Module) -> int:
+    """Set every TaperNorm's token_dim from the model family (model.config.model_type, HEADS_FIRST_NORMS): 2 for the
+    norms that family calls on (B, H, T, d), 1 for the rest. taperize and the HF loaders call it; returns how many
+    layers got 2. A model without a known config keeps what its layers say."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(mt, str):
+        return 0
+    heads_first = set(HEADS_FIRST_NORMS.get(mt, ()))
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, TAPER_TYPES):
+            m.token_dim = 2 if heads_first & set(name.split(".")) else 1
+            n += m.token_dim == 2
+    return n
+
+
 def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = None,
              keep: str | None = None) -> list[str]:
     """Replace every RMSNorm / LayerNorm in `model` with a TaperNorm / TaperLayerNorm equal to it at gate 1.
@@ -178,6 +204,7 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
     norm on probe inputs. mode="internal" leaves the final norm (the one feeding the output head) alone;
     "all" tapers it too. `keep`: a regular expression; norms whose qualified name it matches (re.search) stay
     as they are (a partial taper: those stay norms in the compiled graph). Returns the qualified names replaced.
+    Each TaperNorm's token_dim comes from the model family (set_token_dims: 2 for Gemma 3's per-head QK-norms).
     Refuses (TaperError) norm types it cannot represent, before changing anything.
     """
     if mode not in ("internal", "all"):
@@ -206,6 +233,7 @@ def taperize(model: nn.Module, mode: str = "internal", final_norm: str | None = 
     for name, new in plan:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    set_token_dims(model)  # per-head norms on (B, H, T, d): tokens on dim 2 (calibration, c0, position skipping)
     if plan:  # transformers' own save_pretrained now writes a config plain loaders refuse (hf_config.py)
         from .hf_config import guard_hf_config
         guard_hf_config(getattr(model, "config", None))
