@@ -36,13 +36,13 @@ class NormRmsLoss:
             raise ValueError(f"rms-loss hinge must be 0 (off) or >= 1 (a factor over the calibrated scale), got {hinge}")
         self.lam, self.skip = float(lam), int(skip_positions)
         self.log_hinge = math.log(hinge) if hinge else None
-        self._seen: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (input, c, centered)
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, bool, int]] = []  # (input, c, centered, token_dim)
         self._hooks = [m.register_forward_pre_hook(self._record) for _, m in taper_layers(model)] if lam > 0 else []
         self.log: list[float] = []
 
     def _record(self, m, inp) -> None:
         if m.training and m.calibrated:
-            self._seen.append((inp[0], m.c, isinstance(m, TaperLayerNorm)))
+            self._seen.append((inp[0], m.c, isinstance(m, TaperLayerNorm), getattr(m, "token_dim", 1)))
 
     def clear(self) -> None:
         """Forget the recorded inputs (call before each forward)."""
@@ -53,10 +53,10 @@ class NormRmsLoss:
         if not self._seen:
             return None
         terms = []
-        for x, c, centered in self._seen:  # x (B, T, d)
+        for x, c, centered, tdim in self._seen:  # x (B, T, d); per head (B, T, H, d), (B, H, T, d) (token_dim 2)
             xf = x.float()
-            if self.skip and xf.dim() == 3:
-                xf = xf[:, self.skip:]
+            if self.skip and xf.dim() >= 3:
+                xf = xf[(slice(None),) * tdim + (slice(self.skip, None),)]  # positions on the layer's token axis
             if centered:
                 xf = xf - xf.mean(-1, keepdim=True)
             log_r = 0.5 * torch.log(xf.pow(2).mean(-1) + 1e-12)  # (B, T)
