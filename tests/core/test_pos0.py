@@ -1,5 +1,6 @@
 """Position 0's own scale c0 (tapernorm/pos0.py): calibration, gate-1 invariance, cached decode == full forward at
-gates 0.5 and 0 (our DecoderLM and a tiny HF Llama), and save / load round trips that keep c0."""
+gates 0.5 and 0 (our DecoderLM, a tiny HF Llama, Qwen3's (B, T, H, d) and Gemma 3's (B, H, T, d) per-head QK-norms:
+token_dim), and save / load round trips that keep c0 (and the family's token_dim)."""
 import pytest
 import torch
 
@@ -190,3 +191,126 @@ def test_per_head_norms_calibrate_and_scale_position_zero_not_head_zero():
                 steps.append(o.logits)
                 past = o.past_key_values
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def _gemma3(pos0=True, **calib):
+    """A tiny tapered Gemma 3 (4 q / 2 kv heads of 8, sliding window 4): its q_norm / k_norm see (B, H, T, d)."""
+    transformers = pytest.importorskip("transformers")
+    from tapernorm.layers import calibrate, taperize
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                        max_position_embeddings=64)
+    m = transformers.Gemma3ForCausalLM(cfg).eval()
+    taperize(m, "internal")
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    calibrate(m, [ids], forward=lambda mm, b: mm(input_ids=b, use_cache=False), pos0=pos0, **calib)
+    return m, ids
+
+
+def test_gemma3_qk_norms_calibrate_position_zero_on_dim_2():
+    """taperize gives Gemma 3's QK-norms token_dim 2 (from the family, HEADS_FIRST_NORMS); c0 is the mean 1 / r over
+    every head at position 0 of their (B, H, T, d) input (not head 0 at every position), and --calib-skip leaves
+    position 0 out of c on that axis: both checked against a hand computation on the recorded inputs."""
+    m, ids = _gemma3(skip_positions=1, stat="inv_rms")
+    layers = dict(taper_layers(m))
+    qk = {n for n in layers if n.endswith(("q_norm", "k_norm"))}
+    assert len(qk) == 4 and {n for n, l in layers.items() if l.token_dim == 2} == qk
+    assert "token_dim=2" in repr(layers["model.layers.0.self_attn.k_norm"])
+    seen = {}
+    hooks = [layers[n].register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, inp[0].detach()))
+             for n in qk]
+    with torch.no_grad():
+        m(input_ids=ids, use_cache=False)  # gate 1: the inputs calibration saw
+    for h in hooks:
+        h.remove()
+    for n in qk:
+        x, l = seen[n], layers[n]
+        assert x.shape == (2, 4 if "q_norm" in n else 2, 12, 8)  # (B, H, T, d)
+        r_inv = torch.rsqrt(x.pow(2).mean(-1) + l.eps)  # (B, H, T)
+        assert float(l.c0) == pytest.approx(float(r_inv[:, :, 0].mean()), rel=1e-5)
+        assert float(l.c) == pytest.approx(float(r_inv[:, :, 1:].mean()), rel=1e-5)
+        assert abs(float(r_inv[:, 0].mean()) - float(l.c0)) > 1e-3 * float(l.c0)  # head 0 would differ
+
+
+def test_gemma3_factor_scales_position_zero_of_every_head():
+    m, _ = _gemma3()
+    layer = dict(taper_layers(m))["model.layers.0.self_attn.q_norm"]
+    x = torch.randn(2, 4, 5, 8)  # (B, H, T, d)
+    p = pos0_factor(layer, x)  # no hook rows: row 0 of the token axis
+    assert p.shape == (5, 1) and torch.allclose(p[0, 0], pos0_ratio(layer)) and torch.equal(p[1:], torch.ones(4, 1))
+    layer.pos0_rows = torch.tensor([[False, True, False, False, False], [True, False, False, False, False]])
+    p = pos0_factor(layer, x)  # (B, 1, T, 1): a left-padded row's first real token, in every head
+    assert p.shape == (2, 1, 5, 1) and p[0, 0, 1, 0] == p[1, 0, 0, 0] == pos0_ratio(layer)
+    assert int((p != 1).sum()) == 2 and (layer.fixed_map(x) / (x * layer.taper_scale()))[0, :, 1].sub(
+        pos0_ratio(layer)).abs().max() < 1e-5
+    layer.pos0_rows = None
+    layer.token_dim = 3
+    from tapernorm import TaperError
+    with pytest.raises(TaperError, match=r"^TaperNorm token_dim 3 does not fit an input of rank 4 "):
+        pos0_factor(layer, x)
+
+
+@pytest.mark.parametrize("gate", [0.5, 0.0])
+def test_gemma3_cached_decode_matches_full_forward(gate):
+    """With the pre-hook's (B, T) rows the (B, H, T, d) QK-norms scale position 0 only (this crashed on a shape
+    mismatch before token_dim): a prefill of 8 then 4 cached steps == the full forward, across the sliding window."""
+    from tiny_models import sharpen_pos0
+    m, ids = _gemma3()
+    sharpen_pos0(m)
+    set_gate(m, gate)
+    with torch.no_grad():
+        full = m(input_ids=ids, use_cache=False).logits
+        out = m(input_ids=ids[:, :8], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(8, 12):
+            o = m(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(o.logits)
+            cache = o.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    if gate == 0.0:  # the QK-norms' factor is live: without it position 0's q / k change what every row sees
+        with torch.no_grad():
+            for n, l in taper_layers(m):
+                l.has_pos0 = l.has_pos0 and not n.endswith(("q_norm", "k_norm"))
+            assert (m(input_ids=ids, use_cache=False).logits - full).abs().max() > 1e-4
+
+
+def test_gemma3_token_dim_survives_save_load(tmp_path):
+    """token_dim is not saved: from_pretrained sets it from the family again (so directories written before it
+    existed load right), for save_pretrained directories and transformers' own save alike."""
+    from tapernorm.hf import from_pretrained, save_pretrained
+    m, ids = _gemma3()
+    set_gate(m, 0.0)
+    save_pretrained(m, tmp_path / "tapered")
+    m.save_pretrained(tmp_path / "own")
+    want = {n: l.token_dim for n, l in taper_layers(m)}
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    for d in ("tapered", "own"):
+        back = from_pretrained(tmp_path / d)
+        assert {n: l.token_dim for n, l in taper_layers(back)} == want, d
+        with torch.no_grad():
+            torch.testing.assert_close(back(input_ids=ids, use_cache=False).logits, ref, rtol=0, atol=1e-6)
+
+
+def test_rms_loss_skips_positions_on_the_token_axis():
+    """The RMS loss's --calib-skip leaves position 0 out on each norm's token axis: a sink at position 0 of a
+    (B, H, T, d) input (token_dim 2) adds nothing once skipped."""
+    from tapernorm.layers import TaperNorm
+    from tapernorm.train.rms_loss import NormRmsLoss
+    layer = TaperNorm(8)
+    layer.token_dim = 2
+    layer.calibrated, layer.c = True, torch.tensor(1.0)
+    x = torch.randn(2, 3, 6, 8)
+    loss = NormRmsLoss(torch.nn.Sequential(layer).train(), lam=1.0, skip_positions=1)
+    sink = x.clone()
+    sink[:, :, 0] *= 100.0
+    vals = []
+    for inp in (x, sink):
+        loss.clear()
+        layer(inp)
+        vals.append(float(loss.loss()))
+    assert vals[0] == pytest.approx(vals[1], rel=1e-6)
+    want = (0.5 * torch.log(x[:, :, 1:].pow(2).mean(-1) + 1e-12)).pow(2).mean()
+    assert vals[0] == pytest.approx(float(want), rel=1e-5)
