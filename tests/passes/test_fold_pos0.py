@@ -1,7 +1,8 @@
 """Fold of gate-0 norms with position 0's own scale c0 (passes/pos0.py): s folds into the linears exactly as
 without c0 and one Mul by p = where(position == 0, c0 / c, 1) (B, T, 1) stays per norm; RMS, LN (GPT-2 biases),
-an HF Llama, backward folds (OLMo2 post-norms, Qwen3's per-head QK-norms with a (B, T, 1, 1) factor); typed site
-results say so; a model without c0 gets no factor; per-head layouts without one are refused naming the layer."""
+an HF Llama, backward folds (OLMo2 post-norms, Qwen3's per-head QK-norms with a (B, T, 1, 1) factor, Gemma 3's on
+(B, H, T, d) with a (B, 1, T, 1) factor); typed site results say so; a model without c0 gets no factor; per-head
+layouts without one are refused naming the layer."""
 import pytest
 import torch
 
@@ -274,6 +275,71 @@ def test_per_head_input_without_tokens_on_dim_1_is_refused():
               module=NS(c0=torch.tensor(0.5), c=torch.tensor(1.0)))
     why = pos0_problem(site)
     assert why is not None and why.startswith("per-head input of shape (2, 4, ") and "(B, T, H, d)" in why
+    assert "token_dim 1" in why and "\n" not in why
+    site.module.token_dim = 2  # Gemma 3's QK-norms (taperize sets it from the family): tokens on dim 2
+    assert pos0_problem(site) is None
     with mode:
         site.input.meta["val"] = torch.empty(2, T, 4, 8)
+    assert "on its token_dim 2" in pos0_problem(site)  # (B, T, H, d) with token_dim 2: refused as well
+    site.module.token_dim = 1
     assert pos0_problem(site) is None
+
+
+def _gemma3():
+    from tiny_models import make_hf_pos0
+    return make_hf_pos0("gemma3_text", hidden=32, layers=1, sliding_window=4)  # QK-norms on (B, H, T, d)
+
+
+def test_gemma3_heads_first_qk_norms_fold_backward_with_factor():
+    """Gemma 3 calls q_norm / k_norm on q_proj(x).view(B, T, H, d).transpose(1, 2) = (B, H, T, d) (token_dim 2):
+    with c0 they fold backward into q_proj / k_proj rows through the view and transpose, and keep one Mul by p
+    (B, 1, T, 1) each; exact on a prefill from position 0 and on the cached decode step after it (one dynamic-shape
+    graph), for the fold and the materialized graph; 7 norms (sandwich norms, QK-norms, final), 7 factors."""
+    from tapernorm.compiler.export_onnx import dynamic_shapes as dyn
+    from tapernorm.compiler.hf_compile import HFDecoder
+    dec = HFDecoder(_gemma3(), "all").eval()
+    w = KVCacheLM(dec)
+    c = dec.config
+    args, ds = example_inputs(c), dyn(c.n_layers)
+    gm = capture(w, args, dynamic_shapes=ds)
+    pre = (_ids(2, 6, seed=9, vocab=128), torch.ones(2, 6, dtype=torch.long),
+           torch.arange(6)[None].expand(2, 6).contiguous(),
+           tuple(torch.zeros(2, c.num_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)))
+    for fn, status in ((fold, "folded"), (materialize, "materialized")):
+        g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
+        sites = site_results(g2)
+        qk = {k: s for k, s in sites.items() if k.endswith(("q_norm", "k_norm"))}
+        assert len(qk) == 2 and all(s.status == status and s.pos0 is not None for s in qk.values()), \
+            {k: s.reason for k, s in sites.items()}
+        if status == "folded":
+            assert all(s.direction == "backward" for s in qk.values())
+            assert rep["graph"]["taper_nodes_after"] == 0
+        assert rep[status] == rep["pos0_factors"] == _factors(g2) == 7 and rep["verify"]["ok"]
+        assert sorted(_per_head_factor_shapes(g2)) == [(2, 1, 3, 1)] * 2  # the example's (B, T): (B, 1, T, 1)
+        with torch.no_grad():
+            (ref, *ref_past), (got, *got_past) = w(*pre), g2(*pre)
+            assert torch.allclose(got, ref, atol=1e-5 * max(1.0, float(ref.abs().max())))
+            step = (_ids(2, 1, seed=3, vocab=128), torch.ones(2, 7, dtype=torch.long), torch.full((2, 1), 6))
+            ref2, got2 = w(*step, tuple(ref_past))[0], g2(*step, tuple(got_past))[0]  # decode at position 6
+        assert torch.allclose(got2, ref2, atol=1e-5 * max(1.0, float(ref2.abs().max())))
+
+
+def test_gemma3_full_sequence_call_folds_and_factor_is_live():
+    """Called on input_ids alone the factor is traced on arange(T) == 0 over dim 2 of the (B, H, T, d) input; the
+    pass rebuilds it as (T, 1) outside the norm and folds; dropping the QK-norms' c0 changes the logits."""
+    m = _gemma3()
+    ids = _ids(2, 7, seed=4, vocab=128)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    g2, rep = fold(m, (), {"input_ids": ids, "use_cache": False})
+    assert rep["folded"] == rep["pos0_factors"] == _factors(g2) == 7 and rep["verify"]["ok"], rep["layers"]
+    assert sum(r["direction"] == "backward" for r in rep["layers"].values()) == 4  # QK-norms and post-norms
+    assert _per_head_factor_shapes(g2) == [(7, 1)] * 2  # (T, 1) against (B, H, T, d)
+    with torch.no_grad():
+        out = g2(input_ids=ids, use_cache=False)
+        got = out.logits if hasattr(out, "logits") else out[0]
+        assert torch.allclose(got, ref, atol=1e-5 * max(1.0, float(ref.abs().max())))
+        for name, layer in taper_layers(m):
+            if name.endswith(("q_norm", "k_norm")):
+                layer.has_pos0 = False
+        assert (m(input_ids=ids, use_cache=False).logits - ref)[:, 1:].abs().max() > 1e-4
