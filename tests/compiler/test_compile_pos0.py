@@ -2,14 +2,14 @@
 lean graph keeps one Mul by where(position == 0, c0 / c, 1) per norm (one Equal per graph); parity of prompt and
 decode logits and greedy tokens at batch 1 (the compile's own check) and of a ragged batch of 3 (each row's first
 real token is its position 0); our DecoderLM (RMS, LN), a Hugging Face Llama (GQA), OLMo2 (post-norms folded
-backward, QK-norms) and Qwen3 (per-head QK-norms), the generic export, fp16 / int4; a model without c0 compiles with
-no factor node at all."""
+backward, QK-norms), Qwen3 (per-head QK-norms on (B, T, H, d)) and Gemma 3 (per-head QK-norms on (B, H, T, d)), the
+generic export, fp16 / int4; a model without c0 compiles with no factor node at all."""
 import numpy as np
 import pytest
 import torch
 
 from lean_util import prompt_ids, torch_steps
-from tapernorm import calibrate, set_gate
+from tapernorm import calibrate, set_gate, taper_layers
 from tapernorm.checkpoint import save_checkpoint
 from tapernorm.compiler.pipeline import compile_checkpoint, summary_text
 from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
@@ -164,6 +164,42 @@ def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
         assert rep["pos0"] == {"sites": 9, "model.onnx": want, "model_unfused.onnx": want}
     else:
         assert rep["pos0"] == {"sites": 9, "model.onnx": {"wheres": 9, "muls": 9, "equal": 1}}
+    for g in rep["parity"]["graphs"].values():
+        assert g["tokens_identical"], g
+        for k in ("prompt_logits_max_abs_diff", "decode_logits_max_abs_diff"):
+            assert g[k] < 1e-4 * rep["parity"]["logit_scale"], (k, g)
+    dec = HFDecoder(hf, "all").eval()
+    for v in (("model.onnx", "model_unfused.onnx") if graph == "lean" else ("model.onnx",)):
+        _ragged(dec, tmp_path / "out", 128, v)
+    if graph == "lean":
+        _genai_agrees(tmp_path / "out")
+
+
+@pytest.mark.parametrize("graph", ["lean", "generic"])
+def test_gemma3_heads_first_qk_norms_compile_with_c0(tmp_path, graph):
+    """Gemma 3 calls q_norm / k_norm on (B, H, T, d) (token_dim 2): c0 is calibrated from position 0 of every head,
+    they fold backward into q_proj / k_proj rows and keep one Mul by p each (lean: on the (B, T, H d) q / k before the
+    head split and rotary; generic: the pass's (B, 1, T, 1) factor): 2 layers x (4 sandwich norms + q_norm + k_norm)
+    + the final norm = 13 factors; prompt / decode logits and greedy tokens match PyTorch (the compile's check, the
+    prompt longer than the sliding window 4), a ragged batch of 3 through the KV-cache runtime matches each row
+    alone, and onnxruntime-genai runs the lean directory to the same tokens."""
+    from tapernorm.compiler.hf_compile import HFDecoder
+    from tapernorm.hf import save_pretrained
+    from tiny_models import make_hf_pos0
+    hf = make_hf_pos0("gemma3_text", embed_scale=4.0, sliding_window=4)  # head_dim 16: rotary inside GQA
+    assert sum(l.token_dim == 2 for _, l in taper_layers(hf)) == 4
+    save_pretrained(hf, tmp_path / "hf")
+    rep = compile_checkpoint(tmp_path / "hf", tmp_path / "out", parity_tokens=5, graph=graph,
+                             unfused=graph == "lean")
+    assert rep["graph"] == graph and rep["parity"]["ok"] and rep["parity"]["prompt_tokens"] > 4, rep.get("hf")
+    rows = rep["passes"]["fold"]["layers"]
+    qk = {k: r for k, r in rows.items() if k.endswith(("q_norm", "k_norm"))}
+    assert len(qk) == 4 and all(r["status"] == "folded" and r["direction"] == "backward" for r in qk.values())
+    if graph == "lean":
+        want = {"wheres": 1, "muls": 13, "equal": 1}
+        assert rep["pos0"] == {"sites": 13, "model.onnx": want, "model_unfused.onnx": want}
+    else:
+        assert rep["pos0"] == {"sites": 13, "model.onnx": {"wheres": 13, "muls": 13, "equal": 1}}
     for g in rep["parity"]["graphs"].values():
         assert g["tokens_identical"], g
         for k in ("prompt_logits_max_abs_diff", "decode_logits_max_abs_diff"):
