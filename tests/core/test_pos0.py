@@ -314,3 +314,45 @@ def test_rms_loss_skips_positions_on_the_token_axis():
     assert vals[0] == pytest.approx(vals[1], rel=1e-6)
     want = (0.5 * torch.log(x[:, :, 1:].pow(2).mean(-1) + 1e-12)).pow(2).mean()
     assert vals[0] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type,extra,n_heads_first", [
+    ("phi", {"qk_layernorm": True}, 4), ("stablelm", {"qk_layernorm": True}, 12), ("exaone4", {}, 4),
+    ("apertus", {}, 4)])
+def test_other_heads_first_families_calibrate_c0_on_dim_2(model_type, extra, n_heads_first):
+    """The rest of HEADS_FIRST_NORMS (QK-norms called after `.transpose(1, 2)`; Stable LM's one LayerNorm per head,
+    each on (B, 1, T, d)): taperize gives exactly those token_dim 2, c0 is position 0's mean 1 / r over the heads
+    (hand computation; LayerNorms centred), and at gate 0 cached decode == the full forward."""
+    transformers = pytest.importorskip("transformers")
+    from tapernorm import taperize
+    from tiny_models import sharpen_pos0
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    taperize(m, "all")
+    heads_first = {n: l for n, l in taper_layers(m) if l.token_dim == 2}
+    assert len(heads_first) == n_heads_first and all("_norm" in n or "_layernorm" in n for n in heads_first)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    hooks = [l.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, inp[0].detach()))
+             for n, l in heads_first.items()]
+    calibrate(m, [ids], forward=lambda mm, b: mm(input_ids=b, use_cache=False), pos0=True)
+    for h in hooks:
+        h.remove()
+    for n, l in heads_first.items():
+        x = seen[n]  # (B, H, T, d)
+        x = x - x.mean(-1, keepdim=True) if "layernorm" in n else x
+        assert float(l.c0) == pytest.approx(float(torch.rsqrt(x.pow(2).mean(-1) + l.eps)[:, :, 0].mean()), rel=1e-5)
+    set_gate(sharpen_pos0(m), 0.0)
+    with torch.no_grad():
+        full = m(input_ids=ids, use_cache=False).logits
+        out = m(input_ids=ids[:, :8], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(8, 12):
+            o = m(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(o.logits)
+            cache = o.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
