@@ -56,7 +56,8 @@ def make_hf_pos0(model_type: str, hidden: int = 64, layers: int = 2, heads: int 
                  embed_scale: float = 1.0, vocab: int = 128, seed: int = 0, **extra):
     """A tiny Hugging Face causal LM from a config (head_dim hidden / heads, GQA heads / kv_heads), tapered "all",
     calibrated with position 0's own scale c0 (sharpened), at gate 0, eval. `model_type` e.g. "llama", "olmo2",
-    "qwen3" (per-head QK norms q_norm / k_norm on (B, T, H, head_dim)); `extra` goes to the config."""
+    "qwen3" (per-head QK norms q_norm / k_norm on (B, T, H, head_dim)), "gemma3_text" (on (B, H, T, head_dim):
+    token_dim 2); `extra` goes to the config."""
     import pytest
     transformers = pytest.importorskip("transformers")
     from tapernorm import taperize

@@ -240,7 +240,8 @@ class LeanGraph:
             return x
         if heads is None:
             return self.norm(spec, x, None, None)[0]
-        if spec.pos0 is not None:  # c0: p (B, T, 1) is one scalar per token, so it scales the (B, T, H D) input
+        if spec.pos0 is not None:  # c0: p (B, T, 1) is one scalar per token, so it scales the (B, T, H D) input,
+            # whatever layout the PyTorch model calls the norm on (Qwen3 (B, T, H, D), Gemma 3 (B, H, T, D): token_dim)
             x = self._with_pos0(spec, x)  # exact for every gate-0 form: RMS x*s*p, LN (xp - mean xp)*s + beta_t
             spec = dataclasses.replace(spec, pos0=None)
             if spec.kind == "none":
