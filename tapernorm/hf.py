@@ -120,6 +120,8 @@ def _load_hf_saved(d: Path, dtype=None, **hf_kwargs) -> nn.Module:
     for n in names:
         sub = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
         load_state_checked(model.get_submodule(n), sub, f"{d}: {n}")
+    from .pos0 import track_if_needed
+    track_if_needed(model)  # c0 layers learn which rows are position 0 (the hook goes on the model, not each layer)
     _check_gates(model, {}, str(d))
     return model.eval()
 

@@ -278,7 +278,8 @@ def test_gemma3_cached_decode_matches_full_forward(gate):
 
 def test_gemma3_token_dim_survives_save_load(tmp_path):
     """token_dim is not saved: from_pretrained sets it from the family again (so directories written before it
-    existed load right), for save_pretrained directories and transformers' own save alike."""
+    existed load right), for save_pretrained directories and transformers' own save alike; either way the model
+    (not each layer) gets the position pre-hook, so cached decode after loading == the full forward."""
     from tapernorm.hf import from_pretrained, save_pretrained
     m, ids = _gemma3()
     set_gate(m, 0.0)
@@ -290,8 +291,13 @@ def test_gemma3_token_dim_survives_save_load(tmp_path):
     for d in ("tapered", "own"):
         back = from_pretrained(tmp_path / d)
         assert {n: l.token_dim for n, l in taper_layers(back)} == want, d
+        hooked = [n for n, mod in back.named_modules() if getattr(mod, "_tapernorm_pos0_hook", None) is not None]
+        assert hooked == [""], (d, hooked)
         with torch.no_grad():
             torch.testing.assert_close(back(input_ids=ids, use_cache=False).logits, ref, rtol=0, atol=1e-6)
+            out = back(input_ids=ids[:, :8], use_cache=True)
+            step = back(input_ids=ids[:, 8:9], cache=out.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step[:, -1], ref[:, 8], rtol=1e-5, atol=1e-5)
 
 
 def test_rms_loss_skips_positions_on_the_token_axis():
