@@ -8,6 +8,8 @@ continuations and chat answers beside the fine-tuned baseline's (transformers' g
 
     nice -n 10 .venv/bin/python benchmarks/quality_real.py --quick --save      # ~30-40 min on 2 shared cores
     nice -n 10 .venv/bin/python benchmarks/quality_real.py --save              # bounded to ~2 h on 2 cores
+    nice -n 10 .venv/bin/python benchmarks/quality_real.py --long --variants baseline,internal-sink-long --save
+                                                                                 # 2400 steps, ~65 min per variant
     .venv/bin/python benchmarks/quality_real.py --variants baseline,internal-robust --steps 20 --no-compile
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ VARIANTS: dict[str, dict] = {
     "internal-sink-keepends": {"mode": "internal", **SINK, "keep_norms": r"layers\.([1-9]|10|27|28|29)\."},
     # the last third, where the tokens that still needed the cap at the end were (docs, section 5.2: E10)
     "internal-sink-keeplate": {"mode": "internal", **SINK, "keep_norms": r"layers\.(19|2\d)\."},
+    # the 2400-step run of docs/real_checkpoints.md section 7 (with --long): a fixed hold of 100 steps
+    "internal-sink-long": {"mode": "internal", **{k: v for k, v in SINK.items() if k != "hold_frac"}, "taper_hold": 100},
     "baseline": {"mode": "baseline"},
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
     "internal-robust": {"mode": "internal", **ROBUST},
@@ -52,17 +56,25 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_VARIANTS = "baseline,internal,internal-sink,all-sink,internal-sink-keep6,all-sink-keep6"
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHATS = ["What is the capital of France?", "Give me two tips for sleeping better."]
-# (steps, warmup, taper start, taper end, seq, batch, eval batches)
-SETTINGS = {"quick": (200, 10, 20, 180, 64, 2, 8), "full": (400, 10, 40, 360, 64, 4, 16)}
+# (steps, warmup, taper start, taper end, seq, batch, eval batches); --long also trains in bf16 autocast
+SETTINGS = {"quick": (200, 10, 20, 180, 64, 2, 8), "full": (400, 10, 40, 360, 64, 4, 16),
+            "long": (2400, 10, 20, 2400, 64, 2, 12)}
 
 
 def _settings(args) -> dict:
-    T, W, t0, t1, L, B, E = SETTINGS["quick" if args.quick else "full"]
+    T, W, t0, t1, L, B, E = SETTINGS[_setting(args)]
     if args.steps:
         f = args.steps / T
         T, W, t0, t1 = args.steps, max(1, round(W * f)), max(1, round(t0 * f)), max(1, round(t1 * f))
     return {"steps": T, "warmup_steps": W, "taper_start": t0, "taper_end": t1, "seq_len": L, "batch_size": B,
-            "eval_batches": E, "lr": args.lr, "corpus": "builtin", "max_chars": args.max_chars, "seed": 0}
+            "eval_batches": E, "lr": args.lr, "corpus": "builtin", "max_chars": args.max_chars, "seed": 0,
+            **({"bf16": True} if args.long else {})}
+
+
+def _setting(args) -> str:
+    if args.quick and args.long:
+        raise SystemExit("quality_real: pass one of --quick and --long")
+    return "quick" if args.quick else "long" if args.long else "full"
 
 
 def run_variant(name: str, opts: dict, settings: dict, work: Path) -> dict:
@@ -168,7 +180,7 @@ def _fmt(v) -> str:
 
 def _markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"# Tapering on SmolLM2-135M-Instruct (issue 19){' (--quick)' if result['quick'] else ''}", "",
+    lines = [f"# Tapering on SmolLM2-135M-Instruct (issue 19){' (--quick)' if result['quick'] else ' (--long)' if result.get('long') else ''}", "",
              f"Fine-tune: builtin corpus, {s['steps']} steps (LR warmup {s['warmup_steps']}, taper "
              f"{s['taper_start']}..{s['taper_end']}), seq {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']}; "
              f"held-out CE over {s['eval_batches']} validation batches (text not trained on). "
@@ -220,6 +232,7 @@ def main() -> int:
     """Run the variants, then compile and run the tapered ones that finished."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 steps at seq 64, batch 2 (default: 400 at batch 4)")
+    ap.add_argument("--long", action="store_true", help="2400 steps at seq 64, batch 2, bf16 (~65 min per variant)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=0, help="override the step count (schedule scales with it)")
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -231,7 +244,7 @@ def main() -> int:
     add_output_args(ap)
     args = ap.parse_args()
     out = output_dir(args)
-    base = "quality_real_quick" if args.quick else "quality_real"
+    base = {"quick": "quality_real_quick", "long": "quality_real_long", "full": "quality_real"}[_setting(args)]
     if args.merge:
         return merge(out, base, [t.strip() for t in args.merge.split(",") if t.strip()])
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -240,7 +253,7 @@ def main() -> int:
         ap.error(f"unknown variant(s) {bad}; pick from {', '.join(VARIANTS)}")
     work = Path(os.environ.get("TAPERNORM_BENCH_WORK", "runs/quality_real"))
     settings = _settings(args)
-    result = {"settings": settings, "quick": args.quick, "machine": machine_info(),
+    result = {"settings": settings, "quick": args.quick, "long": args.long, "machine": machine_info(),
               "versions": library_versions(("torch", "transformers", "onnxruntime", "onnx")), "runs": [],
               "generations": {}}
     stem = out / (base + (f"_{args.tag}" if args.tag else ""))
