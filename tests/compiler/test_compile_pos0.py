@@ -141,17 +141,13 @@ def test_hf_compile_with_c0(tmp_path, family, n):
     assert np.isfinite(g["prompt_logits_max_abs_diff"])
 
 
-@pytest.mark.parametrize("graph", ["lean", "generic"])
-def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
-    """Qwen3's per-head q_norm / k_norm with c0 fold backward into q_proj / k_proj rows and keep one Mul by p each
-    (lean: on the (B, T, H d) q / k before rotary; generic: the pass's (B, T, 1, 1) factor): 2 layers x (2 block
-    norms + q_norm + k_norm) + the final norm = 9 factors; prompt / decode logits and greedy tokens match PyTorch
-    (the compile's check), a ragged batch of 3 through the KV-cache runtime matches each row alone, and
-    onnxruntime-genai runs the lean directory to the same tokens."""
+def _compile_qk_pos0(hf, tmp_path, graph: str, sites: int) -> dict:
+    """Save and compile a tiny HF model whose 2 layers' q_norm / k_norm carry c0; assert the 4 QK norms fold backward,
+    `sites` factors (lean: one Where, a Mul each, one Equal, in both variants; generic: a Where and a Mul each),
+    prompt / decode parity and identical tokens, a ragged batch of 3 through the KV-cache runtime equal to each row
+    alone, and (lean) onnxruntime-genai's tokens. Returns the compile report."""
     from tapernorm.compiler.hf_compile import HFDecoder
     from tapernorm.hf import save_pretrained
-    from tiny_models import make_hf_pos0
-    hf = make_hf_pos0("qwen3", embed_scale=4.0)  # head_dim 16: rotary inside GroupQueryAttention
     save_pretrained(hf, tmp_path / "hf")
     rep = compile_checkpoint(tmp_path / "hf", tmp_path / "out", parity_tokens=5, graph=graph,
                              unfused=graph == "lean")
@@ -160,10 +156,10 @@ def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
     qk = {k: r for k, r in rows.items() if k.endswith(("q_norm", "k_norm"))}
     assert len(qk) == 4 and all(r["status"] == "folded" and r["direction"] == "backward" for r in qk.values())
     if graph == "lean":
-        want = {"wheres": 1, "muls": 9, "equal": 1}
-        assert rep["pos0"] == {"sites": 9, "model.onnx": want, "model_unfused.onnx": want}
+        want = {"wheres": 1, "muls": sites, "equal": 1}
+        assert rep["pos0"] == {"sites": sites, "model.onnx": want, "model_unfused.onnx": want}
     else:
-        assert rep["pos0"] == {"sites": 9, "model.onnx": {"wheres": 9, "muls": 9, "equal": 1}}
+        assert rep["pos0"] == {"sites": sites, "model.onnx": {"wheres": sites, "muls": sites, "equal": 1}}
     for g in rep["parity"]["graphs"].values():
         assert g["tokens_identical"], g
         for k in ("prompt_logits_max_abs_diff", "decode_logits_max_abs_diff"):
@@ -173,6 +169,19 @@ def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
         _ragged(dec, tmp_path / "out", 128, v)
     if graph == "lean":
         _genai_agrees(tmp_path / "out")
+    return rep
+
+
+@pytest.mark.parametrize("graph", ["lean", "generic"])
+def test_qwen3_per_head_qk_norms_compile_with_c0(tmp_path, graph):
+    """Qwen3's per-head q_norm / k_norm with c0 fold backward into q_proj / k_proj rows and keep one Mul by p each
+    (lean: on the (B, T, H d) q / k before rotary; generic: the pass's (B, T, 1, 1) factor): 2 layers x (2 block
+    norms + q_norm + k_norm) + the final norm = 9 factors; prompt / decode logits and greedy tokens match PyTorch
+    (the compile's check), a ragged batch of 3 through the KV-cache runtime matches each row alone, and
+    onnxruntime-genai runs the lean directory to the same tokens."""
+    from tiny_models import make_hf_pos0
+    hf = make_hf_pos0("qwen3", embed_scale=4.0)  # head_dim 16: rotary inside GroupQueryAttention
+    _compile_qk_pos0(hf, tmp_path, graph, sites=9)
 
 
 @pytest.mark.parametrize("graph", ["lean", "generic"])
@@ -183,29 +192,8 @@ def test_gemma3_heads_first_qk_norms_compile_with_c0(tmp_path, graph):
     + the final norm = 13 factors; prompt / decode logits and greedy tokens match PyTorch (the compile's check, the
     prompt longer than the sliding window 4), a ragged batch of 3 through the KV-cache runtime matches each row
     alone, and onnxruntime-genai runs the lean directory to the same tokens."""
-    from tapernorm.compiler.hf_compile import HFDecoder
-    from tapernorm.hf import save_pretrained
     from tiny_models import make_hf_pos0
     hf = make_hf_pos0("gemma3_text", embed_scale=4.0, sliding_window=4)  # head_dim 16: rotary inside GQA
     assert sum(l.token_dim == 2 for _, l in taper_layers(hf)) == 4
-    save_pretrained(hf, tmp_path / "hf")
-    rep = compile_checkpoint(tmp_path / "hf", tmp_path / "out", parity_tokens=5, graph=graph,
-                             unfused=graph == "lean")
-    assert rep["graph"] == graph and rep["parity"]["ok"] and rep["parity"]["prompt_tokens"] > 4, rep.get("hf")
-    rows = rep["passes"]["fold"]["layers"]
-    qk = {k: r for k, r in rows.items() if k.endswith(("q_norm", "k_norm"))}
-    assert len(qk) == 4 and all(r["status"] == "folded" and r["direction"] == "backward" for r in qk.values())
-    if graph == "lean":
-        want = {"wheres": 1, "muls": 13, "equal": 1}
-        assert rep["pos0"] == {"sites": 13, "model.onnx": want, "model_unfused.onnx": want}
-    else:
-        assert rep["pos0"] == {"sites": 13, "model.onnx": {"wheres": 13, "muls": 13, "equal": 1}}
-    for g in rep["parity"]["graphs"].values():
-        assert g["tokens_identical"], g
-        for k in ("prompt_logits_max_abs_diff", "decode_logits_max_abs_diff"):
-            assert g[k] < 1e-4 * rep["parity"]["logit_scale"], (k, g)
-    dec = HFDecoder(hf, "all").eval()
-    for v in (("model.onnx", "model_unfused.onnx") if graph == "lean" else ("model.onnx",)):
-        _ragged(dec, tmp_path / "out", 128, v)
-    if graph == "lean":
-        _genai_agrees(tmp_path / "out")
+    rep = _compile_qk_pos0(hf, tmp_path, graph, sites=13)
+    assert rep["parity"]["prompt_tokens"] > 4  # the prompt is longer than the sliding window

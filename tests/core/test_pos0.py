@@ -182,15 +182,22 @@ def test_per_head_norms_calibrate_and_scale_position_zero_not_head_zero():
     assert float(q.c) == pytest.approx(float(r_inv[:, 1:].mean()), rel=1e-5)
     for g in (0.5, 0.0):
         set_gate(m, g)
-        with torch.no_grad():
-            full = m(input_ids=ids, use_cache=False).logits
-            out = m(input_ids=ids[:, :8], use_cache=True)
-            steps, past = [out.logits], out.past_key_values
-            for t in range(8, 12):
-                o = m(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-                steps.append(o.logits)
-                past = o.past_key_values
-        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+        _cached_decode_equals_full(m, ids)
+
+
+def _cached_decode_equals_full(m, ids) -> torch.Tensor:
+    """A prefill of 8 tokens then 4 cached single-token steps give the full forward's logits (12 tokens); returns
+    the full forward's logits."""
+    with torch.no_grad():
+        full = m(input_ids=ids, use_cache=False).logits
+        out = m(input_ids=ids[:, :8], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(8, 12):
+            o = m(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(o.logits)
+            cache = o.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    return full
 
 
 def _gemma3(pos0=True, **calib):
@@ -260,15 +267,7 @@ def test_gemma3_cached_decode_matches_full_forward(gate):
     m, ids = _gemma3()
     sharpen_pos0(m)
     set_gate(m, gate)
-    with torch.no_grad():
-        full = m(input_ids=ids, use_cache=False).logits
-        out = m(input_ids=ids[:, :8], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(8, 12):
-            o = m(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(o.logits)
-            cache = o.past_key_values
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    full = _cached_decode_equals_full(m, ids)
     if gate == 0.0:  # the QK-norms' factor is live: without it position 0's q / k change what every row sees
         with torch.no_grad():
             for n, l in taper_layers(m):
@@ -353,12 +352,4 @@ def test_other_heads_first_families_calibrate_c0_on_dim_2(model_type, extra, n_h
         x = x - x.mean(-1, keepdim=True) if "layernorm" in n else x
         assert float(l.c0) == pytest.approx(float(torch.rsqrt(x.pow(2).mean(-1) + l.eps)[:, :, 0].mean()), rel=1e-5)
     set_gate(sharpen_pos0(m), 0.0)
-    with torch.no_grad():
-        full = m(input_ids=ids, use_cache=False).logits
-        out = m(input_ids=ids[:, :8], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(8, 12):
-            o = m(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            steps.append(o.logits)
-            cache = o.past_key_values
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    _cached_decode_equals_full(m, ids)

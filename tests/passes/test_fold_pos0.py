@@ -169,19 +169,19 @@ def _per_head_factor_shapes(gm) -> list:
     return out
 
 
-def test_qwen3_per_head_qk_norms_fold_backward_with_factor():
-    """Qwen3's q_norm / k_norm read q_proj / k_proj(x).view(B, T, H, d): with c0 they fold backward into the
-    projections' rows (as without c0) and keep one Mul by p (B, T, 1, 1) each, before RoPE; exact on a prefill from
-    position 0 and on the cached decode step after it (one dynamic-shape graph); the materialized graph as well."""
+def _fold_qk_pos0(hf, n: int, factor_shape: tuple) -> None:
+    """Capture `hf` (2 QK-norms with c0) as one dynamic-shape KV-cache graph; fold and materialize it: both QK-norms
+    handled with a factor (folded: backward, no taper node left), `n` factors in all, the QK-norms' of
+    `factor_shape`; exact on a prefill of 6 from position 0 and on the cached decode step at position 6."""
     from tapernorm.compiler.export_onnx import dynamic_shapes as dyn
     from tapernorm.compiler.hf_compile import HFDecoder
-    dec = HFDecoder(_qwen3(), "all").eval()
+    dec = HFDecoder(hf, "all").eval()
     w = KVCacheLM(dec)
     c = dec.config
     args, ds = example_inputs(c), dyn(c.n_layers)
     gm = capture(w, args, dynamic_shapes=ds)
-    ids = _ids(2, 6, seed=9, vocab=128)
-    pre = (ids, torch.ones(2, 6, dtype=torch.long), torch.arange(6)[None].expand(2, 6).contiguous(),
+    pre = (_ids(2, 6, seed=9, vocab=128), torch.ones(2, 6, dtype=torch.long),
+           torch.arange(6)[None].expand(2, 6).contiguous(),
            tuple(torch.zeros(2, c.num_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)))
     for fn, status in ((fold, "folded"), (materialize, "materialized")):
         g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
@@ -192,14 +192,21 @@ def test_qwen3_per_head_qk_norms_fold_backward_with_factor():
         if status == "folded":
             assert all(s.direction == "backward" for s in qk.values())
             assert rep["graph"]["taper_nodes_after"] == 0
-        assert rep[status] == rep["pos0_factors"] == _factors(g2) == 5 and rep["verify"]["ok"]
-        assert sorted(_per_head_factor_shapes(g2)) == [(2, 3, 1, 1)] * 2  # the example's (B, T): one per QK-norm
+        assert rep[status] == rep["pos0_factors"] == _factors(g2) == n and rep["verify"]["ok"]
+        assert sorted(_per_head_factor_shapes(g2)) == [factor_shape] * 2
         with torch.no_grad():
             (ref, *ref_past), (got, *got_past) = w(*pre), g2(*pre)  # logits, flat presents (B, Hkv, 6, d)
             assert torch.allclose(got, ref, atol=1e-5 * max(1.0, float(ref.abs().max())))
             step = (_ids(2, 1, seed=3, vocab=128), torch.ones(2, 7, dtype=torch.long), torch.full((2, 1), 6))
             ref2, got2 = w(*step, tuple(ref_past))[0], g2(*step, tuple(got_past))[0]  # decode at position 6
         assert torch.allclose(got2, ref2, atol=1e-5 * max(1.0, float(ref2.abs().max())))
+
+
+def test_qwen3_per_head_qk_norms_fold_backward_with_factor():
+    """Qwen3's q_norm / k_norm read q_proj / k_proj(x).view(B, T, H, d): with c0 they fold backward into the
+    projections' rows (as without c0) and keep one Mul by p (B, T, 1, 1) each, before RoPE; exact on a prefill from
+    position 0 and on the cached decode step after it (one dynamic-shape graph); the materialized graph as well."""
+    _fold_qk_pos0(_qwen3(), 5, (2, 3, 1, 1))  # the example's (B, T): one (B, T, 1, 1) per QK-norm
 
 
 def test_qwen3_k_norm_factor_is_live():
@@ -295,33 +302,7 @@ def test_gemma3_heads_first_qk_norms_fold_backward_with_factor():
     with c0 they fold backward into q_proj / k_proj rows through the view and transpose, and keep one Mul by p
     (B, 1, T, 1) each; exact on a prefill from position 0 and on the cached decode step after it (one dynamic-shape
     graph), for the fold and the materialized graph; 7 norms (sandwich norms, QK-norms, final), 7 factors."""
-    from tapernorm.compiler.export_onnx import dynamic_shapes as dyn
-    from tapernorm.compiler.hf_compile import HFDecoder
-    dec = HFDecoder(_gemma3(), "all").eval()
-    w = KVCacheLM(dec)
-    c = dec.config
-    args, ds = example_inputs(c), dyn(c.n_layers)
-    gm = capture(w, args, dynamic_shapes=ds)
-    pre = (_ids(2, 6, seed=9, vocab=128), torch.ones(2, 6, dtype=torch.long),
-           torch.arange(6)[None].expand(2, 6).contiguous(),
-           tuple(torch.zeros(2, c.num_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)))
-    for fn, status in ((fold, "folded"), (materialize, "materialized")):
-        g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
-        sites = site_results(g2)
-        qk = {k: s for k, s in sites.items() if k.endswith(("q_norm", "k_norm"))}
-        assert len(qk) == 2 and all(s.status == status and s.pos0 is not None for s in qk.values()), \
-            {k: s.reason for k, s in sites.items()}
-        if status == "folded":
-            assert all(s.direction == "backward" for s in qk.values())
-            assert rep["graph"]["taper_nodes_after"] == 0
-        assert rep[status] == rep["pos0_factors"] == _factors(g2) == 7 and rep["verify"]["ok"]
-        assert sorted(_per_head_factor_shapes(g2)) == [(2, 1, 3, 1)] * 2  # the example's (B, T): (B, 1, T, 1)
-        with torch.no_grad():
-            (ref, *ref_past), (got, *got_past) = w(*pre), g2(*pre)
-            assert torch.allclose(got, ref, atol=1e-5 * max(1.0, float(ref.abs().max())))
-            step = (_ids(2, 1, seed=3, vocab=128), torch.ones(2, 7, dtype=torch.long), torch.full((2, 1), 6))
-            ref2, got2 = w(*step, tuple(ref_past))[0], g2(*step, tuple(got_past))[0]  # decode at position 6
-        assert torch.allclose(got2, ref2, atol=1e-5 * max(1.0, float(ref2.abs().max())))
+    _fold_qk_pos0(_gemma3(), 7, (2, 1, 3, 1))  # the example's (B, T): (B, 1, T, 1)
 
 
 def test_gemma3_full_sequence_call_folds_and_factor_is_live():
