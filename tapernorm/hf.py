@@ -121,7 +121,7 @@ def _load_hf_saved(d: Path, dtype=None, **hf_kwargs) -> nn.Module:
         sub = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
         load_state_checked(model.get_submodule(n), sub, f"{d}: {n}")
     from .pos0 import track_if_needed
-    track_if_needed(model)  # c0 layers learn which rows are position 0 (the hook goes on the model, not each layer)
+    track_if_needed(model)  # c0 layers learn which rows are position 0
     _check_gates(model, {}, str(d))
     return model.eval()
 
@@ -269,8 +269,6 @@ def load_state_checked(model: nn.Module, tensors: dict, where: str) -> None:
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{where}: key {k!r} contains NaN or inf; the checkpoint is unusable")
     model.load_state_dict(tensors, strict=False)  # the post-hook restores gate / calibrated flags
-    from .pos0 import track_if_needed
-    track_if_needed(model)  # c0 layers learn which rows are position 0
 
 
 def _check_gates(model: nn.Module, spec: dict, where: str) -> None:
@@ -299,6 +297,8 @@ def _load_tapered(d: Path, dtype=None) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=wdtype)
     apply_taper_layout(model, spec["layers"], str(d / "config.json"))
     load_state_checked(model, tensors, str(d))
+    from .pos0 import track_if_needed
+    track_if_needed(model)  # c0 layers learn which rows are position 0
     _check_gates(model, spec, str(d / "config.json"))
     if dtype is not None:
         model = model.to(dtype)

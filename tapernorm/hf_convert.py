@@ -104,6 +104,8 @@ def run_dir_to_hf(run_dir: str | Path) -> nn.Module:
     apply_taper_layout(hf, layout, str(d / "config.json"))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}  # tied
     load_state_checked(hf, run_state_to_hf(state, mcfg.arch, mcfg.n_layers), str(d))
+    from .pos0 import track_if_needed
+    track_if_needed(hf)  # c0 layers learn which rows are position 0
     hf.tie_weights()
     return hf.eval()
 

@@ -151,12 +151,10 @@ def track_positions(model: nn.Module) -> None:
 
 
 def track_if_needed(model: nn.Module) -> bool:
-    """track_positions(model) when a loaded model has c0 layers (loaders call this); returns whether it did.
-    Not for a lone TaperNorm (a loader filling one layer): it never sees position ids, and a hook on it would
-    overwrite the rows its model's hook sets; the loader hooks the whole model instead."""
-    from .layers import TAPER_TYPES, taper_layers
-    if isinstance(model, TAPER_TYPES):
-        return False
+    """track_positions(model) when a loaded model has c0 layers (loaders call this on the whole model, once its
+    weights are in; a hook on a lone TaperNorm would overwrite the rows its model's hook sets); returns whether it
+    did."""
+    from .layers import taper_layers
     if any(m.has_pos0 for _, m in taper_layers(model)):
         track_positions(model)
         return True
