@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .layers import TAPER_TYPES, TaperError, TaperLayerNorm, TaperNorm, _TaperBase
 
-__all__ = ["taperize", "find_final_norm", "HEADS_FIRST_NORMS", "set_token_dims"]
+__all__ = ["taperize", "find_final_norm", "HEADS_FIRST_NORMS", "set_token_dims", "MLP_NORMS", "mlp_norm_pattern"]
 
 # model_type -> names of the norms it calls on (B, H, T, d): per-head QK-norms applied after q / k move their heads
 # before the tokens (`.transpose(1, 2)`), so their TaperNorms get token_dim 2 (tapernorm/pos0.py). Read off each
@@ -25,6 +25,31 @@ HEADS_FIRST_NORMS: dict[str, tuple[str, ...]] = {
     "gemma3_text": ("q_norm", "k_norm"), "gemma3": ("q_norm", "k_norm"), "exaone4": ("q_norm", "k_norm"),
     "apertus": ("q_norm", "k_norm"), "phi": ("q_layernorm", "k_layernorm"), "stablelm": ("q_layernorm", "k_layernorm"),
 }
+
+
+# model_type -> the block norms that bound the MLP's input (or, where it has none, its output). At gate 0 a gated MLP
+# (SwiGLU / GeGLU) grows quadratically in its input, so an outlier token's residual about squares per layer
+# (docs/real_checkpoints.md, section 8); keeping these norms (--keep-mlp-norms) tapers only the attention side.
+# Families not listed use _MLP_NORMS_DEFAULT. An empty tuple: one norm per block feeds attention and the MLP alike
+# (a parallel block), so there is no attention-only taper.
+_MLP_NORMS_DEFAULT = ("post_attention_layernorm", "ln_2")
+MLP_NORMS: dict[str, tuple[str, ...]] = {
+    "gemma2": ("pre_feedforward_layernorm",), "gemma3": ("pre_feedforward_layernorm",),
+    "gemma3_text": ("pre_feedforward_layernorm",), "olmo2": ("post_feedforward_layernorm",),
+    "olmo3": ("post_feedforward_layernorm",), "phi": (), "cohere": (), "cohere2": (), "falcon": (), "gptj": (),
+}
+
+
+def mlp_norm_pattern(model: nn.Module) -> str:
+    """A `taperize(keep=...)` regular expression matching the norms in front of each block's MLP (MLP_NORMS, by
+    model.config.model_type). Raises TaperError for parallel-block families, whose one block norm also feeds
+    attention."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    names = MLP_NORMS.get(mt, _MLP_NORMS_DEFAULT) if isinstance(mt, str) else _MLP_NORMS_DEFAULT
+    if not names:
+        raise TaperError(f"{mt}: one norm per block feeds both attention and the MLP (a parallel block), so "
+                         "--keep-mlp-norms would keep every block norm; taper all of them or keep some by --keep-norms")
+    return r"\.(?:" + "|".join(map(re.escape, names)) + r")$"
 
 
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm", "norm_f")

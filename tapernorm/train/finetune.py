@@ -38,6 +38,7 @@ from ..fileio import atomic_write_text, canonical_out, dir_lock
 from ..hf import from_pretrained, save_pretrained
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
+from ..replace_norms import mlp_norm_pattern
 from .finetune_cli import LR_SCHEDULES, FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message
@@ -270,7 +271,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     Rank 0 holds the lock on OUT for the whole run (a second finetune into OUT fails at once, naming the
     holder's PID) and first repairs what a killed run left there."""
-    cfg.check()
+    cfg = cfg.with_recipe().check()
     if _rank() != 0:
         return _finetune(cfg)
     out = canonical_out(cfg.out_dir)
@@ -283,6 +284,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if not existed and out.is_dir() and not os.listdir(out):
                 out.rmdir()  # a refused or failed run leaves no empty OUT behind
             raise
+
+
+def _keep_pattern(cfg: FinetuneConfig, model) -> str | None:
+    """taperize's keep regex: --keep-norms, or'ed with the family's MLP-input norms under --keep-mlp-norms."""
+    parts = [cfg.keep_norms] if cfg.keep_norms else []
+    if cfg.keep_mlp_norms and cfg.mode != "baseline":
+        parts.append(mlp_norm_pattern(model))
+    return "|".join(f"(?:{p})" for p in parts) or None
 
 
 def _finetune(cfg: FinetuneConfig) -> dict:
@@ -311,7 +320,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     val_before = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     tapering = cfg.mode != "baseline"
-    names = taperize(model, cfg.mode, keep=cfg.keep_norms or None) if tapering else []
+    names = taperize(model, cfg.mode, keep=_keep_pattern(cfg, model)) if tapering else []
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
     if tapering and cfg.taper_cap:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .cli import DefaultsFormatter
 from .config import SCALE_FORMS
 
-__all__ = ["FinetuneConfig", "SCHEDULES", "MODES", "add_cli", "config_from_args"]
+__all__ = ["FinetuneConfig", "SCHEDULES", "RECIPES", "MODES", "add_cli", "config_from_args"]
 
 MODES = ("internal", "all", "baseline")
 LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}  # --lr-schedule -> HF lr_scheduler_type
@@ -30,6 +30,14 @@ SCHEDULES: dict[str, tuple[int, int, int, int]] = {
     "gpt2-l": (600, 30, 30, 500),
     "gpt2-xl": (800, 20, 50, 700),
 }
+
+# --recipe: remedies for real checkpoints (docs/real_checkpoints.md). A recipe fills the fields still at their
+# defaults; a flag given with another value wins. "sink": position 0's own c0, a robust per-feature map for the
+# rest, the hinged RMS loss, the training-only cap, a constant lr (section 5). "sink-attn": the same with the
+# norms in front of the MLPs kept, so only the attention side tapers (section 8).
+SINK_RECIPE = {"calib_stat": "inv_rms", "calib_skip": 1, "calib_per_feature": True, "calib_pos0": True,
+               "rms_loss": 30.0, "rms_hinge": 1.5, "taper_cap": 2.0, "lr_schedule": "constant"}
+RECIPES: dict[str, dict] = {"sink": SINK_RECIPE, "sink-attn": {**SINK_RECIPE, "keep_mlp_norms": True}}
 
 
 @dataclass
@@ -68,11 +76,23 @@ class FinetuneConfig:
     rms_loss: float = 0.0             # lambda of the per-token norm-input RMS loss (rms_loss.py); 0 = off
     rms_hinge: float = 0.0            # > 1: only tokens above rms_hinge x the calibrated scale pay; 0 = symmetric
     keep_norms: str = ""              # regex of norm names left untapered (a partial taper); "" = none
+    keep_mlp_norms: bool = False      # also leave the norms in front of the MLPs (replace_norms.MLP_NORMS)
+    recipe: str = ""                  # a RECIPES name filling the remedy fields above that are still defaults
     lr_schedule: str = "cosine"       # cosine | constant (after the warmup)
     cap_anneal: bool = False          # the cap grows as K / gate (fades into gate 0)
     taper_cap: float = 0.0            # > 1: training-only cap on a token's fixed branch while 0 < gate < 1 (cap.py)
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
+
+    def with_recipe(self) -> "FinetuneConfig":
+        """A copy with the recipe's values in the fields still at their defaults (one line if unknown)."""
+        if not self.recipe:
+            return self
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        return dataclasses.replace(self, **{k: v for k, v in RECIPES[self.recipe].items()
+                                            if getattr(self, k) == defaults[k]})
 
     def resolved_steps(self) -> tuple[int, int, int, int]:
         """(total, warmup, taper start, taper end): the preset's, with explicit flags taking precedence."""
@@ -161,6 +181,11 @@ _HELP = {
                  "(0: symmetric)",
     "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
+    "keep_mlp_norms": "also leave the norm in front of each block's MLP untapered (a gated MLP's output grows with "
+                      "the square of its input at gate 0): only the attention side tapers",
+    "recipe": "remedies for real checkpoints, filling the flags still at their defaults: sink (--calib-pos0, "
+              "--calib-stat inv_rms, --calib-skip 1, --calib-per-feature, --rms-loss 30, --rms-hinge 1.5, --taper-cap 2, "
+              "--lr-schedule constant) or sink-attn (the same and --keep-mlp-norms); see docs/real_checkpoints.md",
     "lr_schedule": "learning-rate decay after the warmup: cosine (to 0 at the last step) or constant",
     "cap_anneal": "let the taper cap grow as K / gate, so it fades into gate 0 instead of vanishing there",
     "taper_cap": "while 0 < gate < 1, cap each token's fixed-map branch at K times its calibrated size (training "
@@ -190,8 +215,8 @@ def add_cli(subparsers) -> None:
         base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order", "lr_schedule"):
-            choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS,
+        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order", "lr_schedule", "recipe"):
+            choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS, "recipe": ("", *RECIPES),
                        "calib_stat": ("ls", "inv_rms"), "taper_order": ("global", "first", "last"),
                        "lr_schedule": tuple(LR_SCHEDULES)}[f.name]
             p.add_argument(flag, choices=choices, **kw)
