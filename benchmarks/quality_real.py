@@ -8,8 +8,8 @@ continuations and chat answers beside the fine-tuned baseline's (transformers' g
 
     nice -n 10 .venv/bin/python benchmarks/quality_real.py --quick --save      # ~30-40 min on 2 shared cores
     nice -n 10 .venv/bin/python benchmarks/quality_real.py --save              # bounded to ~2 h on 2 cores
-    nice -n 10 .venv/bin/python benchmarks/quality_real.py --long --variants baseline,internal-sink-long --save
-                                                                                 # 2400 steps, ~65 min per variant
+    nice -n 10 .venv/bin/python benchmarks/quality_real.py --long --variants baseline-constant,internal-sink-attn-long --save
+                                                                                 # 2400 steps, ~55-65 min per variant
     .venv/bin/python benchmarks/quality_real.py --variants baseline,internal-robust --steps 20 --no-compile
 """
 from __future__ import annotations
@@ -27,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_output_args, library_versions, machine_info, output_dir, write_results  # noqa: E402
 from real_checkpoint import smollm2_dir  # noqa: E402
 
+from tapernorm.train.finetune_cli import SINK_RECIPE  # noqa: E402  (torch-free)
+
 ROBUST = {"calib_stat": "inv_rms", "calib_skip": 1, "rms_loss": 1.0}
 # the sink recipe (docs/real_checkpoints.md, section 5): position 0's own c0, a robust per-feature map for the rest,
 # the one-sided RMS loss and the training-only cap; a hold at gate 1 (fraction of the taper span), constant lr
-SINK = {"calib_stat": "inv_rms", "calib_skip": 1, "calib_per_feature": True, "calib_pos0": True, "rms_loss": 30.0,
-        "rms_hinge": 1.5, "taper_cap": 2.0, "hold_frac": 0.2, "lr_schedule": "constant"}
+SINK = {**SINK_RECIPE, "hold_frac": 0.2}  # = --recipe sink, plus the hold
 KEEP6 = {"keep_norms": r"layers\.(4|9|14|19|24|29)\.post_attention_layernorm"}  # 6 of 60 internal norms stay
+LONG_SINK = {**SINK_RECIPE, "taper_hold": 100}  # the 2400-step runs: a fixed hold of 100 steps
 VARIANTS: dict[str, dict] = {
     "internal-sink": {"mode": "internal", **SINK},
     "all-sink": {"mode": "all", **SINK},
@@ -43,8 +45,16 @@ VARIANTS: dict[str, dict] = {
     # the last third, where the tokens that still needed the cap at the end were (docs, section 5.2: E10)
     "internal-sink-keeplate": {"mode": "internal", **SINK, "keep_norms": r"layers\.(19|2\d)\."},
     # the 2400-step run of docs/real_checkpoints.md section 7 (with --long): a fixed hold of 100 steps
-    "internal-sink-long": {"mode": "internal", **{k: v for k, v in SINK.items() if k != "hold_frac"}, "taper_hold": 100},
+    "internal-sink-long": {"mode": "internal", **LONG_SINK},
+    # the attention-side taper (section 8): the norms in front of the MLPs stay, so no SwiGLU squares an outlier
+    "internal-sink-attn": {"mode": "internal", "recipe": "sink-attn", "hold_frac": 0.2},
+    "all-sink-attn": {"mode": "all", "recipe": "sink-attn", "hold_frac": 0.2},
+    # with --long, section 8's AA / AB: LA's settings with the MLP norms kept, spelled as the regex that
+    # --keep-mlp-norms means on Llama (so --reuse recognises those runs' summaries)
+    "internal-sink-attn-long": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm"},
+    "all-sink-attn-long": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm"},
     "baseline": {"mode": "baseline"},
+    "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
     "internal-robust": {"mode": "internal", **ROBUST},
     "internal-robust-staged": {"mode": "internal", **ROBUST, "taper_order": "last"},
@@ -53,7 +63,7 @@ VARIANTS: dict[str, dict] = {
     "internal-robust-hold": {"mode": "internal", **ROBUST, "taper_hold": 14},   # taper 22..36 in --quick
     "internal-ls-staged": {"mode": "internal", "taper_order": "last"},
 }
-DEFAULT_VARIANTS = "baseline,internal,internal-sink,all-sink,internal-sink-keep6,all-sink-keep6"
+DEFAULT_VARIANTS = "baseline,internal,internal-sink,all-sink,internal-sink-attn,all-sink-attn"
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHATS = ["What is the capital of France?", "Give me two tips for sleeping better."]
 # (steps, warmup, taper start, taper end, seq, batch, eval batches); --long also trains in bf16 autocast
@@ -77,8 +87,26 @@ def _setting(args) -> str:
     return "quick" if args.quick else "long" if args.long else "full"
 
 
-def run_variant(name: str, opts: dict, settings: dict, work: Path) -> dict:
-    """One fine-tune in-process; a divergence (any error) is recorded with its one-line message."""
+def reusable(run_dir: Path, cfg) -> dict | None:
+    """run_dir/summary.json when its fine-tune had exactly cfg's settings (out_dir aside; fields newer than the run
+    at their defaults) and its model is there; else None."""
+    import dataclasses
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = cfg.with_recipe().to_dict()
+    had = {f.name: f.default for f in dataclasses.fields(cfg)} | summary.get("config", {})
+    same = all(had[k] == v for k, v in want.items() if k not in ("out_dir", "overwrite"))
+    if not (same and (run_dir / "model" / "config.json").is_file()):
+        return None
+    print(f"[quality_real] reusing {run_dir} (same settings)", file=sys.stderr, flush=True)
+    return {**summary, "model_dir": str(run_dir / "model"), "reused": True}
+
+
+def run_variant(name: str, opts: dict, settings: dict, work: Path, reuse: bool = False) -> dict:
+    """One fine-tune in-process (or, with reuse, a finished one of the same settings in work / name); a divergence
+    (any error) is recorded with its one-line message."""
     from tapernorm.train.finetune import finetune
     from tapernorm.train.finetune_cli import FinetuneConfig
     opts = dict(opts)
@@ -86,13 +114,15 @@ def run_variant(name: str, opts: dict, settings: dict, work: Path) -> dict:
         opts["taper_hold"] = round(opts.pop("hold_frac") * (settings["taper_end"] - settings["taper_start"]))
     cfg = FinetuneConfig(model=str(smollm2_dir()), out_dir=str(work / name), overwrite=True, **settings, **opts)
     t = time.time()
+    s = reusable(work / name, cfg) if reuse else None
     try:
-        s = finetune(cfg)
+        s = s or finetune(cfg)
     except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
         return {"variant": name, "options": opts, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}",
                 "seconds": round(time.time() - t, 1)}
     res = {"variant": name, "options": opts, "ok": True, "val_before": s["val_loss_before"],
-           "val_after": s["val_loss_after"], "seconds": round(time.time() - t, 1), "model_dir": s["model_dir"]}
+           "val_after": s["val_loss_after"], "seconds": s["seconds"] if s.get("reused") else round(time.time() - t, 1),
+           "model_dir": s["model_dir"], "reused": bool(s.get("reused"))}
     res.update(end_stats(Path(s["model_dir"]), settings))
     res["ok"] = all(v == v and abs(v) != float("inf") for v in (res["val_after"], res["logit_norm"]))
     return res
@@ -187,7 +217,7 @@ def _markdown(result: dict) -> str:
              f"Machine: {result['machine'].get('cpu', '?')}, load {result['machine'].get('loadavg')}.", "",
              "| variant | options | CE before | CE after | vs baseline | logit norm | pre-logit RMS | sink ratio | s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    base = next((r for r in result["runs"] if r["variant"] == "baseline" and r["ok"]), None)
+    base = next((r for r in result["runs"] if r["options"].get("mode") == "baseline" and r["ok"]), None)
     for r in result["runs"]:
         opts = (", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-").replace("|", "\\|")
         if not r["ok"]:
@@ -238,6 +268,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-chars", type=int, default=400_000)
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a variant's fine-tune from WORK/<variant> when its summary.json has the same settings")
     ap.add_argument("--no-compile", action="store_true", help="skip folding / compiling / generating")
     ap.add_argument("--tag", default="", help="suffix of the result files (variants run in parallel processes)")
     ap.add_argument("--merge", default="", help="comma list of tags: merge their result files into one, run nothing")
@@ -259,7 +291,7 @@ def main() -> int:
     stem = out / (base + (f"_{args.tag}" if args.tag else ""))
     for name in names:
         print(f"[quality_real] {name} ...", file=sys.stderr, flush=True)
-        r = run_variant(name, VARIANTS[name], settings, work)
+        r = run_variant(name, VARIANTS[name], settings, work, args.reuse)
         print(f"[quality_real] {name}: {json.dumps({k: v for k, v in r.items() if k != 'options'})}", file=sys.stderr,
               flush=True)
         result["runs"].append(r)
@@ -269,8 +301,8 @@ def main() -> int:
             if not r["ok"]:
                 continue
             print(f"[quality_real] generate {r['variant']} ...", file=sys.stderr, flush=True)
-            if r["variant"] == "baseline":
-                result["generations"]["baseline"] = baseline_generations(Path(r["model_dir"]), args.new_tokens)
+            if r["options"].get("mode") == "baseline":
+                result["generations"][r["variant"]] = baseline_generations(Path(r["model_dir"]), args.new_tokens)
             else:
                 result["generations"][r["variant"]] = compile_and_run(Path(r["model_dir"]), work / (r["variant"] + "_onnx"),
                                                                       args.new_tokens)
