@@ -230,7 +230,7 @@ def _markdown(result: dict) -> str:
         rel = f"{100 * (r['val_after'] / base['val_after'] - 1):+.2f}%" if base else "-"
         lines.append(f"| {r['variant']} | {opts} | {r['val_before']:.4f} | {r['val_after']:.4f} | {rel} | "
                      f"{r['logit_norm']:.1f} | {r['prelogit_rms']:.2f} | {_fmt(r.get('sink_ratio_max'))} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['seconds']:.0f}{' (reused)' if r.get('reused') else ''} |")
     gens = result.get("generations", {})
     if gens:
         lines += ["", "## Greedy outputs (baseline: transformers; tapered: folded, compiled, `tapernorm generate`)", ""]

@@ -76,3 +76,25 @@ def test_fakeln_eps_hack_matches_fixed_std_layernorm():
         ln.weight.mul_(EPS_HACK ** 0.5 / sigma)
     ln.eps = EPS_HACK
     assert torch.allclose(ln(x), ref, atol=1e-5)
+
+
+def test_quality_real_reuses_only_a_finished_run_with_the_same_settings(tmp_path):
+    """--reuse takes WORK/<variant> when its summary.json config equals the variant's (recipe resolved, out_dir
+    aside, fields newer than the run at their defaults) and its model is there; anything else runs again."""
+    import dataclasses
+
+    import quality_real as q
+    from tapernorm.train.finetune_cli import FinetuneConfig
+    cfg = FinetuneConfig(model="m", out_dir="x", steps=40, mode="internal", recipe="sink-attn")
+    saved = {k: v for k, v in dataclasses.asdict(cfg.with_recipe()).items() if k not in ("recipe", "keep_mlp_norms")}
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"config": {**saved, "out_dir": "elsewhere"}, "seconds": 5.0}))
+    assert q.reusable(run, cfg) is None  # the run did not keep the MLP norms (keep_mlp_norms missing: False)
+    (run / "summary.json").write_text(json.dumps({"config": {**saved, "keep_mlp_norms": True, "recipe": "sink-attn"},
+                                                  "seconds": 5.0}))
+    assert q.reusable(run, cfg) is None  # no model/config.json
+    (run / "model" / "config.json").write_text("{}")
+    got = q.reusable(run, cfg)
+    assert got["reused"] and got["model_dir"] == str(run / "model") and got["seconds"] == 5.0
+    assert q.reusable(run, dataclasses.replace(cfg, steps=41)) is None
