@@ -8,6 +8,8 @@ variant runs on the same onnxruntime build:
     genai_lean       the same directory under genai's loop (`tapernorm generate --engine genai`)
     ours_generic     the same checkpoint compiled with --graph generic, our loop
     ours_tapered     the checkpoint taperized (all), calibrated, gate 0, compiled lean (every norm folded)
+    ours_finetuned   with --finetuned DIR: a compiled directory of a tapered fine-tune of the same checkpoint (for
+                     example the attention-side taper, whose MLP norms stay), our loop
     genai_tapered    that directory under genai's loop
     genai_builder    `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32 -e cpu`, genai's loop
 Lockstep: each round draws one random prompt (B, P); every variant decodes it as one block (prefill + N - 1
@@ -40,6 +42,8 @@ PAIRS = [("ours_lean / genai_builder", "ours_lean", "genai_builder"),
          ("genai_tapered / genai_builder", "genai_tapered", "genai_builder"),
          ("ours_lean / ours_generic", "ours_lean", "ours_generic"),
          ("ours_tapered / ours_lean", "ours_tapered", "ours_lean"),
+         ("ours_finetuned / ours_lean", "ours_finetuned", "ours_lean"),
+         ("ours_finetuned / ours_tapered", "ours_finetuned", "ours_tapered"),
          ("A/A: ours_lean_aa / ours_lean", "ours_lean_aa", "ours_lean")]
 
 
@@ -131,7 +135,8 @@ def run_batch(worker: GenaiWorker, names: list[str], batch: int, args, vocab: in
     """All rounds at one batch size; {variant: [tok/s per round]} and the token agreement."""
     rng = np.random.default_rng(args.seed + batch)
     toks: dict[str, list[float]] = {n: [] for n in names}
-    agree = {n: True for n in names if "tapered" not in n}  # a speed-only tapered graph's tokens mean nothing
+    plain = [n for n in names if "tapered" not in n and n != "ours_finetuned"]  # the plain checkpoint's graphs
+    agree = {n: True for n in plain}  # a speed-only tapered graph's tokens mean nothing; a fine-tune's differ
     for r in range(args.rounds + 1):  # round 0 warms up every variant and is not recorded
         prompt = rng.integers(3, vocab, (batch, args.prompt_len)).tolist()
         seqs = {}
@@ -140,9 +145,8 @@ def run_batch(worker: GenaiWorker, names: list[str], batch: int, args, vocab: in
             seqs[str(n)] = np.asarray(out["tokens"])  # (N, B)
             if r > 0:
                 toks[str(n)].append(batch * (args.new_tokens - 1) / out["decode_s"])
-        for n in names:  # the plain checkpoint's graphs: greedy tokens against the builder graph's, first 8 steps
-            if "tapered" not in n:
-                agree[n] &= bool(np.array_equal(seqs[n][:8], seqs["genai_builder"][:8]))
+        for n in plain:  # greedy tokens against the builder graph's, first 8 steps
+            agree[n] &= bool(np.array_equal(seqs[n][:8], seqs["genai_builder"][:8]))
     return {"tok_s": toks, "tokens_match_builder_first8": agree}
 
 
@@ -185,6 +189,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "tapernorm" / "peers_real"))
     ap.add_argument("--no-generic", action="store_true", help="skip the generic export (slow to compile)")
     ap.add_argument("--genai-python", default=None)
+    ap.add_argument("--finetuned", default="", help="a `tapernorm compile` directory of a tapered fine-tune of the "
+                    "checkpoint, timed as ours_finetuned")
     ap.add_argument("--spinning", default="off", choices=["off", "default"],
                     help="our sessions' intra-op spinning: off, or onnxruntime's default (genai's sessions keep theirs)")
     add_output_args(ap)
@@ -202,11 +208,17 @@ def main() -> int:
             "builder": genai_builder_graph(hf, work / "genai_builder", worker.builder_py)}
     if not args.no_generic:
         dirs["generic"] = compiled(hf, work / "generic", "generic")
+    if args.finetuned:
+        dirs["finetuned"] = Path(args.finetuned)
+        rep = json.loads((dirs["finetuned"] / "compile_report.json").read_text())
+        notes.append(f"ours_finetuned: {args.finetuned} ({rep['graph']} graph, {len(rep['folded_layers'])} norms "
+                     "folded).")
     ctx = args.prompt_len + args.new_tokens
     loads = {"ours_lean": ("load_ours", "lean"), "ours_lean_aa": ("load_ours", "lean"),
              "genai_lean": ("load", "lean"), "ours_tapered": ("load_ours", "tapered"),
              "genai_tapered": ("load", "tapered"), "genai_builder": ("load", "builder"),
-             **({"ours_generic": ("load_ours", "generic")} if "generic" in dirs else {})}
+             **({"ours_generic": ("load_ours", "generic")} if "generic" in dirs else {}),
+             **({"ours_finetuned": ("load_ours", "finetuned")} if "finetuned" in dirs else {})}
     for name, (cmd, d) in loads.items():
         worker.call({"cmd": cmd, "name": name, "dir": str(dirs[d]), "threads": args.threads, "max_len": ctx,
                      "spinning": None if args.spinning == "default" else False})
@@ -223,7 +235,7 @@ def main() -> int:
         print(f"[bench] batch {b}: " + ", ".join(f"{k} x{v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
     worker.close()
     res["loadavg_after"] = loadavg()
-    stem = "peers_real" + ("" if args.spinning == "off" else "_spin-default")
+    stem = "peers_real" + ("" if args.spinning == "off" else "_spin-default") + ("_finetuned" if args.finetuned else "")
     paths = write_results(output_dir(args) / stem, res, markdown(res))
     print(f"[bench] wrote {paths[0]} and {paths[1]}")
     return 0
