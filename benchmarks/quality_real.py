@@ -53,6 +53,10 @@ VARIANTS: dict[str, dict] = {
     # --keep-mlp-norms means on Llama (so --reuse recognises those runs' summaries)
     "internal-sink-attn-long": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm"},
     "all-sink-attn-long": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm"},
+    # with --long, section 8's AC / AD: the same, but the taper ends at step 1600 and the last 800 steps train at gate 0
+    "internal-sink-attn-tail": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm",
+                                "end_frac": 2 / 3},
+    "all-sink-attn-tail": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm", "end_frac": 2 / 3},
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
@@ -110,9 +114,12 @@ def run_variant(name: str, opts: dict, settings: dict, work: Path, reuse: bool =
     from tapernorm.train.finetune import finetune
     from tapernorm.train.finetune_cli import FinetuneConfig
     opts = dict(opts)
+    if "end_frac" in opts:  # the taper ends at this fraction of the run; the rest trains at gate 0
+        opts["taper_end"] = round(opts.pop("end_frac") * settings["steps"])
     if "hold_frac" in opts:  # the hold scales with the schedule
-        opts["taper_hold"] = round(opts.pop("hold_frac") * (settings["taper_end"] - settings["taper_start"]))
-    cfg = FinetuneConfig(model=str(smollm2_dir()), out_dir=str(work / name), overwrite=True, **settings, **opts)
+        end = opts.get("taper_end", settings["taper_end"])
+        opts["taper_hold"] = round(opts.pop("hold_frac") * (end - settings["taper_start"]))
+    cfg = FinetuneConfig(model=str(smollm2_dir()), out_dir=str(work / name), overwrite=True, **{**settings, **opts})
     t = time.time()
     s = reusable(work / name, cfg) if reuse else None
     try:

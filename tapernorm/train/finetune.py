@@ -44,6 +44,7 @@ from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message
 
 LATE_TAPER_HINT = ("a pretrained checkpoint's outlier tokens (attention sinks) overflow without their norms; try "
+                   "--recipe sink-attn (the sink remedies, MLP norms kept: it reaches gate 0 on SmolLM2), or "
                    "--calib-pos0, --rms-loss with --rms-hinge, --taper-cap, --keep-norms and a longer taper "
                    "(docs/real_checkpoints.md)")
 from .rms_loss import NormRmsLoss, add_rms_loss
