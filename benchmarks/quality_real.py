@@ -178,7 +178,7 @@ def _cli(*a: str, timeout: int = 1800) -> subprocess.CompletedProcess:
 def compile_and_run(model_dir: Path, out: Path, new_tokens: int) -> dict:
     """tapernorm compile, then greedy continuations and chat answers with tapernorm generate (1 thread)."""
     t = time.time()
-    p = _cli("compile", str(model_dir), "--out", str(out), "--overwrite")
+    p = _cli("compile", str(model_dir), "--out", str(out))
     res = {"compile_rc": p.returncode, "compile_seconds": round(time.time() - t, 1),
            "compile_tail": (p.stdout + p.stderr).strip().splitlines()[-3:]}
     if p.returncode != 0:
