@@ -39,8 +39,10 @@ from .layers import TaperLayerNorm, TaperNorm, find_final_norm, get_gate, taper_
 
 __all__ = ["save_pretrained", "from_pretrained", "dir_kind", "taper_spec", "TOKENIZER_FILES", "GUARD"]
 
+# what a saved (tapered or fine-tuned) directory copies from its source; chat_template.jinja is where transformers 5
+# keeps an instruct model's chat template (without it, `tapernorm chat` on the compiled model has none)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 _FORMAT = 1
 WEIGHTS = "tapernorm.safetensors"  # the state dict under the model's own module names
 

@@ -31,6 +31,17 @@ def test_tapered_round_trip_exact(tmp_path, kind, mode, gate):
     assert tapernorm.get_gate(back) == gate
 
 
+def test_an_instruct_models_chat_template_file_travels_with_the_save(tmp_path):
+    """transformers 5 keeps the chat template in chat_template.jinja: a tapered save (and so finetune's output and
+    its compile) must carry it, or the fine-tuned instruct model cannot chat."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(tok_dir(), src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    out = tapernorm.save_pretrained(tapered("llama"), tmp_path / "m", tokenizer_from=src)
+    assert (out / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
+
+
 def test_plain_transformers_refuses_a_tapered_dir(tmp_path):
     out = tapernorm.save_pretrained(tapered("llama"), tmp_path / "m", tokenizer_from=tok_dir())
     for load in (transformers.AutoModelForCausalLM.from_pretrained, transformers.LlamaForCausalLM.from_pretrained):
