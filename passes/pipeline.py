@@ -28,7 +28,7 @@ from .linears import StorageIndex
 from .match import GATE_NAME, find_sites, site_refusal, stat_ops, taper_classes
 from .materialize import materialize_site
 from .pos0 import pos0_ratio_value
-from .verify import compare_outputs, run_outputs
+from .verify import run_outputs, verify_rewrite
 
 __all__ = ["fold", "materialize", "FoldState", "SiteResult", "SITES_META", "site_results"]
 
@@ -270,7 +270,8 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
         _keep_varargs_signature(gm, module)
     gm.meta[SITES_META] = _typed_results(state)
     if verify:
-        report["verify"] = compare_outputs(ref, run_outputs(gm, example_args, example_kwargs), original=original)
+        report["verify"] = verify_rewrite(ref, run_outputs(gm, example_args, example_kwargs), original,
+                                          example_args, example_kwargs)
     return gm, report
 
 
