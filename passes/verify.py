@@ -122,10 +122,10 @@ def verify_rewrite(ref: list, new: list, original=None, args: tuple = (), kwargs
 
 
 def float64_check(original, args: tuple, kwargs: dict | None, ref: list, new: list) -> dict:
-    """Run a float64 copy of `original` as the exact answer. ok when, on every float32 output, the rewrite's max
+    """Run `original` in float64 (in place; its float32 tensors are put back) as the exact answer. ok when, on every float32 output, the rewrite's max
     distance to it is at most F64_SLACK x the original float32 evaluation's own distance plus the float32 tolerance:
     the rewrite is as exact as the model's own float32 rounding. Not ok (with why) when some output is not
-    float32 or the copy does not fit in the free memory."""
+    float32 or the float64 tensors do not fit in the free memory."""
     if any(isinstance(r, torch.Tensor) and r.is_floating_point() and r.dtype != torch.float32 for r in ref):
         return {"ok": False, "why": "only float32 outputs get a float64 second opinion"}
     need = 8 * sum(p.numel() for p in original.parameters()) + 8 * sum(b.numel() for b in original.buffers())
