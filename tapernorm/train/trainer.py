@@ -11,31 +11,30 @@ Run layout (RUN = --out):
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_resume, save_checkpoint
-from ..data import Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
-from ..layers import begin_calibration, finish_calibration, set_gate, taper_layers
+from ..data import TokenData, Tokenizer, batch_at, load_corpus, tokenize_corpus, train_tokenizer, val_batches
 from ..fileio import atomic_write_text, dir_lock
+from ..layers import begin_calibration, set_gate, taper_layers
 from ..model import DecoderLM, preset
-from .progress import Progress
 from .config import RESUME_FREE, TrainConfig
-from .rundir import TrainingDiverged, clear_run_dir, divergence_message, prepare_run_dir, recover_run
-from .scale_loss import ScaleTarget, scale_loss, scale_stat
-from .schedule import resolve_schedule
-from .state import (JsonlLog, grad_groups, grad_norms, pack_optimizer, pack_rng, unpack_optimizer,
-                         unpack_rng)
+from .progress import Progress
+from .rundir import TrainingDiverged, clear_run_dir, prepare_run_dir, recover_run
+from .scale_loss import ScaleTarget
+from .schedule import TaperSchedule, resolve_schedule
+from .state import JsonlLog, grad_groups, pack_optimizer, pack_rng, unpack_optimizer, unpack_rng
+from .step import (RunState, _ddp, _finish_calibration, _gate, _unused_params, _WithHidden, apply_schedule,
+                   train_step)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "evaluate_checkpoint"]
 
@@ -55,52 +54,18 @@ class TrainResult:
         return iter((self.model_dir, self.val_loss))
 
 
-class _WithHidden(nn.Module):
-    """forward(ids) -> (logits, pre-logit h), so DDP wraps one call that yields both."""
-
-    def __init__(self, model: DecoderLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        h, _ = self.model.hidden(input_ids)  # (B, T, d)
-        return self.model.head(h), h
-
-
-def _unused_params(tapering: bool, gate: float) -> bool:
-    """Whether a forward at `gate` leaves parameters unused: gamma_t at gate 1, gamma at gate 0."""
-    return tapering and not 0.0 < gate < 1.0
-
-
-def _ddp(module: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
-    """DistributedDataParallel around `module`; calibration EMAs are rank-local until _finish_calibration averages
-    them, so buffers are never synced in forward."""
-    import inspect
-    DDP = nn.parallel.DistributedDataParallel
-    nosync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-              else {"broadcast_buffers": False})
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=find_unused, **nosync)
-
-
 def _dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the torchrun environment."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    """This rank's device for --device (auto: cuda:LOCAL_RANK when torch sees a GPU, else cpu)."""
     if cfg.device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no GPU; use --device cpu")
     return torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{local_rank}")
-
-
-def _allreduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= world
-    return t
 
 
 @torch.no_grad()
@@ -121,6 +86,7 @@ def evaluate(model: DecoderLM, stream: torch.Tensor, batch_size: int, seq_len: i
 
 
 def _check_resume(cfg: TrainConfig, saved: dict) -> None:
+    """Refuse --resume with settings (outside RESUME_FREE) that differ from the saved run's."""
     now, before = cfg.to_dict(), {"scale_form": "paper", **saved}  # runs saved before scale_form used the paper's
     diff = [k for k in now if k not in RESUME_FREE and k in before and now[k] != before[k]]
     if diff:
@@ -143,7 +109,54 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
+    """The run in stages: check inputs, tokenize and start the processes, build (or resume), loop, finish."""
     t_start = time.time()
+    inp = _check_inputs(cfg)
+    if inp.complete:
+        return _already_complete(inp.run, cfg, inp.rank)
+    rs = _build(cfg, inp, _prepare(cfg, inp), t_start)
+    rs.initial_val = _run_eval(rs, 0, full=True) if (rs.rank == 0 and rs.start == 0 and cfg.eval_every > 0) else None
+    if inp.state is not None:
+        rs.initial_val = inp.state["json"].get("initial_val_loss")  # measured before the run was interrupted
+    end = cfg.stop_after or cfg.steps
+    _loop(rs, end)
+    if end < cfg.steps:  # stopped early on purpose; resume later
+        if rs.log:
+            rs.log.close()
+        return _result(rs, rs.run / "checkpoint", float("nan"), end)
+    return _finish(rs)
+
+
+@dataclass
+class _Inputs:
+    """The checked inputs of a run: nothing has been written yet."""
+    run: Path
+    sched: TaperSchedule
+    rank: int
+    world: int
+    local_rank: int
+    docs: list[str]
+    tok_src: Tokenizer | None  # --tokenizer, if given
+    resumed: tuple | None  # (model, info, trainer state) of the checkpoint, on --resume
+    complete: bool  # --resume of a run that already finished
+
+    @property
+    def state(self) -> dict | None:
+        """The resumed trainer state ({"json": ..., "tensors": ...}), or None."""
+        return self.resumed[2] if self.resumed else None
+
+
+class _Prepared(NamedTuple):
+    """The run's tokenizer and token streams, and this process's device."""
+    device: torch.device
+    tok_path: Path
+    tok: Tokenizer
+    data: TokenData
+
+
+def _check_inputs(cfg: TrainConfig) -> _Inputs:
+    """Every bad-input check, before anything is written: batch split, schedule, corpus, tokenizer, run directory,
+    and on --resume the checkpoint and its settings."""
     rank, world, local_rank = _dist_env()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} processes; use a multiple of {world}")
@@ -151,61 +164,78 @@ def _train(cfg: TrainConfig) -> TrainResult:
     sched = resolve_schedule(cfg.steps, cfg.warmup_frac, cfg.warmup_steps, cfg.taper_start, cfg.taper_end)
     if sched.taper_start >= cfg.steps and cfg.mode != "baseline":
         raise ValueError(f"taper start {sched.taper_start} must be before the last step {cfg.steps - 1}")
-    # Every bad-input check happens before anything is written.
     docs = load_corpus(cfg.corpus, cfg.max_docs, cfg.max_chars)
     tok_src = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     prepare_run_dir(run, cfg.resume, cfg.overwrite, cfg.ckpt_every)
     # weights and trainer state from one save (load_resume checks their shared checkpoint_id)
     resumed = load_resume(run / "checkpoint") if cfg.resume else None
-    state = resumed[2] if resumed else None
-    if state is not None:
-        _check_resume(cfg, state["json"]["train_config"])
-        if int(state["json"]["step"]) >= cfg.steps and (run / "summary.json").is_file() \
-                and (run / "model" / "config.json").is_file():
-            return _already_complete(run, cfg, rank)
+    inp = _Inputs(run, sched, rank, world, local_rank, docs, tok_src, resumed, complete=False)
+    if inp.state is not None:
+        _check_resume(cfg, inp.state["json"]["train_config"])
+        inp.complete = int(inp.state["json"]["step"]) >= cfg.steps and (run / "summary.json").is_file() \
+            and (run / "model" / "config.json").is_file()
+    return inp
 
+
+def _prepare(cfg: TrainConfig, inp: _Inputs) -> _Prepared:
+    """Tokenizer and token streams, device and process group, then (rank 0, new run) a fresh run directory."""
     # The tokenizer and token streams are built before the run directory is created, so a corpus that
     # cannot be tokenized leaves no files behind. Under DDP rank 0 trains the tokenizer, the others load it.
-    tok_path = run / "tokenizer.model"
+    tok_path = inp.run / "tokenizer.model"
     tok = data = None
     if cfg.resume:
         tok = Tokenizer.load(tok_path)
-    elif rank == 0:
-        tok = tok_src or train_tokenizer(docs, cfg.vocab_size)
+    elif inp.rank == 0:
+        tok = inp.tok_src or train_tokenizer(inp.docs, cfg.vocab_size)
     if tok is not None:
-        data = tokenize_corpus(docs, tok, cfg.seq_len, cfg.val_frac)
-    device = _device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
+        data = tokenize_corpus(inp.docs, tok, cfg.seq_len, cfg.val_frac)
+    device = _device(cfg, inp.local_rank)
+    if inp.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if rank == 0 and not cfg.resume:
-        clear_run_dir(run, cfg.overwrite)
+    if inp.rank == 0 and not cfg.resume:
+        clear_run_dir(inp.run, cfg.overwrite)
         tok.save(tok_path)
-    if world > 1:
+    if inp.world > 1:
         dist.barrier()
     if tok is None:
         tok = Tokenizer.load(tok_path)
-        data = tokenize_corpus(docs, tok, cfg.seq_len, cfg.val_frac)
+        data = tokenize_corpus(inp.docs, tok, cfg.seq_len, cfg.val_frac)
+    return _Prepared(device, tok_path, tok, data)
 
+
+def _new_model(cfg: TrainConfig, vocab_size: int) -> DecoderLM:
+    """A fresh model from the preset (with any size overrides), initialised from cfg.seed."""
+    over = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads") if getattr(cfg, k) is not None}
+    mcfg = preset(cfg.preset, vocab_size=vocab_size, taper_mode=cfg.mode, **over)
+    mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    return DecoderLM(mcfg)
+
+
+def _adamw(model: DecoderLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, foreach=False)
+
+
+def _build(cfg: TrainConfig, inp: _Inputs, prep: _Prepared, t_start: float) -> RunState:
+    """Model, AdamW and scale target (fresh, or restored from the checkpoint with the RNG), the DDP wrapper,
+    calibration begun if the taper start is ahead, the log opened (rank 0)."""
+    state = inp.state
     if state is not None:
-        model = resumed[0]
+        model = inp.resumed[0]
         model.train()
     else:
-        over = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads") if getattr(cfg, k) is not None}
-        mcfg = preset(cfg.preset, vocab_size=tok.vocab_size, taper_mode=cfg.mode, **over)
-        mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len)
-        torch.manual_seed(cfg.seed)
-        model = DecoderLM(mcfg)
-    model.to(device).train()
+        model = _new_model(cfg, prep.tok.vocab_size)
+    model.to(prep.device).train()
     tapering = bool(taper_layers(model))
     for _, m in taper_layers(model):
         m.beta_ema = cfg.beta_ema
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, foreach=False)
-    target = ScaleTarget(cfg.beta_ema)
+    opt, target = _adamw(model, cfg), ScaleTarget(cfg.beta_ema)
     start, prior_s = 0, 0.0
     if state is not None:
         js = state["json"]
@@ -217,113 +247,97 @@ def _train(cfg: TrainConfig) -> TrainResult:
     wrapped = unwrapped = _WithHidden(model)
     # DDP must look for unused parameters at gate 1 (gamma_t unused) and gate 0 (gamma unused), but while the gate
     # tapers every parameter is used and find_unused_parameters=True makes torch print a warning on every rank:
-    # the wrapper is rebuilt when that changes (twice per run)
-    find_unused = _unused_params(tapering, sched.gate(start))
-    if world > 1:
-        wrapped = _ddp(unwrapped, device, find_unused)
-    if tapering and start <= sched.taper_start:
+    # the wrapper is rebuilt when that changes (twice per run, in apply_schedule)
+    find_unused = _unused_params(tapering, inp.sched.gate(start))
+    if inp.world > 1:
+        wrapped = _ddp(unwrapped, prep.device, find_unused)
+    if tapering and start <= inp.sched.taper_start:
         begin_calibration(model)
     groups = grad_groups(model)
-    centered = model.config.arch == "gpt2"
-    log = JsonlLog(run / "log.jsonl", truncate_after_step=start) if rank == 0 else None
+    log = JsonlLog(inp.run / "log.jsonl", truncate_after_step=start) if inp.rank == 0 else None
     extra = {"training": {k: getattr(cfg, k) for k in ("corpus", "max_docs", "max_chars", "val_frac", "seq_len",
                                                        "steps", "mode", "scale_loss", "scale_lambda", "scale_form", "seed")}}
+    return RunState(cfg, inp.run, inp.sched, inp.rank, inp.world, prep.device, prep.tok_path, prep.data, model, opt,
+                    target, tapering, groups, model.config.arch == "gpt2", log, extra, unwrapped, wrapped,
+                    find_unused, t_start, start, prior_s)
 
-    def save(step_done: int, out: Path, with_state: bool) -> None:
-        if rank != 0:
-            return
-        ts = None
-        if with_state:
-            ojs, otens = pack_optimizer(opt)
-            ts = {"json": {"step": step_done, "train_config": cfg.to_dict(), "optimizer": ojs,
-                           "scale_target": target.state_dict(), "world_size": world,
-                           "initial_val_loss": initial_val, "seconds": prior_s + time.time() - t_start},
-                  "tensors": {**otens, **pack_rng()}}
-        save_checkpoint(model, out, tokenizer_path=tok_path, extra=extra, trainer_state=ts)
 
-    def run_eval(step_done: int, full: bool = False) -> float:
-        # periodic evals are cheap (eval_batches); the first and the final cover the whole validation split
-        v = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, None if full else cfg.eval_batches, cfg.bf16)
-        if log:
-            log.write({"kind": "eval", "step": step_done, "val_loss": v, "gate": _gate(model), "full_split": full})
-        return v
+def _save(rs: RunState, step_done: int, out: Path, with_state: bool) -> None:
+    """Rank 0: the model to `out`, with the trainer state (optimizer, RNG, scale target) when `with_state`."""
+    if rs.rank != 0:
+        return
+    ts = None
+    if with_state:
+        ojs, otens = pack_optimizer(rs.opt)
+        ts = {"json": {"step": step_done, "train_config": rs.cfg.to_dict(), "optimizer": ojs,
+                       "scale_target": rs.target.state_dict(), "world_size": rs.world,
+                       "initial_val_loss": rs.initial_val, "seconds": rs.seconds()},
+              "tensors": {**otens, **pack_rng()}}
+    save_checkpoint(rs.model, out, tokenizer_path=rs.tok_path, extra=rs.extra, trainer_state=ts)
 
-    initial_val = run_eval(0, full=True) if (rank == 0 and start == 0 and cfg.eval_every > 0) else None
-    if state is not None:
-        initial_val = state["json"].get("initial_val_loss")  # measured before the run was interrupted
-    end = cfg.stop_after or cfg.steps
+
+def _run_eval(rs: RunState, step_done: int, full: bool = False) -> float:
+    """Validation loss at the current gate, logged (rank 0) as an "eval" record."""
+    # periodic evals are cheap (eval_batches); the first and the final cover the whole validation split
+    cfg = rs.cfg
+    v = evaluate(rs.model, rs.data.val, cfg.batch_size, cfg.seq_len, None if full else cfg.eval_batches, cfg.bf16)
+    if rs.log:
+        rs.log.write({"kind": "eval", "step": step_done, "val_loss": v, "gate": _gate(rs.model), "full_split": full})
+    return v
+
+
+def _loop(rs: RunState, end: int) -> None:
+    """Steps rs.start .. end-1: schedule, one optimisation step, log record, periodic eval and checkpoint (and one
+    at `end`); a barrier after every step under DDP."""
+    cfg = rs.cfg
     # a bar on a terminal; periodic flushed lines when stderr is a log file or a pipe (no carriage-return spam)
-    bar = Progress(cfg.steps, start, cfg.progress and rank == 0)
-    for step in range(start, end):
-        if tapering and step == sched.taper_start:
-            _finish_calibration(model, world)
-        if step == sched.taper_start and target.frozen is None:
-            target.freeze()
-        if tapering:
-            set_gate(model, sched.gate(step))
-            if world > 1 and find_unused != _unused_params(tapering, sched.gate(step)):
-                del wrapped
-                gc.collect()  # the old reducer's autograd hooks go with it
-                find_unused = not find_unused
-                wrapped = _ddp(unwrapped, device, find_unused)
-        lr = sched.lr(step, cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = batch_at(data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits, h = wrapped(x)  # (B, T, V), (B, T, d)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        s = scale_stat(h, centered)  # (B, T)
-        aux = torch.zeros((), device=device)
-        if cfg.scale_loss and target.frozen is not None:
-            aux = scale_loss(h, target.frozen, cfg.scale_lambda, centered, form=cfg.scale_form)
-        loss = ce + aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorms = grad_norms(groups)
-        total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        _stop_if_diverged(step, loss, total, lr, model, sched if tapering else None, cfg, run, world, device)
-        opt.step()
-        stats = torch.stack([ce.detach(), aux.detach(), logits.detach().float().norm(dim=-1).mean(),
-                             s.detach().mean()]).double()
-        stats = _allreduce_mean(stats, world).tolist()
-        if target.frozen is None:
-            target.update(stats[3])
-        if log:
-            log.write({"kind": "train", "step": step, "ce": stats[0], "scale_loss": stats[1], "loss": stats[0] + stats[1],
-                       "gate": _gate(model), "lr": lr, "logit_norm": stats[2], "prelogit_rms": stats[3],
-                       "s_tgt": target.frozen, "grad_norm": total, **{f"grad_norm_{k}": v for k, v in gnorms.items()}})
+    bar = Progress(cfg.steps, rs.start, cfg.progress and rs.rank == 0)
+    for step in range(rs.start, end):
+        lr = apply_schedule(rs, step)
+        x, y = batch_at(rs.data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed, rs.rank, rs.world)  # (B/world, T)
+        r = train_step(rs, x.to(rs.device), y.to(rs.device), step, lr)
+        if rs.log:
+            rs.log.write({"kind": "train", "step": step, "ce": r.ce, "scale_loss": r.scale_loss,
+                          "loss": r.ce + r.scale_loss, "gate": _gate(rs.model), "lr": lr, "logit_norm": r.logit_norm,
+                          "prelogit_rms": r.prelogit_rms, "s_tgt": rs.target.frozen, "grad_norm": r.grad_norm,
+                          **{f"grad_norm_{k}": v for k, v in r.grad_norms.items()}})
         done = step + 1
-        bar.update(done, ce=stats[0], gate=float(_gate(model) or 0.0), lr=lr)
-        if cfg.eval_every > 0 and done % cfg.eval_every == 0 and done < cfg.steps and rank == 0:
-            run_eval(done)
+        bar.update(done, ce=r.ce, gate=float(_gate(rs.model) or 0.0), lr=lr)
+        if cfg.eval_every > 0 and done % cfg.eval_every == 0 and done < cfg.steps and rs.rank == 0:
+            _run_eval(rs, done)
         if (cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0) or done == end:
-            save(done, run / "checkpoint", True)
-        if world > 1:
+            _save(rs, done, rs.run / "checkpoint", True)
+        if rs.world > 1:
             dist.barrier()
     bar.close()
-    if end < cfg.steps:  # stopped early on purpose; resume later
-        if log:
-            log.close()
-        return TrainResult(str(run), str(run / "checkpoint"), float("nan"), initial_val, end, _gate(model),
-                           prior_s + time.time() - t_start, str(run / "log.jsonl"))
-    if tapering:
-        if not all(m.calibrated for _, m in taper_layers(model)):
-            _finish_calibration(model, world)
-        set_gate(model, sched.final_gate())
-    val = run_eval(cfg.steps, full=True) if rank == 0 else float("nan")
-    save(cfg.steps, run / "model", False)
-    if rank == 0:
-        summary = {"val_loss": val, "initial_val_loss": initial_val, "steps": cfg.steps, "final_gate": _gate(model),
-                   "mode": cfg.mode, "scale_loss": cfg.scale_loss, "val_tokens": _val_tokens(data.val, cfg.seq_len),
-                   "seconds": prior_s + time.time() - t_start, "world_size": world}
-        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
-        log.close()
-    if world > 1:
+
+
+def _finish(rs: RunState) -> TrainResult:
+    """After the last step: calibration (if still open) and the final gate, the full-split evaluation, the model
+    saved to RUN/model, summary.json (rank 0); a closing barrier under DDP."""
+    cfg = rs.cfg
+    if rs.tapering:
+        if not all(m.calibrated for _, m in taper_layers(rs.model)):
+            _finish_calibration(rs.model, rs.world)
+        set_gate(rs.model, rs.sched.final_gate())
+    val = _run_eval(rs, cfg.steps, full=True) if rs.rank == 0 else float("nan")
+    _save(rs, cfg.steps, rs.run / "model", False)
+    if rs.rank == 0:
+        summary = {"val_loss": val, "initial_val_loss": rs.initial_val, "steps": cfg.steps,
+                   "final_gate": _gate(rs.model), "mode": cfg.mode, "scale_loss": cfg.scale_loss,
+                   "val_tokens": _val_tokens(rs.data.val, cfg.seq_len), "seconds": rs.seconds(),
+                   "world_size": rs.world}
+        atomic_write_text(rs.run / "summary.json", json.dumps(summary, indent=2) + "\n")
+        rs.log.close()
+    if rs.world > 1:
         dist.barrier()
-    return TrainResult(str(run), str(run / "model"), val, initial_val, cfg.steps, _gate(model),
-                       prior_s + time.time() - t_start, str(run / "log.jsonl"))
+    return _result(rs, rs.run / "model", val, cfg.steps)
+
+
+def _result(rs: RunState, model_dir: Path, val: float, steps: int) -> TrainResult:
+    """The TrainResult of this run, with the gate and the training time as they are now."""
+    return TrainResult(str(rs.run), str(model_dir), val, rs.initial_val, steps, _gate(rs.model), rs.seconds(),
+                       str(rs.run / "log.jsonl"))
 
 
 def _already_complete(run: Path, cfg: TrainConfig, rank: int) -> TrainResult:
@@ -345,36 +359,6 @@ def _already_complete(run: Path, cfg: TrainConfig, rank: int) -> TrainResult:
 def _val_tokens(stream: torch.Tensor, seq_len: int) -> int:
     """Tokens scored by a full-split evaluation (every whole validation window)."""
     return (len(stream) - 1) // seq_len * seq_len
-
-
-def _stop_if_diverged(step: int, loss: torch.Tensor, grad_norm: float, lr: float, model: DecoderLM, sched,
-                      cfg: TrainConfig, run: Path, world: int, device: torch.device) -> None:
-    """Raise TrainingDiverged (before the optimizer step) when the loss or the gradient is not finite;
-    under DDP every rank takes the same decision."""
-    loss_v = float(loss.detach())
-    bad = not (math.isfinite(loss_v) and math.isfinite(grad_norm))
-    if world > 1:
-        flag = torch.tensor([float(bad)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
-    if bad:
-        taper = (sched.taper_start, sched.taper_end) if sched is not None else None
-        raise TrainingDiverged(divergence_message(step, loss_v, grad_norm, lr, _gate(model), taper, cfg.bf16,
-                                                  run / "checkpoint"))
-
-
-def _gate(model: nn.Module) -> float | None:
-    layers = taper_layers(model)
-    return layers[0][1].gate if layers else None
-
-
-def _finish_calibration(model: DecoderLM, world: int) -> dict:
-    """Average the calibration EMAs over ranks (the EMA is linear, so this is the EMA of the means), then freeze c."""
-    if world > 1:
-        for _, m in taper_layers(model):
-            for buf in m.calib_tensors():
-                _allreduce_mean(buf, world)
-    return finish_calibration(model)
 
 
 def evaluate_checkpoint(ckpt_dir: str, corpus: str | None = None, batches: int | None = None,
