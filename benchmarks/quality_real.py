@@ -221,7 +221,7 @@ def _markdown(result: dict) -> str:
              f"Fine-tune: builtin corpus, {s['steps']} steps (LR warmup {s['warmup_steps']}, taper "
              f"{s['taper_start']}..{s['taper_end']}), seq {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']}; "
              f"held-out CE over {s['eval_batches']} validation batches (text not trained on). "
-             f"Machine: {result['machine'].get('cpu', '?')}, load {result['machine'].get('loadavg')}.", "",
+             f"Machine: {result['machine'].get('cpu', '?')}, load avg at start {result['machine'].get('loadavg_start')}.", "",
              "| variant | options | CE before | CE after | vs baseline | logit norm | pre-logit RMS | sink ratio | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in result["runs"] if r["options"].get("mode") == "baseline" and r["ok"]), None)
