@@ -57,6 +57,11 @@ VARIANTS: dict[str, dict] = {
     "internal-sink-attn-tail": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm",
                                 "end_frac": 2 / 3},
     "all-sink-attn-tail": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm", "end_frac": 2 / 3},
+    # section 8.6's AE: AC with the lr decaying (cosine, to 0 at the last step); compare with "baseline" (cosine too)
+    "internal-sink-attn-tail-cosine": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm",
+                                       "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "all-sink-attn-tail-cosine": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm",
+                                  "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was

@@ -9,7 +9,7 @@ The fold always runs in fp32 (the checkpoint is captured and folded in float32);
 Parity is against the fp32 PyTorch model: the prompt's logits within a per-precision tolerance (relative to
 the logit scale) and the greedy-agreement rate along PyTorch's own greedy continuation of a fixed prompt set
 (teacher-forced: each step feeds PyTorch's token, so one early flip does not count twice), with a floor per
-precision. Exact greedy identity is required only at fp32 (pipeline._parity).
+precision. Exact greedy identity is required only at fp32 (parity.check_parity).
 """
 from __future__ import annotations
 

@@ -106,11 +106,11 @@ def test_parity_failure_keeps_previous_output(compiled, tmp_path, monkeypatch):
     """A failing compile into a previous compile's directory leaves it untouched and no temp dirs."""
     arch, mode, root, report = compiled
     import shutil
-    import tapernorm.compiler.pipeline as pl
+    import tapernorm.compiler.parity as parity
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(pl, "PARITY_TOL", {"float32": -1.0})  # any difference now fails
+    monkeypatch.setattr(parity, "PARITY_TOL", {"float32": -1.0})  # any difference now fails
     with pytest.raises(ParityError, match=r"nothing written.*model\.onnx: max \|logit diff\|"):
         compile_checkpoint(root / "ckpt", out, parity_tokens=2, graph="generic")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -142,7 +142,7 @@ def test_fp16_external_data_compile_runs_in_runtime(tmp_path):
     """fp16 compile with weights forced to external data: both graphs get `.data` files, and the runtime
     decodes the compiled dir to the tokens the compile's parity check recorded."""
     from tapernorm.runtime import DecoderSession, OrtDecoder, generate_ids
-    from tapernorm.compiler.pipeline import _prompt_ids
+    from tapernorm.compiler.parity import prompt_ids
     model = _checkpoint(tmp_path / "ckpt", "tiny", "internal")
     rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float16", parity_tokens=3, inline_limit=0,
                              graph="generic", unfused=True)
@@ -152,7 +152,7 @@ def test_fp16_external_data_compile_runs_in_runtime(tmp_path):
     assert json.loads((out / "runtime.json").read_text())["dtype"] == "float16"
     sess = DecoderSession(out, provider="cpu", intra_op_threads=1)
     assert sess.providers == ["CPUExecutionProvider"] and sess.np_dtype.__name__ == "float16"
-    prompt = _prompt_ids({}, model.config, "")
+    prompt = prompt_ids({}, model.config, "")
     assert generate_ids(OrtDecoder(sess), [prompt], max_new_tokens=3).tokens[0] == rep["parity"]["torch_tokens"]
 
 
