@@ -99,13 +99,13 @@ def _setting(args) -> str:
 def reusable(run_dir: Path, cfg) -> dict | None:
     """run_dir/summary.json when its fine-tune had exactly cfg's settings (out_dir aside; fields newer than the run
     at their defaults) and its model is there; else None."""
-    import dataclasses
+    from tapernorm.train.finetune_cli import FinetuneConfig
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
     want = cfg.with_recipe().to_dict()
-    had = {f.name: f.default for f in dataclasses.fields(cfg)} | summary.get("config", {})
+    had = FinetuneConfig().with_recipe().to_dict() | summary.get("config", {})  # older runs: the defaults
     same = all(had[k] == v for k, v in want.items() if k not in ("out_dir", "overwrite"))
     if not (same and (run_dir / "model" / "config.json").is_file()):
         return None

@@ -38,6 +38,9 @@ SCHEDULES: dict[str, tuple[int, int, int, int]] = {
 SINK_RECIPE = {"calib_stat": "inv_rms", "calib_skip": 1, "calib_per_feature": True, "calib_pos0": True,
                "rms_loss": 30.0, "rms_hinge": 1.5, "taper_cap": 2.0, "lr_schedule": "constant"}
 RECIPES: dict[str, dict] = {"sink": SINK_RECIPE, "sink-attn": {**SINK_RECIPE, "keep_mlp_norms": True}}
+# the values of the fields a recipe may set when neither the user nor a recipe sets them (the paper's method)
+BASE = {"calib_skip": 0, "calib_stat": "ls", "calib_per_feature": False, "calib_pos0": False, "rms_loss": 0.0,
+        "rms_hinge": 0.0, "taper_cap": 0.0, "lr_schedule": "cosine", "keep_mlp_norms": False}
 
 
 @dataclass
@@ -69,30 +72,29 @@ class FinetuneConfig:
     bf16: bool = False
     overwrite: bool = False
     # remedies for real checkpoints with attention sinks (docs/real_checkpoints.md)
-    calib_skip: int = 0               # leading positions of each sequence left out of c's statistic
-    calib_stat: str = "ls"            # ls | inv_rms
-    calib_per_feature: bool = False
-    calib_pos0: bool = False          # position 0 gets its own c0 (pos0.py; one (B, T, 1) Mul per norm folded)
-    rms_loss: float = 0.0             # lambda of the per-token norm-input RMS loss (rms_loss.py); 0 = off
-    rms_hinge: float = 0.0            # > 1: only tokens above rms_hinge x the calibrated scale pay; 0 = symmetric
+    # None in a field of BASE: not given, so the recipe (else BASE) decides; a value given explicitly always wins
+    calib_skip: int | None = None     # leading positions of each sequence left out of c's statistic
+    calib_stat: str | None = None     # ls | inv_rms
+    calib_per_feature: bool | None = None
+    calib_pos0: bool | None = None    # position 0 gets its own c0 (pos0.py; one (B, T, 1) Mul per norm folded)
+    rms_loss: float | None = None     # lambda of the per-token norm-input RMS loss (rms_loss.py); 0 = off
+    rms_hinge: float | None = None    # > 1: only tokens above rms_hinge x the calibrated scale pay; 0 = symmetric
     keep_norms: str = ""              # regex of norm names left untapered (a partial taper); "" = none
-    keep_mlp_norms: bool = False      # also leave the norms in front of the MLPs (replace_norms.MLP_NORMS)
-    recipe: str = ""                  # a RECIPES name filling the remedy fields above that are still defaults
-    lr_schedule: str = "cosine"       # cosine | constant (after the warmup)
+    keep_mlp_norms: bool | None = None  # also leave the norms in front of the MLPs (replace_norms.MLP_NORMS)
+    recipe: str = ""                  # a RECIPES name filling the remedy fields that were not given
+    lr_schedule: str | None = None    # cosine | constant (after the warmup); None: the recipe's, else cosine
     cap_anneal: bool = False          # the cap grows as K / gate (fades into gate 0)
-    taper_cap: float = 0.0            # > 1: training-only cap on a token's fixed branch while 0 < gate < 1 (cap.py)
+    taper_cap: float | None = None    # > 1: training-only cap on a token's fixed branch while 0 < gate < 1 (cap.py)
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
 
     def with_recipe(self) -> "FinetuneConfig":
-        """A copy with the recipe's values in the fields still at their defaults (one line if unknown)."""
-        if not self.recipe:
-            return self
-        if self.recipe not in RECIPES:
+        """A copy with every field left None filled: from the recipe, else from BASE. A field given a value keeps
+        it, even the value BASE has (`--recipe sink-attn --lr-schedule cosine` trains with cosine)."""
+        if self.recipe and self.recipe not in RECIPES:
             raise ValueError(f"--recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
-        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-        return dataclasses.replace(self, **{k: v for k, v in RECIPES[self.recipe].items()
-                                            if getattr(self, k) == defaults[k]})
+        fill = {**BASE, **(RECIPES[self.recipe] if self.recipe else {})}
+        return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
     def resolved_steps(self) -> tuple[int, int, int, int]:
         """(total, warmup, taper start, taper end): the preset's, with explicit flags taking precedence."""
@@ -108,7 +110,9 @@ class FinetuneConfig:
         return int(T), int(W), int(t0), int(t1)
 
     def check(self) -> "FinetuneConfig":
-        """Validate (one line naming the flag); returns self."""
+        """Validate (one line naming the flag); returns self, with the recipe's fields filled (with_recipe)."""
+        if any(getattr(self, k) is None for k in BASE):
+            return self.with_recipe().check()
         if not self.model:
             raise ValueError("pass the model to fine-tune: an HF directory or hub name")
         if self.mode not in MODES:
@@ -183,7 +187,7 @@ _HELP = {
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
     "keep_mlp_norms": "also leave the norm in front of each block's MLP untapered (a gated MLP's output grows with "
                       "the square of its input at gate 0): only the attention side tapers",
-    "recipe": "remedies for real checkpoints, filling the flags still at their defaults: sink (--calib-pos0, "
+    "recipe": "remedies for real checkpoints, filling the flags not given: sink (--calib-pos0, "
               "--calib-stat inv_rms, --calib-skip 1, --calib-per-feature, --rms-loss 30, --rms-hinge 1.5, --taper-cap 2, "
               "--lr-schedule constant) or sink-attn (the same and --keep-mlp-norms); see docs/real_checkpoints.md",
     "lr_schedule": "learning-rate decay after the warmup: cosine (to 0 at the last step) or constant",
@@ -211,7 +215,8 @@ def add_cli(subparsers) -> None:
         if f.name == "model":
             continue
         flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, help=_HELP[f.name], default=f.default)
+        help_ = _HELP[f.name] + (f" (default: {BASE[f.name]}, or the recipe's)" if f.name in BASE else "")
+        kw = dict(dest=f.name, help=help_, default=f.default)
         base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -14,7 +14,7 @@ from hf_families import build  # noqa: E402
 
 from tapernorm import TaperError, taper_layers, taperize  # noqa: E402
 from tapernorm.replace_norms import mlp_norm_pattern  # noqa: E402
-from tapernorm.train.finetune_cli import RECIPES, FinetuneConfig  # noqa: E402
+from tapernorm.train.finetune_cli import BASE, RECIPES, FinetuneConfig  # noqa: E402
 
 # family -> the block norms --keep-mlp-norms keeps (1 layer each; "internal" leaves the final norm alone too)
 KEPT = {"llama": ["model.layers.0.post_attention_layernorm"], "gpt2": ["transformer.h.0.ln_2"],
@@ -44,10 +44,27 @@ def test_a_recipe_fills_only_the_flags_left_at_their_defaults():
     cfg = FinetuneConfig(model="m", steps=10, recipe="sink-attn", rms_loss=5.0, calib_skip=2).with_recipe()
     assert (cfg.rms_loss, cfg.calib_skip) == (5.0, 2)  # given: kept
     assert cfg.calib_pos0 and cfg.keep_mlp_norms and cfg.taper_cap == 2.0 and cfg.lr_schedule == "constant"
-    assert FinetuneConfig(model="m", steps=10).with_recipe() == FinetuneConfig(model="m", steps=10)
+    plain = FinetuneConfig(model="m", steps=10).with_recipe()  # no recipe: the paper's method
+    assert {k: getattr(plain, k) for k in BASE} == BASE and plain.lr_schedule == "cosine"
     assert set(RECIPES["sink-attn"]) - set(RECIPES["sink"]) == {"keep_mlp_norms"}
     with pytest.raises(ValueError, match="--recipe 'fast' is not one of sink, sink-attn"):
         FinetuneConfig(model="m", steps=10, recipe="fast").with_recipe()
+
+
+def test_a_flag_given_with_the_base_value_still_beats_the_recipe():
+    """`--recipe sink-attn --lr-schedule cosine --no-calib-pos0` trains with cosine and without c0: a given flag
+    wins even when its value is the one the method has without a recipe."""
+    import argparse
+    from tapernorm.train.finetune_cli import add_cli, config_from_args
+    ap = argparse.ArgumentParser()
+    add_cli(ap.add_subparsers())
+    args = ap.parse_args(["finetune", "m", "--steps", "10", "--recipe", "sink-attn", "--lr-schedule", "cosine",
+                          "--no-calib-pos0", "--rms-loss", "0"])
+    cfg = config_from_args(args).check()
+    assert (cfg.lr_schedule, cfg.calib_pos0, cfg.rms_loss) == ("cosine", False, 0.0)  # given
+    assert cfg.keep_mlp_norms and cfg.taper_cap == 2.0 and cfg.calib_stat == "inv_rms"  # the recipe's
+    plain = config_from_args(ap.parse_args(["finetune", "m", "--steps", "10"])).check()
+    assert plain.lr_schedule == "cosine" and plain.rms_loss == 0.0 and not plain.keep_mlp_norms
 
 
 @pytest.mark.slow
