@@ -110,13 +110,19 @@ def check_parity(model, cfg, sessions: dict, prompt: list[int], n_new: int, dtyp
     return out
 
 
-def prompt_ids(info: dict, cfg, prompt: str) -> list[int]:
-    """The parity prompt's ids: BOS (when the tokenizer has one) + `prompt`, cut to half the context; a fixed id
-    pattern when the checkpoint has no tokenizer."""
+def prompt_ids(info: dict, cfg, prompt: str, toks=None) -> list[int]:
+    """The parity prompt's ids: BOS (when the tokenizer adds one) + `prompt`, cut to half the context. A run dir's
+    SentencePiece model, else an HF directory's tokenizer.json (`toks`: compile's TokenizerFiles, for its BOS rule);
+    a fixed id pattern when the checkpoint has neither (ids that are no text can be ill-conditioned in a real model)."""
     tok_path = info.get("tokenizer_path")
+    hf_json = Path(info.get("dir") or "") / "tokenizer.json"
     if tok_path:
         tok = Tokenizer.load(tok_path)
         ids = ([tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []) + tok.encode(prompt)
+    elif toks is not None and toks.tokenizer == "tokenizer.json" and hf_json.is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+        bos = [toks.bos_id] if toks.add_bos and toks.bos_id is not None else []
+        ids = bos + HFTokenizer.from_file(str(hf_json)).encode(prompt, add_special_tokens=False).ids
     else:  # no tokenizer: a fixed, deterministic prompt of ids
         ids = [(7 * i + 3) % cfg.vocab_size for i in range(8)]
     return [i for i in ids if 0 <= i < cfg.vocab_size][: max(1, cfg.max_seq_len // 2)]

@@ -234,13 +234,14 @@ def _write_files(job: CompileJob, tmp: Path, cfg, graph: str, stages: Stages):
     return toks, prec
 
 
-def _check_graphs(job: CompileJob, tmp: Path, cfg, reference, info: dict, ids: list[int]) -> dict:
+def _check_graphs(job: CompileJob, tmp: Path, cfg, reference, info: dict, ids: list[int], toks) -> dict:
     """Parity of every written graph through the runtime's sessions. `reference` is torch_reference's triple
     (fp32: exact greedy identity) or the fp32 model (other precisions: a tolerance and a greedy-agreement rate)."""
     sessions = {f: open_session(tmp / f, job.provider, job.out_dir) for f in job.variants}
     if isinstance(reference, tuple):
         return check_parity(reference, cfg, sessions, ids, job.parity_tokens, job.dtype)
-    return precision_parity(reference, cfg, sessions, info, prompt_ids, torch_greedy, job.parity_tokens, job.plan)
+    ids_of = functools.partial(prompt_ids, toks=toks)
+    return precision_parity(reference, cfg, sessions, info, ids_of, torch_greedy, job.parity_tokens, job.plan)
 
 
 def _keep_foreign(out_dir: Path, tmp: Path, foreign: list[str], log) -> None:
@@ -295,7 +296,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         passes, t_export = None, time.perf_counter()
         toks, prec = _write_files(job, tmp, cfg, built.graph, stages)
         stages.begin("parity", f"{parity_tokens} greedy tokens, PyTorch vs ORT {' / '.join(job.variants)}")
-        ids = prompt_ids(info, cfg, prompt)[: cfg.max_seq_len - parity_tokens]  # prompt + new tokens fit the context
+        ids = prompt_ids(info, cfg, prompt, toks)[: cfg.max_seq_len - parity_tokens]  # prompt + new tokens fit the context
         n_weights = sum(p.numel() * p.element_size() for p in model.parameters())
         reference = model
         if plan.precision == "fp32":  # PyTorch's answer first, then free its weights before ORT loads the graphs
@@ -303,7 +304,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
             model = wrapper = None
             built.passes.release()
             gc.collect()
-        parity = _check_graphs(job, tmp, cfg, reference, info, ids)
+        parity = _check_graphs(job, tmp, cfg, reference, info, ids, toks)
         stages.begin("finish", "genai_config.json, ORT node counts, report")
         if built.graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
             write_genai_config(tmp, cfg, eos_id=toks.eos_id, bos_id=toks.bos_id, provider=provider,
