@@ -166,3 +166,22 @@ def test_overflowing_dtype_and_too_many_parity_tokens_refused(tmp_path):
     with pytest.raises(CompileError, match=r"--parity-tokens 64 does not fit .*64-token context; use at most 63"):
         compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_an_hf_directory_parity_prompt_goes_through_its_tokenizer_json(tmp_path):
+    """An HF directory's parity prompt is its text through tokenizer.json (BOS by compile's rule), not the fixed
+    id pattern: a real model can be ill-conditioned on ids that are no text (docs/real_checkpoints.md, 8.6)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tapernorm.compiler.parity import prompt_ids
+    from tapernorm.compiler.tokenizer_files import TokenizerFiles
+    vocab = {"<s>": 0, "<unk>": 1, "Once": 2, "upon": 3, "a": 4, "time": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = make_tiny("tiny", "internal").config
+    files = TokenizerFiles(tokenizer="tokenizer.json", bos_id=0, add_bos=True)
+    assert prompt_ids({"dir": str(tmp_path)}, cfg, "Once upon a time", files) == [0, 2, 3, 4, 5]
+    files.add_bos = False
+    assert prompt_ids({"dir": str(tmp_path)}, cfg, "Once upon a time", files) == [2, 3, 4, 5]
+    fixed = prompt_ids({"dir": str(tmp_path)}, cfg, "Once upon a time")  # no TokenizerFiles: the fixed pattern
+    assert fixed[:3] == [3, 10, 17]
