@@ -15,6 +15,7 @@ continuations and chat answers beside the fine-tuned baseline's (transformers' g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -47,8 +48,12 @@ VARIANTS: dict[str, dict] = {
     # the 2400-step run of docs/real_checkpoints.md section 7 (with --long): a fixed hold of 100 steps
     "internal-sink-long": {"mode": "internal", **LONG_SINK},
     # the attention-side taper (section 8): the norms in front of the MLPs stay, so no SwiGLU squares an outlier
-    "internal-sink-attn": {"mode": "internal", "recipe": "sink-attn", "hold_frac": 0.2},
-    "all-sink-attn": {"mode": "all", "recipe": "sink-attn", "hold_frac": 0.2},
+    "internal-sink-attn": {"mode": "internal", "recipe": "sink-attn", "end_frac": 2 / 3, "hold_frac": 0.2},
+    "all-sink-attn": {"mode": "all", "recipe": "sink-attn", "end_frac": 2 / 3, "hold_frac": 0.2},
+    # `tapernorm finetune`'s defaults: --recipe auto (sink-attn on SmolLM2, chosen by measuring its sinks) and the
+    # recipe's own taper end (2/3 of the run), no hold
+    "internal-default": {"mode": "internal", "recipe": "auto", "own_taper_end": True},
+    "all-default": {"mode": "all", "recipe": "auto", "own_taper_end": True},
     # with --long, section 8's AA / AB: LA's settings with the MLP norms kept, spelled as the regex that
     # --keep-mlp-norms means on Llama (so --reuse recognises those runs' summaries)
     "internal-sink-attn-long": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm"},
@@ -72,7 +77,7 @@ VARIANTS: dict[str, dict] = {
     "internal-robust-hold": {"mode": "internal", **ROBUST, "taper_hold": 14},   # taper 22..36 in --quick
     "internal-ls-staged": {"mode": "internal", "taper_order": "last"},
 }
-DEFAULT_VARIANTS = "baseline,internal,internal-sink,all-sink,internal-sink-attn,all-sink-attn"
+DEFAULT_VARIANTS = "baseline,internal,internal-sink,all-sink,internal-default,all-default"
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHATS = ["What is the capital of France?", "Give me two tips for sleeping better."]
 # (steps, warmup, taper start, taper end, seq, batch, eval batches); --long also trains in bf16 autocast
@@ -99,13 +104,17 @@ def _setting(args) -> str:
 def reusable(run_dir: Path, cfg) -> dict | None:
     """run_dir/summary.json when its fine-tune had exactly cfg's settings (out_dir aside; fields newer than the run
     at their defaults) and its model is there; else None."""
-    from tapernorm.train.finetune_cli import FinetuneConfig
+    from tapernorm.train.finetune_cli import AUTO, FinetuneConfig
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
+    chosen = (summary.get("recipe_auto") or {}).get("recipe")
+    if cfg.recipe == AUTO and chosen:  # auto measures the same checkpoint the same way: compare what it chose
+        cfg = dataclasses.replace(cfg, recipe=chosen)
     want = cfg.with_recipe().to_dict()
-    had = FinetuneConfig().with_recipe().to_dict() | summary.get("config", {})  # older runs: the defaults
+    had = FinetuneConfig(recipe="paper").with_recipe().to_dict() | summary.get("config", {})  # older runs: defaults
+    had["recipe"] = had["recipe"] or "paper"  # older runs wrote "" for no recipe
     same = all(had[k] == v for k, v in want.items() if k not in ("out_dir", "overwrite"))
     if not (same and (run_dir / "model" / "config.json").is_file()):
         return None
@@ -113,18 +122,26 @@ def reusable(run_dir: Path, cfg) -> dict | None:
     return {**summary, "model_dir": str(run_dir / "model"), "reused": True}
 
 
-def run_variant(name: str, opts: dict, settings: dict, work: Path, reuse: bool = False) -> dict:
-    """One fine-tune in-process (or, with reuse, a finished one of the same settings in work / name); a divergence
-    (any error) is recorded with its one-line message."""
-    from tapernorm.train.finetune import finetune
+def variant_config(name: str, opts: dict, settings: dict, work: Path):
+    """(FinetuneConfig, the options as run) of one variant: its fractions turned into steps."""
     from tapernorm.train.finetune_cli import FinetuneConfig
-    opts = dict(opts)
+    opts = {"recipe": "paper", **opts}  # a variant without a recipe spells out its method: never auto
+    if opts.pop("own_taper_end", False):  # the recipe's taper end, as `tapernorm finetune` has it by default
+        settings = {k: v for k, v in settings.items() if k != "taper_end"}
     if "end_frac" in opts:  # the taper ends at this fraction of the run; the rest trains at gate 0
         opts["taper_end"] = round(opts.pop("end_frac") * settings["steps"])
     if "hold_frac" in opts:  # the hold scales with the schedule
         end = opts.get("taper_end", settings["taper_end"])
         opts["taper_hold"] = round(opts.pop("hold_frac") * (end - settings["taper_start"]))
     cfg = FinetuneConfig(model=str(smollm2_dir()), out_dir=str(work / name), overwrite=True, **{**settings, **opts})
+    return cfg, opts
+
+
+def run_variant(name: str, opts: dict, settings: dict, work: Path, reuse: bool = False) -> dict:
+    """One fine-tune in-process (or, with reuse, a finished one of the same settings in work / name); a divergence
+    (any error) is recorded with its one-line message."""
+    from tapernorm.train.finetune import finetune
+    cfg, opts = variant_config(name, opts, settings, work)
     t = time.time()
     s = reusable(work / name, cfg) if reuse else None
     try:
@@ -134,7 +151,7 @@ def run_variant(name: str, opts: dict, settings: dict, work: Path, reuse: bool =
                 "seconds": round(time.time() - t, 1)}
     res = {"variant": name, "options": opts, "ok": True, "val_before": s["val_loss_before"],
            "val_after": s["val_loss_after"], "seconds": s["seconds"] if s.get("reused") else round(time.time() - t, 1),
-           "model_dir": s["model_dir"], "reused": bool(s.get("reused"))}
+           "model_dir": s["model_dir"], "reused": bool(s.get("reused")), "recipe": s.get("config", {}).get("recipe")}
     res.update(end_stats(Path(s["model_dir"]), settings))
     res["ok"] = all(v == v and abs(v) != float("inf") for v in (res["val_after"], res["logit_norm"]))
     return res

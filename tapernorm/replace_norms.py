@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .layers import TAPER_TYPES, TaperError, TaperLayerNorm, TaperNorm, _TaperBase
 
-__all__ = ["taperize", "find_final_norm", "HEADS_FIRST_NORMS", "set_token_dims", "MLP_NORMS", "mlp_norm_pattern"]
+__all__ = ["taperize", "find_norms", "find_final_norm", "HEADS_FIRST_NORMS", "set_token_dims", "MLP_NORMS", "mlp_norm_pattern"]
 
 # model_type -> names of the norms it calls on (B, H, T, d): per-head QK-norms applied after q / k move their heads
 # before the tokens (`.transpose(1, 2)`), so their TaperNorms get token_dim 2 (tapernorm/pos0.py). Read off each
@@ -69,6 +69,11 @@ def _is_layer_norm(m: nn.Module) -> bool:
     if isinstance(m, TAPER_TYPES):
         return False
     return isinstance(m, nn.LayerNorm) or (type(m).__name__.endswith("LayerNorm") and _is_leaf(m))
+
+
+def find_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every RMSNorm / LayerNorm not yet tapered, in module order."""
+    return [(n, m) for n, m in model.named_modules() if n and (_is_rms_norm(m) or _is_layer_norm(m))]
 
 
 def find_final_norm(model: nn.Module) -> str | None:

@@ -39,6 +39,7 @@ from ..hf import from_pretrained, save_pretrained
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from ..replace_norms import mlp_norm_pattern
+from .auto_recipe import choose_recipe
 from .finetune_cli import LR_SCHEDULES, FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message
@@ -297,8 +298,6 @@ def _keep_pattern(cfg: FinetuneConfig, model) -> str | None:
 
 def _finetune(cfg: FinetuneConfig) -> dict:
     t_start = time.time()
-    T, W, t0, t1 = cfg.resolved_steps()
-    sched = resolve_schedule(T, warmup=W, taper_start=t0, taper_end=t1)
     out = Path(cfg.out_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
@@ -319,6 +318,9 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():  # the Trainer would move it there anyway; evaluate there too
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    cfg, auto = choose_recipe(cfg, model, data.train, verbose=_rank() == 0)  # before any taper: the plain model
+    T, W, t0, t1 = cfg.resolved_steps()
+    sched = resolve_schedule(T, warmup=W, taper_start=t0, taper_end=t1)
     val_before = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     tapering = cfg.mode != "baseline"
     names = taperize(model, cfg.mode, keep=_keep_pattern(cfg, model)) if tapering else []
@@ -329,13 +331,13 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
     try:  # never inside OUT, where a directory of the user's could have its name
-        return _train_and_save(cfg, model, data, names, target, sched, out, world, val_before, scratch, t_start)
+        return _train_and_save(cfg, model, data, names, target, sched, out, world, val_before, scratch, t_start, auto)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: int, val_before: float,
-                    scratch: str, t_start: float) -> dict:
+                    scratch: str, t_start: float, auto=None) -> dict:
     """The Trainer run, the evaluation after it, and (rank 0) OUT/model, summary.json, log_history.json."""
     from transformers import TrainingArguments
     T, W, t0, t1 = cfg.resolved_steps()
@@ -381,7 +383,8 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
                "calibration": cb.calibration if cb else {}, "scale_target": target.frozen if target else None,
                "eval_tokens": sum(y.numel() for _, y in val_batches(data.val, cfg.batch_size, cfg.seq_len,
                                                                       cfg.eval_batches)),
-               "world_size": world, "seconds": round(time.time() - t_start, 2), "config": cfg.to_dict()}
+               "world_size": world, "seconds": round(time.time() - t_start, 2), "config": cfg.to_dict(),
+               "recipe_auto": auto.to_dict() if auto else None}
     if _rank() == 0:
         src = cfg.model if Path(cfg.model).is_dir() else None
         if tapering:

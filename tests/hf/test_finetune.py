@@ -43,6 +43,7 @@ def test_finetune_cli_tapers_to_zero_and_reloads_exactly(kind, mode):
     out = finetuned_dir(kind, mode)
     s = json.loads((out / "summary.json").read_text())
     assert s["final_gate"] == 0.0 and s["steps"] == 12
+    assert s["config"]["recipe"] == "paper" and s["recipe_auto"]["sinks"]["norms_over"] == 0  # auto: no sinks here
     assert s["schedule"] == {"name": None, "total": 12, "warmup": 2, "taper_start": 3, "taper_end": 9}
     assert len(s["calibration"]) == len(s["tapered_layers"]) == (4 if mode == "internal" else 5)
     assert all(torch.isfinite(torch.tensor([s["val_loss_before"], s["val_loss_after"]])))

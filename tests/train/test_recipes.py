@@ -1,6 +1,7 @@
 """--keep-mlp-norms (an attention-side taper: the norms in front of the MLPs stay) and --recipe (the real-checkpoint
 remedies as one flag): which norms each family keeps, how a recipe fills the flags, and that a fine-tune with
 `--recipe sink-attn` compiles with parity on the mixed graph."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,11 +44,14 @@ def test_parallel_blocks_refuse_an_attention_only_taper_in_one_line(family):
 def test_a_recipe_fills_only_the_flags_left_at_their_defaults():
     cfg = FinetuneConfig(model="m", steps=10, recipe="sink-attn", rms_loss=5.0, calib_skip=2).with_recipe()
     assert (cfg.rms_loss, cfg.calib_skip) == (5.0, 2)  # given: kept
-    assert cfg.calib_pos0 and cfg.keep_mlp_norms and cfg.taper_cap == 2.0 and cfg.lr_schedule == "constant"
-    plain = FinetuneConfig(model="m", steps=10).with_recipe()  # no recipe: the paper's method
+    assert cfg.calib_pos0 and cfg.keep_mlp_norms and cfg.taper_cap == 2.0 and cfg.lr_schedule == "cosine"
+    assert cfg.taper_end_frac == 2 / 3 and cfg.resolved_steps() == (10, 1, 1, 7)  # the last third at gate 0
+    plain = FinetuneConfig(model="m", steps=10, recipe="paper").with_recipe()  # the paper's method
     assert {k: getattr(plain, k) for k in BASE} == BASE and plain.lr_schedule == "cosine"
-    assert set(RECIPES["sink-attn"]) - set(RECIPES["sink"]) == {"keep_mlp_norms"}
-    with pytest.raises(ValueError, match="--recipe 'fast' is not one of sink, sink-attn"):
+    assert plain.resolved_steps() == (10, 1, 1, 9)
+    assert FinetuneConfig(model="m", steps=10, recipe="").with_recipe() == dataclasses.replace(plain, recipe="")
+    assert set(RECIPES["sink-attn"]) - set(RECIPES["sink"]) == {"keep_mlp_norms", "taper_end_frac"}
+    with pytest.raises(ValueError, match="--recipe 'fast' is not one of auto, paper, sink, sink-attn"):
         FinetuneConfig(model="m", steps=10, recipe="fast").with_recipe()
 
 
@@ -58,13 +62,15 @@ def test_a_flag_given_with_the_base_value_still_beats_the_recipe():
     from tapernorm.train.finetune_cli import add_cli, config_from_args
     ap = argparse.ArgumentParser()
     add_cli(ap.add_subparsers())
-    args = ap.parse_args(["finetune", "m", "--steps", "10", "--recipe", "sink-attn", "--lr-schedule", "cosine",
+    args = ap.parse_args(["finetune", "m", "--steps", "10", "--recipe", "sink-attn", "--taper-end-frac", "1",
                           "--no-calib-pos0", "--rms-loss", "0"])
     cfg = config_from_args(args).check()
-    assert (cfg.lr_schedule, cfg.calib_pos0, cfg.rms_loss) == ("cosine", False, 0.0)  # given
+    assert (cfg.taper_end_frac, cfg.calib_pos0, cfg.rms_loss) == (1.0, False, 0.0)  # given
     assert cfg.keep_mlp_norms and cfg.taper_cap == 2.0 and cfg.calib_stat == "inv_rms"  # the recipe's
-    plain = config_from_args(ap.parse_args(["finetune", "m", "--steps", "10"])).check()
+    plain = config_from_args(ap.parse_args(["finetune", "m", "--steps", "10", "--recipe", "paper"])).check()
     assert plain.lr_schedule == "cosine" and plain.rms_loss == 0.0 and not plain.keep_mlp_norms
+    auto = config_from_args(ap.parse_args(["finetune", "m", "--steps", "10"])).check()  # auto: filled once the
+    assert auto.recipe == "auto" and auto.lr_schedule is None                          # model is seen
 
 
 @pytest.mark.slow

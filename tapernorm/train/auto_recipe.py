@@ -1,0 +1,69 @@
+"""`--recipe auto`: pick the fine-tuning recipe from the checkpoint itself (the default).
+
+A checkpoint with attention sinks (tapernorm.sinks: some token's norm input far above the median) overflows at
+gate 0 under the paper's method (docs/real_checkpoints.md, sections 1 and 8), so it gets `sink-attn`; one without
+gets the paper's method. A parallel-block family (one norm feeds attention and the MLP) has no attention-only
+taper, so with sinks it gets `sink`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+import torch.nn as nn
+
+from ..layers import TaperError
+from ..replace_norms import mlp_norm_pattern
+from ..sinks import SinkReport, find_sinks
+from .finetune_cli import AUTO, FinetuneConfig
+
+__all__ = ["AutoChoice", "choose_recipe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoChoice:
+    """What `--recipe auto` chose, and the measurement it chose from."""
+    recipe: str
+    reason: str
+    sinks: SinkReport
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (summary.json's recipe_auto)."""
+        return {"recipe": self.recipe, "reason": self.reason, "sinks": self.sinks.to_dict()}
+
+
+def pick(report: SinkReport, model: nn.Module) -> AutoChoice:
+    """The recipe for a model with this sink report (pure: no forward pass)."""
+    if not report.found:
+        return AutoChoice("paper", f"no attention sinks ({report.line()}): the paper's method", report)
+    try:
+        mlp_norm_pattern(model)
+    except TaperError:
+        return AutoChoice("sink", f"attention sinks ({report.line()}) in a parallel-block model, which has no "
+                          "attention-only taper: the sink recipe (it did not reach gate 0 on SmolLM2; watch the log)",
+                          report)
+    return AutoChoice("sink-attn", f"attention sinks ({report.line()}): the sink-attn recipe, which keeps the norms "
+                      "in front of the MLPs and tapers the rest", report)
+
+
+def choose_recipe(cfg: FinetuneConfig, model: nn.Module, train_ids: torch.Tensor,
+                  verbose: bool = True) -> tuple[FinetuneConfig, AutoChoice | None]:
+    """cfg with `auto` replaced by the recipe `pick` chooses after two batches of the training stream (1-D ids)
+    through `model` (untapered) at gate 1, filled and checked; cfg itself (filled) when its recipe is not auto."""
+    if cfg.recipe != AUTO:
+        return cfg.with_recipe().check(), None
+    bs, L = min(cfg.batch_size, 4), cfg.seq_len
+    n = min(2 * bs, len(train_ids) // L)
+    ids = train_ids[:n * L].reshape(n, L)                         # (n, L)
+    was_training = model.training
+    model.eval()
+    try:
+        report = find_sinks(model, list(ids.split(bs)))
+    finally:
+        model.train(was_training)
+    choice = pick(report, model)
+    if verbose:
+        print(f"[finetune] --recipe auto: {choice.reason}; --recipe NAME overrides (docs/real_checkpoints.md)",
+              file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, recipe=choice.recipe).with_recipe().check(), choice
