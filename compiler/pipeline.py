@@ -31,7 +31,7 @@ from .hf_compile import load_for_compile
 from .lean import NEAREST, LeanError, spec_for, write_genai_config
 from .lean.export import optimized_counts
 from .lean.hf_arch import check_config
-from .load import check_fits, checkpoint_dtype
+from .load import available_memory, check_fits, checkpoint_dtype
 from .onnx_io import load_onnx
 from .onnx_stats import pos0_counts
 from .parity import (PARITY_TOL, ParityError, check_parity, open_session, ort_greedy, prompt_ids, torch_greedy,
@@ -234,12 +234,31 @@ def _write_files(job: CompileJob, tmp: Path, cfg, graph: str, stages: Stages):
     return toks, prec
 
 
-def _check_graphs(job: CompileJob, tmp: Path, cfg, reference, info: dict, ids: list[int], toks) -> dict:
+def _float64_reference(job: CompileJob, ids: list[int], f32_bytes: int):
+    """A callable for check_parity's second opinion: the checkpoint loaded again, in float64, through the same
+    greedy decode; (None, why) when its float64 copy would not fit in the memory available."""
+    def run():
+        avail, source = available_memory()
+        if avail is not None and 2.5 * f32_bytes > avail:  # the float64 weights beside the ORT sessions still open
+            return None, f"a float64 copy needs {2 * f32_bytes / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free ({source})"
+        job.log("fp32 parity missed: asking PyTorch in float64 (the float32 reference may be what rounding decided)")
+        model = load_for_compile(job.ckpt)[0].to(torch.float64).eval()
+        try:
+            return torch_reference(model, ids, job.parity_tokens), ""
+        finally:
+            del model
+            gc.collect()
+    return run
+
+
+def _check_graphs(job: CompileJob, tmp: Path, cfg, reference, info: dict, ids: list[int], toks,
+                  reference64=None) -> dict:
     """Parity of every written graph through the runtime's sessions. `reference` is torch_reference's triple
-    (fp32: exact greedy identity) or the fp32 model (other precisions: a tolerance and a greedy-agreement rate)."""
+    (fp32: exact greedy identity; `reference64` the float64 second opinion) or the fp32 model (other precisions: a
+    tolerance and a greedy-agreement rate)."""
     sessions = {f: open_session(tmp / f, job.provider, job.out_dir) for f in job.variants}
     if isinstance(reference, tuple):
-        return check_parity(reference, cfg, sessions, ids, job.parity_tokens, job.dtype)
+        return check_parity(reference, cfg, sessions, ids, job.parity_tokens, job.dtype, reference64)
     ids_of = functools.partial(prompt_ids, toks=toks)
     return precision_parity(reference, cfg, sessions, info, ids_of, torch_greedy, job.parity_tokens, job.plan)
 
@@ -298,13 +317,14 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         stages.begin("parity", f"{parity_tokens} greedy tokens, PyTorch vs ORT {' / '.join(job.variants)}")
         ids = prompt_ids(info, cfg, prompt, toks)[: cfg.max_seq_len - parity_tokens]  # prompt + new tokens fit the context
         n_weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        reference = model
+        reference, reference64 = model, None
         if plan.precision == "fp32":  # PyTorch's answer first, then free its weights before ORT loads the graphs
             reference = torch_reference(model, ids, parity_tokens)
+            reference64 = _float64_reference(job, ids, n_weights) if dtype == "float32" else None
             model = wrapper = None
             built.passes.release()
             gc.collect()
-        parity = _check_graphs(job, tmp, cfg, reference, info, ids, toks)
+        parity = _check_graphs(job, tmp, cfg, reference, info, ids, toks, reference64)
         stages.begin("finish", "genai_config.json, ORT node counts, report")
         if built.graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
             write_genai_config(tmp, cfg, eos_id=toks.eos_id, bos_id=toks.bos_id, provider=provider,
