@@ -18,7 +18,9 @@ from ..replace_norms import mlp_norm_pattern
 from ..sinks import SinkReport, find_sinks
 from .finetune_cli import AUTO, FinetuneConfig
 
-__all__ = ["AutoChoice", "choose_recipe"]
+__all__ = ["AutoChoice", "choose_recipe", "short_run_note", "SHORT_RUN_STEPS"]
+
+SHORT_RUN_STEPS = 1000  # below this many steps from the taper start, a sink recipe is far from its measured result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,21 @@ def choose_recipe(cfg: FinetuneConfig, model: nn.Module, train_ids: torch.Tensor
     finally:
         model.train(was_training)
     choice = pick(report, model)
+    cfg = dataclasses.replace(cfg, recipe=choice.recipe).with_recipe().check()
     if verbose:
         print(f"[finetune] --recipe auto: {choice.reason}; --recipe NAME overrides (docs/real_checkpoints.md)",
               file=sys.stderr, flush=True)
-    return dataclasses.replace(cfg, recipe=choice.recipe).with_recipe().check(), choice
+        note = short_run_note(cfg)
+        if note:
+            print(f"[finetune] note: {note}", file=sys.stderr, flush=True)
+    return cfg, choice
+
+
+def short_run_note(cfg: FinetuneConfig) -> str | None:
+    """A line for a sink recipe given few steps after the taper start, with what such runs measured; else None."""
+    T, _, t0, _ = cfg.resolved_steps()
+    if cfg.recipe not in ("sink", "sink-attn") or cfg.mode == "baseline" or T - t0 >= SHORT_RUN_STEPS:
+        return None
+    return (f"{T - t0} steps from the taper start to the end is short for a checkpoint with sinks: on SmolLM2-135M, "
+            "150 steps (taper 20..120) ended finite but +31% held-out CE above the untapered twin and lost its chat "
+            "answers, 2400 steps (taper 20..1600) +0.7%; give it thousands of steps (docs/real_checkpoints.md, section 9)")

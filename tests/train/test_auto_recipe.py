@@ -97,3 +97,12 @@ def test_finetune_by_default_picks_sink_attn_for_a_model_with_sinks(tmp_path, ca
     assert rc == 0 and summary["config"]["recipe"] == "sink-attn" and summary["config"]["keep_mlp_norms"]
     assert summary["recipe_auto"]["sinks"]["norms_over"] > 0
     assert not any("post_attention" in n for n in summary["tapered_layers"])
+
+
+def test_a_short_sink_run_gets_a_note_with_the_measured_figures():
+    from tapernorm.train.auto_recipe import short_run_note
+    short = FinetuneConfig(model="m", steps=150, taper_start=20, recipe="sink-attn").check()
+    assert "130 steps from the taper start" in short_run_note(short) and "+31%" in short_run_note(short)
+    assert short_run_note(dataclasses.replace(short, steps=2400)) is None
+    assert short_run_note(dataclasses.replace(short, recipe="paper").check()) is None
+    assert short_run_note(dataclasses.replace(short, mode="baseline")) is None
