@@ -10,6 +10,8 @@ continuations and chat answers beside the fine-tuned baseline's (transformers' g
     nice -n 10 .venv/bin/python benchmarks/quality_real.py --save              # bounded to ~2 h on 2 cores
     nice -n 10 .venv/bin/python benchmarks/quality_real.py --long --variants baseline-constant,internal-sink-attn-long --save
                                                                                  # 2400 steps, ~55-65 min per variant
+    .venv/bin/python benchmarks/quality_real.py --issue --max-chars 0 --variants baseline-auto,internal-auto,all-auto --save
+                                                                                 # the issue's command at the defaults
     .venv/bin/python benchmarks/quality_real.py --variants baseline,internal-robust --steps 20 --no-compile
 """
 from __future__ import annotations
@@ -54,6 +56,10 @@ VARIANTS: dict[str, dict] = {
     # recipe's own taper end (2/3 of the run), no hold
     "internal-default": {"mode": "internal", "recipe": "auto", "own_taper_end": True},
     "all-default": {"mode": "all", "recipe": "auto", "own_taper_end": True},
+    # --recipe auto on the setting's own schedule (with --issue: the issue's command exactly, section 9.2's D runs)
+    "baseline-auto": {"mode": "baseline", "recipe": "auto"},
+    "internal-auto": {"mode": "internal", "recipe": "auto"},
+    "all-auto": {"mode": "all", "recipe": "auto"},
     # with --long, section 8's AA / AB: LA's settings with the MLP norms kept, spelled as the regex that
     # --keep-mlp-norms means on Llama (so --reuse recognises those runs' summaries)
     "internal-sink-attn-long": {"mode": "internal", **LONG_SINK, "keep_norms": "post_attention_layernorm"},
@@ -82,7 +88,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHATS = ["What is the capital of France?", "Give me two tips for sleeping better."]
 # (steps, warmup, taper start, taper end, seq, batch, eval batches); --long also trains in bf16 autocast
 SETTINGS = {"quick": (200, 10, 20, 180, 64, 2, 8), "full": (400, 10, 40, 360, 64, 4, 16),
-            "long": (2400, 10, 20, 2400, 64, 2, 12)}
+            "long": (2400, 10, 20, 2400, 64, 2, 12), "issue": (150, 10, 20, 120, 128, 4, 8)}
 
 
 def _settings(args) -> dict:
@@ -91,14 +97,15 @@ def _settings(args) -> dict:
         f = args.steps / T
         T, W, t0, t1 = args.steps, max(1, round(W * f)), max(1, round(t0 * f)), max(1, round(t1 * f))
     return {"steps": T, "warmup_steps": W, "taper_start": t0, "taper_end": t1, "seq_len": L, "batch_size": B,
-            "eval_batches": E, "lr": args.lr, "corpus": "builtin", "max_chars": args.max_chars, "seed": 0,
+            "eval_batches": E, "lr": args.lr, "corpus": "builtin", "max_chars": args.max_chars or None, "seed": 0,
             **({"bf16": True} if args.long else {})}
 
 
 def _setting(args) -> str:
-    if args.quick and args.long:
-        raise SystemExit("quality_real: pass one of --quick and --long")
-    return "quick" if args.quick else "long" if args.long else "full"
+    picked = [k for k in ("quick", "long", "issue") if getattr(args, k, False)]
+    if len(picked) > 1:
+        raise SystemExit("quality_real: pass one of --quick, --long and --issue")
+    return picked[0] if picked else "full"
 
 
 def reusable(run_dir: Path, cfg) -> dict | None:
@@ -239,7 +246,8 @@ def _fmt(v) -> str:
 
 def _markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"# Tapering on SmolLM2-135M-Instruct (issue 19){' (--quick)' if result['quick'] else ' (--long)' if result.get('long') else ''}", "",
+    flag = next((f" (--{k})" for k in ("quick", "long", "issue") if result.get(k)), "")
+    lines = [f"# Tapering on SmolLM2-135M-Instruct (issue 19){flag}", "",
              f"Fine-tune: builtin corpus, {s['steps']} steps (LR warmup {s['warmup_steps']}, taper "
              f"{s['taper_start']}..{s['taper_end']}), seq {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']}; "
              f"held-out CE over {s['eval_batches']} validation batches (text not trained on). "
@@ -248,7 +256,10 @@ def _markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     base = next((r for r in result["runs"] if r["options"].get("mode") == "baseline" and r["ok"]), None)
     for r in result["runs"]:
-        opts = (", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-").replace("|", "\\|")
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "mode") or "-"
+        if r.get("recipe") and r["options"].get("recipe") != r["recipe"]:  # auto: what it chose
+            opts += f" (ran {r['recipe']})"
+        opts = opts.replace("|", "\\|")
         if not r["ok"]:
             err = r.get("error") or f"non-finite (CE {r.get('val_after')})"
             m = re.search(r"diverged at step (\d+): (loss|gradient norm) (\S+) at gate ([\d.e-]+)", err)
@@ -292,10 +303,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 steps at seq 64, batch 2 (default: 400 at batch 4)")
     ap.add_argument("--long", action="store_true", help="2400 steps at seq 64, batch 2, bf16 (~65 min per variant)")
+    ap.add_argument("--issue", action="store_true",
+                    help="issue 19's command: 150 steps, taper 20..120, seq 128, batch 4, fp32 (with --max-chars 0)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=0, help="override the step count (schedule scales with it)")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--max-chars", type=int, default=400_000)
+    ap.add_argument("--max-chars", type=int, default=400_000, help="corpus characters (0: the whole builtin corpus)")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--reuse", action="store_true",
                     help="take a variant's fine-tune from WORK/<variant> when its summary.json has the same settings")
@@ -305,7 +318,8 @@ def main() -> int:
     add_output_args(ap)
     args = ap.parse_args()
     out = output_dir(args)
-    base = {"quick": "quality_real_quick", "long": "quality_real_long", "full": "quality_real"}[_setting(args)]
+    base = {"quick": "quality_real_quick", "long": "quality_real_long", "full": "quality_real",
+            "issue": "quality_real_issue"}[_setting(args)]
     if args.merge:
         return merge(out, base, [t.strip() for t in args.merge.split(",") if t.strip()])
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -314,7 +328,7 @@ def main() -> int:
         ap.error(f"unknown variant(s) {bad}; pick from {', '.join(VARIANTS)}")
     work = Path(os.environ.get("TAPERNORM_BENCH_WORK", "runs/quality_real"))
     settings = _settings(args)
-    result = {"settings": settings, "quick": args.quick, "long": args.long, "machine": machine_info(),
+    result = {"settings": settings, "quick": args.quick, "long": args.long, "issue": args.issue, "machine": machine_info(),
               "versions": library_versions(("torch", "transformers", "onnxruntime", "onnx")), "runs": [],
               "generations": {}}
     stem = out / (base + (f"_{args.tag}" if args.tag else ""))

@@ -98,3 +98,31 @@ def test_quality_real_reuses_only_a_finished_run_with_the_same_settings(tmp_path
     got = q.reusable(run, cfg)
     assert got["reused"] and got["model_dir"] == str(run / "model") and got["seconds"] == 5.0
     assert q.reusable(run, dataclasses.replace(cfg, steps=41)) is None
+
+
+def test_quality_real_issue_setting_is_the_issue_command_at_the_defaults(tmp_path, monkeypatch):
+    """--issue --max-chars 0: the issue's schedule on the whole corpus; the *-auto variants leave the recipe to
+    finetune's measurement, and --reuse compares a finished auto run by the recipe it chose."""
+    import argparse
+    import dataclasses
+
+    import quality_real as q
+    monkeypatch.setattr(q, "smollm2_dir", lambda: Path("m"))
+    ns = argparse.Namespace(quick=False, long=False, issue=True, steps=0, lr=1e-4, max_chars=0)
+    st = q._settings(ns)
+    assert [st[k] for k in ("steps", "warmup_steps", "taper_start", "taper_end", "seq_len", "batch_size",
+                            "eval_batches")] == [150, 10, 20, 120, 128, 4, 8] and st["max_chars"] is None
+    cfg, opts = q.variant_config("internal-auto", q.VARIANTS["internal-auto"], st, tmp_path)
+    assert cfg.recipe == "auto" and cfg.resolved_steps() == (150, 10, 20, 120)
+    plain, _ = q.variant_config("internal", q.VARIANTS["internal"], st, tmp_path)
+    assert plain.recipe == "paper"  # a variant without a recipe never measures
+    ran = dataclasses.replace(cfg, recipe="sink-attn").with_recipe()
+    run = tmp_path / "internal-auto"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(ran), "seconds": 1.0,
+                                                  "recipe_auto": {"recipe": "sink-attn"}}))
+    assert q.reusable(run, cfg)["reused"]
+    (run / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(ran), "seconds": 1.0,
+                                                  "recipe_auto": {"recipe": "paper"}}))
+    assert q.reusable(run, cfg) is None
