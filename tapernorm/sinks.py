@@ -77,15 +77,15 @@ def find_sinks(model: nn.Module, batches: Iterable[torch.Tensor], threshold: flo
 
 
 def _report(rms: dict[str, list[torch.Tensor]], threshold: float) -> SinkReport:
-    """The SinkReport of per-norm lists of (B, T) RMS tensors."""
+    """The SinkReport of per-norm lists of (B, T) RMS tensors (T may differ between batches)."""
     worst, over = ("", 0.0, 0), 0
     for name, parts in rms.items():
         if not parts:  # a norm the forward never called
             continue
-        r = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts if p.shape[-1] == parts[0].shape[-1]])  # (N, T)
-        med = r.median().item()
-        ratio = r.max().item() / med if med > 0 else float("inf")
+        med = torch.cat([p.reshape(-1) for p in parts]).median().item()
+        top = max(parts, key=lambda p: p.max().item())            # (B, T): the batch holding the largest token
+        ratio = top.max().item() / med if med > 0 else float("inf")
         over += ratio > threshold
         if ratio > worst[1]:
-            worst = (name, ratio, int(r.max(0).values.argmax().item()))
+            worst = (name, ratio, int(top.max(0).values.argmax().item()))
     return SinkReport(worst[0], worst[1], worst[2], over, len(rms), threshold)
