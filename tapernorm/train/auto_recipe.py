@@ -1,4 +1,5 @@
-"""`--recipe auto`: pick the fine-tuning recipe from the checkpoint itself (the default).
+"""`--recipe auto`: pick the fine-tuning recipe from the checkpoint itself (the default), and the advice a run
+with a recipe gets (a short run, an overflow at the end of the taper).
 
 A checkpoint with attention sinks (tapernorm.sinks: some token's norm input far above the median) overflows at
 gate 0 under the paper's method (docs/real_checkpoints.md, sections 1 and 8), so it gets `sink-attn`; one without
@@ -18,7 +19,7 @@ from ..replace_norms import mlp_norm_pattern
 from ..sinks import SinkReport, find_sinks
 from .finetune_cli import AUTO, FinetuneConfig
 
-__all__ = ["AutoChoice", "choose_recipe", "short_run_note", "SHORT_RUN_STEPS"]
+__all__ = ["AutoChoice", "choose_recipe", "short_run_note", "SHORT_RUN_STEPS", "LATE_TAPER_HINT", "late_taper_hint"]
 
 SHORT_RUN_STEPS = 1000  # below this many steps from the taper start, a sink recipe is far from its measured result
 
@@ -83,3 +84,17 @@ def short_run_note(cfg: FinetuneConfig) -> str | None:
     return (f"{T - t0} steps from the taper start to the end is short for a checkpoint with sinks: on SmolLM2-135M, "
             "150 steps (taper 20..120) ended finite but +31% held-out CE above the untapered twin and lost its chat "
             "answers, 2400 steps (taper 20..1600) +0.7%; give it thousands of steps (docs/real_checkpoints.md, section 9)")
+
+
+LATE_TAPER_HINT = ("a pretrained checkpoint's outlier tokens (attention sinks) overflow without their norms; try "
+                   "--recipe sink-attn (the sink remedies, MLP norms kept: it reaches gate 0 on SmolLM2), or "
+                   "--calib-pos0, --rms-loss with --rms-hinge, --taper-cap, --keep-norms and a longer taper "
+                   "(docs/real_checkpoints.md)")
+
+
+def late_taper_hint(recipe: str) -> str:
+    """What to try after a late-taper overflow, given the recipe that ran."""
+    if recipe == "sink-attn":
+        return ("this run already had --recipe sink-attn (MLP norms kept); give the taper more steps (thousands "
+                "on SmolLM2-135M) or keep more norms with --keep-norms (docs/real_checkpoints.md)")
+    return LATE_TAPER_HINT

@@ -39,15 +39,10 @@ from ..hf import from_pretrained, save_pretrained
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from ..replace_norms import mlp_norm_pattern
-from .auto_recipe import choose_recipe
+from .auto_recipe import LATE_TAPER_HINT, choose_recipe, late_taper_hint  # noqa: F401  (the hint: re-exported)
 from .finetune_cli import LR_SCHEDULES, FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message
-
-LATE_TAPER_HINT = ("a pretrained checkpoint's outlier tokens (attention sinks) overflow without their norms; try "
-                   "--recipe sink-attn (the sink remedies, MLP norms kept: it reaches gate 0 on SmolLM2), or "
-                   "--calib-pos0, --rms-loss with --rms-hinge, --taper-cap, --keep-norms and a longer taper "
-                   "(docs/real_checkpoints.md)")
 from .rms_loss import NormRmsLoss, add_rms_loss
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
 from .staged import StagedGates
@@ -180,7 +175,8 @@ class TaperTrainer(_trainer_base()):
         kept = (f"{out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'}"
                 if out is not None else "nothing was saved")
         return divergence_message(self.state.global_step, loss, gnorm, lr, layers[0][1].gate if layers else None,
-                                  taper, bool(self.args.bf16), Path("."), kept=kept, late_taper_hint=LATE_TAPER_HINT)
+                                  taper, bool(self.args.bf16), Path("."), kept=kept,
+                                  late_taper_hint=late_taper_hint(getattr(self, "recipe", "")))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._h.clear()
@@ -364,14 +360,14 @@ def _train_and_save(cfg, model, data, names, target, sched, out: Path, world: in
                            rms_loss=rms)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # the logs go to OUT/log_history.json, not stdout
-    trainer.out_dir = out  # named by the divergence line
+    trainer.out_dir, trainer.recipe = out, cfg.recipe  # named by the divergence line
     trainer.train()
     model = trainer.model
     final_gate = sched.gate(T) if tapering else None
     val_after = evaluate_chunks(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     if not math.isfinite(val_after):  # finite steps, yet the result overflows: nothing of it is kept
         late = final_gate is not None and final_gate < LATE_TAPER_GATE
-        fix = f"at gate {final_gate:g} {LATE_TAPER_HINT}" if late else "lower --lr or raise --warmup-steps"
+        fix = f"at gate {final_gate:g} {late_taper_hint(cfg.recipe)}" if late else "lower --lr or raise --warmup-steps"
         raise TrainingDiverged(f"training diverged: the held-out loss after fine-tuning is {val_after} (before: "
                                f"{val_before:.4g}); {fix}; nothing was written "
                                f"({out / 'model'} {'is unchanged' if (out / 'model').exists() else 'was not created'})")

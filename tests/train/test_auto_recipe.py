@@ -106,3 +106,9 @@ def test_a_short_sink_run_gets_a_note_with_the_measured_figures():
     assert short_run_note(dataclasses.replace(short, steps=2400)) is None
     assert short_run_note(dataclasses.replace(short, recipe="paper").check()) is None
     assert short_run_note(dataclasses.replace(short, mode="baseline")) is None
+
+
+def test_the_late_taper_hint_does_not_suggest_the_recipe_that_just_ran():
+    from tapernorm.train.auto_recipe import LATE_TAPER_HINT, late_taper_hint
+    assert late_taper_hint("paper") == LATE_TAPER_HINT and "try --recipe sink-attn" in LATE_TAPER_HINT
+    assert "already had --recipe sink-attn" in late_taper_hint("sink-attn") and "\n" not in late_taper_hint("sink-attn")
