@@ -126,7 +126,13 @@ class FinetuneConfig:
         auto, every recipe auto may choose must validate, and self comes back unfilled."""
         if self.recipe == AUTO:
             for name in AUTO_CHOICES:
-                dataclasses.replace(self, recipe=name).check()
+                try:
+                    dataclasses.replace(self, recipe=name).check()
+                except ValueError as e:
+                    if name == "paper":
+                        raise
+                    raise ValueError(f"{e} (under --recipe {name}, which the default --recipe auto picks for a "
+                                     "checkpoint with attention sinks; pass --recipe paper or fix the flag)") from None
             return self
         if any(getattr(self, k) is None for k in BASE):
             return self.with_recipe().check()

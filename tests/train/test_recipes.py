@@ -92,3 +92,11 @@ def test_finetune_with_the_sink_attn_recipe_tapers_the_attention_side_and_compil
     report = json.loads((tmp_path / "c" / "compile_report.json").read_text())
     assert report["parity"]["ok"] and report["pos0"]["sites"] == 3 and len(report["folded_layers"]) == 3
     assert report["parity"]["graphs"]["model.onnx"]["tokens_identical"]
+
+
+def test_auto_refuses_flags_that_only_fail_under_the_recipe_it_may_pick():
+    """--steps 300 --taper-hold 250: fine for the paper's taper (to step 299), too long for sink-attn's (to 200)."""
+    with pytest.raises(ValueError, match=r"--taper-hold 250 is longer .* \(under --recipe sink-attn, which the "
+                                         r"default --recipe auto picks"):
+        FinetuneConfig(model="m", steps=300, taper_hold=250).check()
+    assert FinetuneConfig(model="m", steps=300, taper_hold=250, recipe="paper").check().taper_hold == 250
