@@ -237,7 +237,9 @@ def add_cli(subparsers) -> None:
         description="Taperize an HF causal LM, fine-tune it with HF's Trainer: the gate is held at 1 through warmup, "
                     "c is calibrated at the taper start, the gate decays by cosine to exactly 0 and stays there. "
                     "Writes OUT/model (reload with tapernorm.from_pretrained, compile with tapernorm compile) and "
-                    "OUT/summary.json (held-out loss before and after).")
+                    "OUT/summary.json (held-out loss before and after). By default (--recipe auto) the checkpoint's "
+                    "attention sinks are measured first, and a checkpoint with sinks gets the attention-side taper "
+                    "(sink-attn); thousands of steps on a real checkpoint, not hundreds (docs/real_checkpoints.md).")
     p.add_argument("model", metavar="MODEL", help="HF model directory or hub name")
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
