@@ -39,7 +39,7 @@ from ..hf import from_pretrained, save_pretrained
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from ..replace_norms import mlp_norm_pattern
-from .auto_recipe import LATE_TAPER_HINT, choose_recipe, late_taper_hint  # noqa: F401  (the hint: re-exported)
+from .auto_recipe import choose_recipe, late_taper_hint
 from .finetune_cli import LR_SCHEDULES, FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message

@@ -116,9 +116,11 @@ class FinetuneConfig:
             raise ValueError("pass --steps N or --schedule NAME (one of " + ", ".join(SCHEDULES) + ")")
         W = self.warmup_steps if self.warmup_steps is not None else (W if W is not None else max(1, round(0.05 * T)))
         t0 = self.taper_start if self.taper_start is not None else (t0 if t0 is not None else W)
-        if self.taper_end is not None or t1 is None:
+        if self.taper_end is not None:
+            t1 = self.taper_end
+        elif t1 is None:  # neither the flag nor a schedule: the fraction of the run (1: the last step)
             frac = 1.0 if self.taper_end_frac is None else self.taper_end_frac
-            t1 = self.taper_end if self.taper_end is not None else (T - 1 if frac >= 1 else max(t0, round(frac * T)))
+            t1 = T - 1 if frac >= 1 else max(t0, round(frac * T))
         return int(T), int(W), int(t0), int(t1)
 
     def check(self) -> "FinetuneConfig":

@@ -236,7 +236,7 @@ def test_annealed_cap_grows_as_k_over_gate():
 
 
 def test_a_late_taper_divergence_points_at_the_sink_remedies_not_the_learning_rate():
-    from tapernorm.train.finetune import LATE_TAPER_HINT
+    from tapernorm.train.auto_recipe import LATE_TAPER_HINT
     from tapernorm.train.rundir import divergence_message
     msg = divergence_message(180, float("nan"), 1.0, 1e-4, 0.0, (20, 180), False, Path("."), kept="x",
                              late_taper_hint=LATE_TAPER_HINT)
