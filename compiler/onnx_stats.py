@@ -5,7 +5,7 @@ import ast
 
 import onnx
 
-__all__ = ["check_statistics", "STAT_OPS", "pos0_counts"]
+__all__ = ["check_statistics", "STAT_OPS", "pos0_counts", "bound_counts"]
 
 STAT_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "SimplifiedLayerNormalization", "LayerNormalization",
             "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization")
@@ -111,3 +111,12 @@ def pos0_counts(model: onnx.ModelProto) -> dict:
         if n is not None and n.op_type == "Equal":
             equal.add(n.name or id(n))
     return {"wheres": len(wheres), "muls": muls, "equal": len(equal)}
+
+
+# -- bounded maps (tapernorm/bound.py) ---------------------------------------------------------------------
+def bound_counts(rep_fold: dict, models: dict[str, onnx.ModelProto]) -> dict:
+    """{"sites": norms the passes kept as bounded maps tanh(x * c / B [* p]) (folded or explicit), "bound": B of
+    each, and per graph file the Tanh nodes it has}; sites 0 for a model without bounded maps."""
+    rows = {k: r for k, r in (rep_fold.get("layers") or {}).items() if r.get("bound") and r["status"] != "skipped"}
+    return {"sites": len(rows), "bound": sorted({r["bound"] for r in rows.values()}),
+            **{f: {"tanh": sum(1 for n in m.graph.node if n.op_type == "Tanh")} for f, m in models.items()}}

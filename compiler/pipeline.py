@@ -33,7 +33,7 @@ from .lean.export import optimized_counts
 from .lean.hf_arch import check_config
 from .load import available_memory, check_fits, checkpoint_dtype
 from .onnx_io import load_onnx
-from .onnx_stats import pos0_counts
+from .onnx_stats import bound_counts, pos0_counts
 from .parity import (PARITY_TOL, ParityError, check_parity, open_session, ort_greedy, prompt_ids, torch_greedy,
                      torch_reference)
 from .precision import PrecisionPlan, apply_precision, plan_precision, precision_parity
@@ -341,6 +341,8 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
             seconds={"passes": round(t_pass - t0, 2), "export": round(t_export - t_pass, 2),
                      "total": round(time.perf_counter() - t0, 2)})
         stages.end()
+        report["bound"] = bound_counts(built.passes.rep_fold, {f: load_onnx(tmp / f, load_external_data=False)
+                                                              for f in job.variants})
         report.update(stages.record())  # "stages": per-stage seconds and peak RSS, "peak_rss_bytes", "total_seconds"
         (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
         _keep_foreign(job.out_dir, tmp, foreign, log)

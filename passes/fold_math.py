@@ -29,8 +29,10 @@ __all__ = ["taper_map", "fold_linear", "fold_rms_linear", "fold_ln_linear", "app
 
 @torch.no_grad()
 def taper_map(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(s, beta_t) of a TaperNorm / TaperLayerNorm in float64: s = c * gamma_t; beta_t is None for RMS."""
-    s = layer.c.detach().double() * layer.weight_t.detach().double()  # (d,)
+    """(s, beta_t) of a TaperNorm / TaperLayerNorm in float64: s = c * gamma_t; beta_t is None for RMS. For a
+    bounded layer (tapernorm/bound.py) s = B * gamma_t, the per-feature factor after its tanh (passes/bound.py)."""
+    k = layer.bound if getattr(layer, "has_bound", False) else layer.c
+    s = k.detach().double() * layer.weight_t.detach().double()  # (d,)
     beta = getattr(layer, "bias_t", None)
     return s, (beta.detach().double() if beta is not None else None)
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from tapernorm.layers import TAPER_TYPES, TaperLayerNorm
 
+from .bound import bound_problem, is_bounded
 from .linears import Consumer, as_linear, get_attr_tensor, is_embedding_use, storage_uses
 from .pos0 import is_pos0_rows, pos0_problem
 from .replay import aten_ops as _ops
@@ -170,6 +171,8 @@ def site_refusal(site: TaperSite) -> str | None:
     if site.problem:
         return f"{site.name}: {site.problem}"
     if site.pos0 and (why := pos0_problem(site)):
+        return f"{site.name}: {why}"
+    if is_bounded(site) and (why := bound_problem(site)):
         return f"{site.name}: {why}"
     stats = [n for n in site.nodes if n.target in _STAT_OPS]
     want = 1 if site.kind == "ln" else 0  # LN keeps its (linear) centering mean

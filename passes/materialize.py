@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .bound import is_bounded, materialize_bounded
 from .fold_math import taper_map
 from .graph_utils import erase_site_nodes, register_tensor
 from .match import TaperSite
@@ -37,6 +38,8 @@ def _new_node(graph: fx.Graph, target, args, like: fx.Node, val=None) -> fx.Node
 
 def materialize_site(gm: fx.GraphModule, site: TaperSite) -> set[str]:
     """Rewrite one (already accepted) site in place; updates site.nodes/output; returns released attr names."""
+    if is_bounded(site):  # tanh(x * a [* p]) above the norm, then the site x * s' (passes/bound.py)
+        return materialize_bounded(gm, site)
     x, out = site.input, site.output
     xv = x.meta["val"]
     s64, beta64 = taper_map(site.module)

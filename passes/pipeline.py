@@ -22,6 +22,7 @@ from tapernorm.layers import TAPER_TYPES
 from .capture import capture, no_cache_default
 from .fold_math import taper_map
 from .backward import apply_backward, plan_backward
+from .bound import bound_prescale_value, is_bounded
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
 from .linears import StorageIndex
@@ -44,6 +45,8 @@ class SiteResult:
     | "skipped" (kept as it was; `reason` says why). scale / shift: the gate-0 map (float64, (d,)).
     pos0: the site's position-0 factor c0 / c (float32 value) when the layer has c0 (passes/pos0.py): a folded or
     materialized site then keeps one Mul by p = where(position == 0, pos0, 1) (B, T, 1); None without c0.
+    bound_prescale: a = c / B of a bounded layer (tapernorm/bound.py): the site keeps tanh(x * a [* p]) in front
+    of its scale (folded or explicit); None for the linear map.
     """
     name: str
     kind: str
@@ -53,6 +56,7 @@ class SiteResult:
     shift: torch.Tensor | None
     reason: str | None
     pos0: float | None = None
+    bound_prescale: float | None = None  # a = c / B of a bounded map (passes/bound.py): tanh(x * a [* p]) * scale
 
 
 def site_results(gm: fx.GraphModule) -> dict[str, SiteResult]:
@@ -112,6 +116,8 @@ class DetectPass(_Pass):
             st.row(site.name, kind=site.kind, gate=float(getattr(m, "gate", float("nan"))), reason=reason)
             if site.pos0 and isinstance(m, TAPER_TYPES):
                 st.row(site.name, pos0_ratio=float(pos0_ratio_value(m)))
+            if is_bounded(site):
+                st.row(site.name, bound=float(m.bound), bound_prescale=bound_prescale_value(m))
             if reason is None:
                 st.accepted.append(site)
         for name, m in uncalled:
@@ -145,6 +151,9 @@ class FoldPass(_Pass):
         for site in st.accepted:
             consumers, untied, reason = plan_fold(gm, site, st.untie_embeddings, index)
             paths = [c.module_path or c.node.name for c in consumers]
+            if reason and is_bounded(site):  # the tanh sits between any producer and the map
+                st.row(site.name, reason=f"{reason}; a bounded map does not fold backward")
+                continue
             if reason:  # no linear after it: maybe one before it (post-norm, QK-norm)
                 plan, why = plan_backward(gm, site, st.untie_embeddings, index)
                 if plan is None:
@@ -282,7 +291,7 @@ def _typed_results(state: FoldState) -> dict[str, SiteResult]:
     for name, r in state.layers.items():
         s, beta = maps.get(name, (None, None))
         out[name] = SiteResult(name, r.get("kind", "rms"), r["status"], r.get("direction"), s, beta, r.get("reason"),
-                               r.get("pos0_ratio"))
+                               r.get("pos0_ratio"), r.get("bound_prescale") if r["status"] != "skipped" else None)
     return out
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bound import bounded_map
 from .cap import cap_factor
 from .pos0 import _pos0_freeze, _pos0_observe, pos0_factor, token_axis, track_positions
 
@@ -47,8 +48,10 @@ class _TaperBase(nn.Module):
         self.register_buffer("gate_value", torch.ones((), dtype=torch.float64))
         self.register_buffer("calibrated_flag", torch.zeros((), dtype=torch.bool))
         self.register_buffer("c0", torch.zeros(()))  # position 0's own c (attention sink); 0: none
+        self.register_buffer("bound", torch.zeros(()))  # B of the bounded map (bound.py); 0: the plain linear map
         self.gate: float = 1.0
         self.has_pos0: bool = False  # mirrors c0 > 0 (Python control flow, like gate)
+        self.has_bound: bool = False  # mirrors bound > 0
         self.taper_cap: float = 0.0  # training-only guard while 0 < gate < 1 (cap.py); 0: off
         self.cap_anneal: bool = False  # K / gate instead of K
         self.cap_hits: int | torch.Tensor = 0  # capped tokens since cap_rate's last reset (a tensor once counted)
@@ -155,17 +158,22 @@ class _TaperBase(nn.Module):
         return self.c * self.weight_t
 
     def fixed_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate-0 branch without beta_t: x * s, times c0 / c on position-0 rows when c0 is set."""
+        """The gate-0 branch without beta_t: x * s, times c0 / c on position-0 rows when c0 is set; with a bound B
+        (bound.py) B * tanh(x * c * p / B) * gamma_t instead."""
+        if self.has_bound:
+            return bounded_map(self, x)
         y = x * self.taper_scale().to(x.dtype)
         return y * pos0_factor(self, x) if self.has_pos0 else y
 
     def extra_repr(self) -> str:
         extra = f", c0={float(self.c0):.4g}" if self.has_pos0 else ""
         extra += f", token_dim={self.token_dim}" if self.token_dim != 1 else ""
+        extra += f", bound={float(self.bound):g}" if self.has_bound else ""
         return f"{self.dim}, eps={self.eps}, gate={self.gate}, calibrated={self.calibrated}{extra}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "c0", torch.zeros(()))  # files written before c0 existed
+        state_dict.setdefault(prefix + "bound", torch.zeros(()))  # ... or before the bound
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -173,6 +181,7 @@ def _sync_python_state(module: _TaperBase, incompatible_keys) -> None:
     module.gate = float(module.gate_value)
     module.calibrated = bool(module.calibrated_flag)
     module.has_pos0 = bool(module.c0 > 0)
+    module.has_bound = bool(module.bound > 0)
 
 
 class TaperNorm(_TaperBase):

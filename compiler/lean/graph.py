@@ -21,7 +21,7 @@ import onnx_ir as ir
 import torch
 
 from ..onnx_io import lazy_initializer
-from .weights import NormSpec
+from .weights import LeanError, NormSpec
 
 __all__ = ["LeanGraph", "ONNX_DTYPES", "OPSET", "POS0_FORMS"]
 
@@ -212,6 +212,8 @@ class LeanGraph:
             if delta_bias is not None:
                 delta = self.op("Add", [delta, self.weight(f"{n}.residual_bias", delta_bias)])
             x = self.op("Add", [residual, delta])
+        if spec.prescale is not None:  # bounded map: tanh(x * c / B [* p]), then B gamma_t folded or explicit
+            return self._bounded(spec, x), x
         if spec.kind == "none":  # folded; a c0 norm keeps its per-token factor on the normed branch only
             return self._with_pos0(spec, x), x
         if spec.kind == "map_rms":
@@ -234,9 +236,21 @@ class LeanGraph:
                            {"axis": -1, "epsilon": spec.eps}, name=n), x
         raise ValueError(f"{n}: unknown norm kind {spec.kind!r}")
 
+    def _bounded(self, spec: NormSpec, x: ir.Value) -> ir.Value:
+        """tapernorm/bound.py's gate-0 map: Tanh(x * c / B [* p]), times B gamma_t unless the fold took it."""
+        n = spec.name
+        u = self._with_pos0(spec, self.op("Mul", [x, self.const_f(spec.prescale, f"{n}.bound_prescale")],
+                                          name=f"{n}/bound_prescale"))
+        t = self.op("Tanh", [u], name=f"{n}/bound")
+        if spec.kind == "none":
+            return t
+        if spec.kind == "map_rms":
+            return self.op("Mul", [t, self.weight(f"{n}.taper_scale", spec.weight)], name=n)
+        raise LeanError(f"{n}: a bounded {spec.kind} map has no lean form (bounded maps are RMS only)")
+
     def head_norm(self, spec: NormSpec, x: ir.Value, heads: int | None) -> ir.Value:
         """A norm (or map) on q / k (B, T, H D): over each head's D features when `heads`, else over all H D."""
-        if spec.kind == "none" and spec.pos0 is None:
+        if spec.is_noop:
             return x
         if heads is None:
             return self.norm(spec, x, None, None)[0]

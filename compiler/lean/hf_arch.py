@@ -192,7 +192,7 @@ class SpecLean:
 
     def post(self, spec: NormSpec | None, x, bias):
         """A post-norm on a block output (x + bias); returns (value, bias still to add)."""
-        if spec is None or (spec.kind == "none" and spec.pos0 is None):
+        if spec is None or spec.is_noop:
             return x, bias
         if bias is not None:
             x, bias = self.g.op("Add", [x, self.g.weight(f"{spec.name}.input_bias", bias)]), None
@@ -232,7 +232,7 @@ class SpecLean:
         w, b, sizes = self.qkv_weights(i)
         qkv = g.linear(self.p(i, f"{s.attn}.qkv_proj"), h, w, b)  # (B, T, (H + 2 Hkv) D)
         qn = [self.norm(self.p(i, f"{s.attn}.{n}")) for n in s.qk_norms] if s.qk_norms else [None, None]
-        if any(n is not None and (n.kind != "none" or n.pos0 is not None) for n in qn):
+        if any(n is not None and not n.is_noop for n in qn):
             q, k, v = g.op("Split", [qkv, g.const_i64(sizes, "const_i64_qkv_sizes")], {"axis": -1}, n_out=3)
             q = g.head_norm(qn[0], q, d.num_heads if s.qk_norm_heads else None)
             k = g.head_norm(qn[1], k, d.num_kv_heads if s.qk_norm_heads else None)

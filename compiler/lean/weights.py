@@ -10,6 +10,8 @@ The fx passes stay the one place where folding is decided and computed. The buil
   a kept (Skip) norm; anything else (a TaperNorm whose gate is not 0) is a LeanError naming the layer.
   A TaperNorm with position 0's own scale c0 (tapernorm/pos0.py) also carries `pos0` = c0 / c, read from the
   model: the graph multiplies the normed value by where(position == 0, c0 / c, 1) (graph.py, `pos0_factor`).
+  A bounded TaperNorm (tapernorm/bound.py) carries `prescale` = c / B: the graph computes tanh(x * c / B [* p])
+  and then the folded (or explicit) per-feature factor B * gamma_t.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.nn as nn
 from tapernorm.layers import TAPER_TYPES
 from tapernorm.passes.linears import linear_output, read_linear
 from tapernorm.passes.pipeline import SiteResult
+from tapernorm.passes.bound import bound_prescale_value
 from tapernorm.passes.pos0 import pos0_ratio_value
 
 __all__ = ["LeanError", "NormSpec", "linear_weights", "norm_spec", "WRAPPER_PREFIX"]
@@ -46,6 +49,12 @@ class NormSpec:
     bias: torch.Tensor | None = None  # beta (kept LN) or beta_t (map_ln), (d,)
     eps: float = 1e-6
     pos0: float | None = None  # c0 / c of a TaperNorm with position 0's own scale: x * where(pos == 0, pos0, 1)
+    prescale: float | None = None  # a = c / B of a bounded map (tapernorm/bound.py): tanh(x * a [* p]) first
+
+    @property
+    def is_noop(self) -> bool:
+        """True if the graph emits nothing for this norm (folded, no position-0 factor, no bound)."""
+        return self.kind == "none" and self.pos0 is None and self.prescale is None
 
 
 def linear_weights(gm: fx.GraphModule, prefix: str = WRAPPER_PREFIX) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -98,16 +107,26 @@ def _pos0(name: str, m: nn.Module, site: SiteResult) -> float | None:
     return ratio
 
 
+def _prescale(name: str, m: nn.Module, site: SiteResult) -> float | None:
+    """c / B of a bounded gate-0 TaperNorm (tapernorm/bound.py), read from the model; the passes must agree."""
+    a = bound_prescale_value(m) if getattr(m, "has_bound", False) else None
+    if a != site.bound_prescale:
+        raise LeanError(f"{name}: the model's bound prescale (c / B = {a}) differs from what the passes saw "
+                        f"({site.bound_prescale}); re-run the fold on this model")
+    return a
+
+
 def norm_spec(name: str, m: nn.Module, site: SiteResult | None, gain_offset: float = 0.0) -> NormSpec:
     """The NormSpec of norm module `m` (at builder path `name`) from the passes' typed result for its site."""
     if isinstance(m, TAPER_TYPES):
         status = site.status if site is not None else None
         ln = type(m).__name__ == "TaperLayerNorm"
         p0 = _pos0(name, m, site) if status in ("folded", "materialized") else None
+        a = _prescale(name, m, site) if status in ("folded", "materialized") else None
         if status == "folded":
-            return NormSpec(name, "none", eps=m.eps, pos0=p0)
+            return NormSpec(name, "none", eps=m.eps, pos0=p0, prescale=a)
         if status == "materialized":
-            return NormSpec(name, "map_ln" if ln else "map_rms", site.scale, site.shift, m.eps, p0)
+            return NormSpec(name, "map_ln" if ln else "map_rms", site.scale, site.shift, m.eps, p0, a)
         why = (site.reason if site is not None else None) or f"gate {m.gate:g} is not 0"
         raise LeanError(f"{name}: {type(m).__name__} is not at gate 0 ({why}); its blend of norm and map has no "
                         "fused op in the lean graph - finish the taper, or compile with --graph generic")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..data import load_corpus, tokenize_corpus, val_batches
 from ..fileio import atomic_write_text, canonical_out, dir_lock
 from ..hf import from_pretrained, save_pretrained
+from ..bound import set_bound
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from ..replace_norms import mlp_norm_pattern
@@ -292,6 +293,15 @@ def _keep_pattern(cfg: FinetuneConfig, model) -> str | None:
     return "|".join(f"(?:{p})" for p in parts) or None
 
 
+def _bound_mlp_norms(model, bound: float) -> None:
+    """--mlp-bound: the family's MLP-input TaperNorms taper to the bounded map (tapernorm/bound.py); RMSNorm only."""
+    bounded = set(set_bound(model, bound, mlp_norm_pattern(model)))
+    ln = [n for n, m in taper_layers(model) if n in bounded and isinstance(m, TaperLayerNorm)]
+    if ln:
+        raise ValueError(f"--mlp-bound: {ln[0]} is a LayerNorm; bounded maps fold only for RMSNorm models so far "
+                         "(use --keep-mlp-norms, or taper without a bound)")
+
+
 def _finetune(cfg: FinetuneConfig) -> dict:
     t_start = time.time()
     out = Path(cfg.out_dir)
@@ -324,6 +334,8 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         m.beta_ema = cfg.beta_ema
     if tapering and cfg.taper_cap:
         set_cap(model, cfg.taper_cap, cfg.cap_anneal)
+    if names and cfg.mlp_bound:
+        _bound_mlp_norms(model, cfg.mlp_bound)
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
     try:  # never inside OUT, where a directory of the user's could have its name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ AUTO = "auto"
 AUTO_CHOICES = ("paper", "sink-attn", "sink")  # what auto may pick (sink: a parallel block, with no MLP-only norm)
 # the values of the fields a recipe may set when neither the user nor a recipe sets them (the paper's method)
 BASE = {"calib_skip": 0, "calib_stat": "ls", "calib_per_feature": False, "calib_pos0": False, "rms_loss": 0.0,
-        "rms_hinge": 0.0, "taper_cap": 0.0, "lr_schedule": "cosine", "keep_mlp_norms": False, "taper_end_frac": 1.0}
+        "rms_hinge": 0.0, "taper_cap": 0.0, "lr_schedule": "cosine", "keep_mlp_norms": False, "taper_end_frac": 1.0,
+        "mlp_bound": 0.0}
 
 
 @dataclass
@@ -94,6 +96,7 @@ class FinetuneConfig:
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
     taper_end_frac: float | None = None  # without --taper-end or a schedule: the taper ends at this fraction of the run
+    mlp_bound: float | None = None    # > 0: the MLP-input norms taper to the bounded map B tanh(u / B) (bound.py); 0: off
 
     def with_recipe(self) -> "FinetuneConfig":
         """A copy with every field left None filled: from the recipe, else from BASE. A field given a value keeps
@@ -157,6 +160,11 @@ class FinetuneConfig:
             raise ValueError(f"--taper-cap {self.taper_cap} must be 0 (off) or >= 1")
         if not 0 < self.taper_end_frac <= 1:
             raise ValueError(f"--taper-end-frac {self.taper_end_frac} must be in (0, 1]")
+        if not (self.mlp_bound >= 0 and math.isfinite(self.mlp_bound)):
+            raise ValueError(f"--mlp-bound {self.mlp_bound} must be a finite number >= 0 (0: off)")
+        if self.mlp_bound and self.keep_mlp_norms:
+            raise ValueError("--mlp-bound bounds the MLP-input norms' taper, --keep-mlp-norms keeps them as norms; "
+                             "pass one of the two")
         if not (self.rms_hinge == 0 or self.rms_hinge >= 1):
             raise ValueError(f"--rms-hinge {self.rms_hinge} must be 0 (symmetric) or >= 1 (a factor over 1 / c)")
         T, W, t0, t1 = self.resolved_steps()
@@ -212,6 +220,9 @@ _HELP = {
     "rms_loss": "lambda of the loss pulling every tapered norm's input RMS per token toward 1 / c (0: off)",
     "rms_hinge": "make the RMS loss one-sided: only tokens whose input RMS exceeds H times the calibrated scale pay "
                  "(0: symmetric)",
+    "mlp_bound": "taper the norms in front of the MLPs to the bounded map B tanh(x c / B) gamma_t instead of the "
+                 "linear x c gamma_t, so a gated MLP's input stays bounded at gate 0 (two elementwise ops per "
+                 "norm in the compiled graph; 0: off)",
     "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
     "keep_mlp_norms": "also leave the norm in front of each block's MLP untapered (a gated MLP's output grows with "
