@@ -1,0 +1,56 @@
+"""`tapernorm finetune --mlp-bound B`: the MLP-input norms taper to the bounded map (tapernorm/bound.py) while the
+rest taper to the linear map; the flag's refusals; a fine-tuned model compiles with one Tanh per bounded norm."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+
+from tapernorm.train.finetune_cli import FinetuneConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"mlp_bound": -1.0}, "--mlp-bound -1.0 must be a finite number >= 0"),
+    ({"mlp_bound": float("inf")}, "--mlp-bound inf must be a finite number >= 0"),
+    ({"mlp_bound": 8.0, "keep_mlp_norms": True}, "pass one of the two"),
+])
+def test_mlp_bound_refusals(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(model="m", steps=10, recipe="paper", **kw).check()
+
+
+def test_mlp_bound_defaults_off():
+    assert FinetuneConfig(model="m", steps=10, recipe="sink-attn").check().mlp_bound == 0.0
+
+
+def test_layernorm_family_is_refused_in_one_line(tmp_path):
+    from hf_models import FT_ARGS, hf_dir
+    from tapernorm.compiler.cli import main
+    with pytest.raises(ValueError, match=r"--mlp-bound: transformer\.h\.0\.ln_2 is a LayerNorm"):
+        main(["finetune", str(hf_dir("gpt2", tmp_path / "src")), "--out", str(tmp_path / "ft"), *FT_ARGS,
+              "--recipe", "paper", "--mlp-bound", "8", "--debug"])
+
+
+@pytest.mark.slow
+def test_finetune_with_mlp_bound_tapers_every_norm_and_compiles(tmp_path):
+    import tapernorm
+    from hf_models import FT_ARGS, hf_dir
+    from tapernorm.compiler.cli import main
+    out = tmp_path / "ft"
+    assert main(["finetune", str(hf_dir("llama", tmp_path / "src")), "--out", str(out), "--mode", "all", *FT_ARGS,
+                 "--recipe", "sink", "--mlp-bound", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["mlp_bound"] == 4.0 and not summary["config"]["keep_mlp_norms"]
+    layers = dict(tapernorm.taper_layers(tapernorm.from_pretrained(out / "model")))
+    assert len(layers) == 5 and all(m.gate == 0.0 for m in layers.values())
+    assert sorted(n for n, m in layers.items() if m.has_bound) == [
+        "model.layers.0.post_attention_layernorm", "model.layers.1.post_attention_layernorm"]
+    assert all(float(m.bound) == 4.0 for m in layers.values() if m.has_bound)
+    assert main(["compile", str(out / "model"), "--out", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / "compile_report.json").read_text())
+    assert report["parity"]["ok"] and len(report["folded_layers"]) == 5
+    assert report["bound"]["sites"] == 2 and report["bound"]["model.onnx"]["tanh"] == 2
+    assert report["parity"]["graphs"]["model.onnx"]["tokens_identical"]
