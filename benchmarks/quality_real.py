@@ -73,6 +73,14 @@ VARIANTS: dict[str, dict] = {
                                        "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-attn-tail-cosine": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm",
                                   "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    # section 10's BI / BA: every norm tapers (no norm kept), the MLP-input norms to the bounded map B tanh(x c / B)
+    # (--mlp-bound 32), with AE's schedule; BI0 is BI without the bound (the control)
+    "internal-sink-bound-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "mlp_bound": 32.0,
+                                        "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "all-sink-bound-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "mlp_bound": 32.0,
+                                   "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "internal-sink-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "end_frac": 2 / 3,
+                                  "lr_schedule": "cosine"},
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
