@@ -74,10 +74,10 @@ VARIANTS: dict[str, dict] = {
     "all-sink-attn-tail-cosine": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm",
                                   "end_frac": 2 / 3, "lr_schedule": "cosine"},
     # section 10's BI / BA: every norm tapers (no norm kept), the MLP-input norms to the bounded map B tanh(x c / B)
-    # (--mlp-bound 32), with AE's schedule; BI0 is BI without the bound (the control)
-    "internal-sink-bound-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "mlp_bound": 32.0,
+    # (--taper-bound 32), with AE's schedule; BI0 is BI without the bound (the control)
+    "internal-sink-bound-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                         "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    "all-sink-bound-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "mlp_bound": 32.0,
+    "all-sink-bound-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                    "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "internal-sink-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "end_frac": 2 / 3,
                                   "lr_schedule": "cosine"},

@@ -43,7 +43,7 @@ def bound_problem(site) -> str | None:
     """Why a bounded site's traced call is not the bounded gate-0 form, or None if it is."""
     if site.kind != "rms":
         return ("bounded LayerNorm map: its centering comes before the tanh, which no fold expresses yet; "
-                "taper this norm without --mlp-bound")
+                "taper this norm without --taper-bound")
     tanhs = [n for n in site.nodes if n.target == aten.tanh.default]
     if len(tanhs) != 1:
         return f"traced call has {len(tanhs)} tanh ops; a bounded map at gate 0 has exactly one"

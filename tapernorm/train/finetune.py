@@ -293,12 +293,13 @@ def _keep_pattern(cfg: FinetuneConfig, model) -> str | None:
     return "|".join(f"(?:{p})" for p in parts) or None
 
 
-def _bound_mlp_norms(model, bound: float) -> None:
-    """--mlp-bound: the family's MLP-input TaperNorms taper to the bounded map (tapernorm/bound.py); RMSNorm only."""
-    bounded = set(set_bound(model, bound, mlp_norm_pattern(model)))
+def _bound_norms(model, bound: float, scope: str) -> None:
+    """--taper-bound: the MLP-input (scope "mlp") or all tapered norms taper to the bounded map (tapernorm/bound.py);
+    RMSNorm only."""
+    bounded = set(set_bound(model, bound, mlp_norm_pattern(model) if scope == "mlp" else "."))
     ln = [n for n, m in taper_layers(model) if n in bounded and isinstance(m, TaperLayerNorm)]
     if ln:
-        raise ValueError(f"--mlp-bound: {ln[0]} is a LayerNorm; bounded maps fold only for RMSNorm models so far "
+        raise ValueError(f"--taper-bound: {ln[0]} is a LayerNorm; bounded maps fold only for RMSNorm models so far "
                          "(use --keep-mlp-norms, or taper without a bound)")
 
 
@@ -334,8 +335,8 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         m.beta_ema = cfg.beta_ema
     if tapering and cfg.taper_cap:
         set_cap(model, cfg.taper_cap, cfg.cap_anneal)
-    if names and cfg.mlp_bound:
-        _bound_mlp_norms(model, cfg.mlp_bound)
+    if names and cfg.taper_bound:
+        _bound_norms(model, cfg.taper_bound, cfg.taper_bound_scope)
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
     try:  # never inside OUT, where a directory of the user's could have its name

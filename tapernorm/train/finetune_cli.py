@@ -44,11 +44,12 @@ SINK_RECIPE = {"calib_stat": "inv_rms", "calib_skip": 1, "calib_per_feature": Tr
 SINK_ATTN_RECIPE = {**SINK_RECIPE, "keep_mlp_norms": True, "lr_schedule": "cosine", "taper_end_frac": 2 / 3}
 RECIPES: dict[str, dict] = {"paper": {}, "sink": SINK_RECIPE, "sink-attn": SINK_ATTN_RECIPE}
 AUTO = "auto"
+BOUND_SCOPES = ("mlp", "all")  # --taper-bound-scope
 AUTO_CHOICES = ("paper", "sink-attn", "sink")  # what auto may pick (sink: a parallel block, with no MLP-only norm)
 # the values of the fields a recipe may set when neither the user nor a recipe sets them (the paper's method)
 BASE = {"calib_skip": 0, "calib_stat": "ls", "calib_per_feature": False, "calib_pos0": False, "rms_loss": 0.0,
         "rms_hinge": 0.0, "taper_cap": 0.0, "lr_schedule": "cosine", "keep_mlp_norms": False, "taper_end_frac": 1.0,
-        "mlp_bound": 0.0}
+        "taper_bound": 0.0}
 
 
 @dataclass
@@ -96,7 +97,8 @@ class FinetuneConfig:
     taper_order: str = "global"       # global | first | last (staged.py)
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
     taper_end_frac: float | None = None  # without --taper-end or a schedule: the taper ends at this fraction of the run
-    mlp_bound: float | None = None    # > 0: the MLP-input norms taper to the bounded map B tanh(u / B) (bound.py); 0: off
+    taper_bound: float | None = None  # > 0: norms taper to the bounded map B tanh(u / B) (bound.py); 0: off
+    taper_bound_scope: str = "mlp"    # which tapered norms are bounded: mlp (the MLP-input norms) | all
 
     def with_recipe(self) -> "FinetuneConfig":
         """A copy with every field left None filled: from the recipe, else from BASE. A field given a value keeps
@@ -160,10 +162,12 @@ class FinetuneConfig:
             raise ValueError(f"--taper-cap {self.taper_cap} must be 0 (off) or >= 1")
         if not 0 < self.taper_end_frac <= 1:
             raise ValueError(f"--taper-end-frac {self.taper_end_frac} must be in (0, 1]")
-        if not (self.mlp_bound >= 0 and math.isfinite(self.mlp_bound)):
-            raise ValueError(f"--mlp-bound {self.mlp_bound} must be a finite number >= 0 (0: off)")
-        if self.mlp_bound and self.keep_mlp_norms:
-            raise ValueError("--mlp-bound bounds the MLP-input norms' taper, --keep-mlp-norms keeps them as norms; "
+        if not (self.taper_bound >= 0 and math.isfinite(self.taper_bound)):
+            raise ValueError(f"--taper-bound {self.taper_bound} must be a finite number >= 0 (0: off)")
+        if self.taper_bound_scope not in BOUND_SCOPES:
+            raise ValueError(f"--taper-bound-scope {self.taper_bound_scope!r} is not one of {', '.join(BOUND_SCOPES)}")
+        if self.taper_bound and self.keep_mlp_norms and self.taper_bound_scope == "mlp":
+            raise ValueError("--taper-bound bounds the MLP-input norms' taper, --keep-mlp-norms keeps them as norms; "
                              "pass one of the two")
         if not (self.rms_hinge == 0 or self.rms_hinge >= 1):
             raise ValueError(f"--rms-hinge {self.rms_hinge} must be 0 (symmetric) or >= 1 (a factor over 1 / c)")
@@ -220,9 +224,11 @@ _HELP = {
     "rms_loss": "lambda of the loss pulling every tapered norm's input RMS per token toward 1 / c (0: off)",
     "rms_hinge": "make the RMS loss one-sided: only tokens whose input RMS exceeds H times the calibrated scale pay "
                  "(0: symmetric)",
-    "mlp_bound": "taper the norms in front of the MLPs to the bounded map B tanh(x c / B) gamma_t instead of the "
-                 "linear x c gamma_t, so a gated MLP's input stays bounded at gate 0 (two elementwise ops per "
-                 "norm in the compiled graph; 0: off)",
+    "taper_bound": "taper the norms of --taper-bound-scope to the bounded map B tanh(x c / B) gamma_t instead of the "
+                   "linear x c gamma_t, so their output stays bounded at gate 0 (two elementwise ops per norm in the "
+                   "compiled graph; 0: off)",
+    "taper_bound_scope": "which tapered norms --taper-bound bounds: mlp (the norm in front of each block's MLP, "
+                         "whose gated output grows with the square of its input) or all",
     "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
     "keep_mlp_norms": "also leave the norm in front of each block's MLP untapered (a gated MLP's output grows with "
@@ -264,8 +270,10 @@ def add_cli(subparsers) -> None:
         base = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order", "lr_schedule", "recipe"):
+        elif f.name in ("mode", "schedule", "scale_form", "calib_stat", "taper_order", "lr_schedule", "recipe",
+                        "taper_bound_scope"):
             choices = {"mode": MODES, "schedule": sorted(SCHEDULES), "scale_form": SCALE_FORMS, "recipe": (AUTO, *RECIPES),
+                       "taper_bound_scope": BOUND_SCOPES,
                        "calib_stat": ("ls", "inv_rms"), "taper_order": ("global", "first", "last"),
                        "lr_schedule": tuple(LR_SCHEDULES)}[f.name]
             p.add_argument(flag, choices=choices, **kw)
