@@ -77,3 +77,25 @@ def make_hf_pos0(model_type: str, hidden: int = 64, layers: int = 2, heads: int 
               forward=lambda mod, b: mod(input_ids=b, use_cache=False), pos0=True)
     set_gate(sharpen_pos0(m), 0.0)
     return m
+
+
+def prefill_args(model, T: int = 7, seed: int = 9):
+    """(ids, mask, positions, empty past) from position 0 for a KVCacheLM around our DecoderLM `model` (B = 2):
+    where position 0's factor is not 1."""
+    c = model.config
+    ids = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
+    past = tuple(torch.zeros(2, c.n_heads, 0, c.head_dim) for _ in range(2 * c.n_layers))
+    return ids, torch.ones(2, T, dtype=torch.long), torch.arange(T)[None].expand(2, T).contiguous(), past
+
+
+def kv_capture(model):
+    """(KVCacheLM wrapper, example args, dynamic shapes, captured GraphModule, prefill args, wrapper's prefill
+    logits) of our DecoderLM `model`: the setup of the fold tests on cached decoders."""
+    from tapernorm.compiler.export_onnx import KVCacheLM, dynamic_shapes, example_inputs
+    from tapernorm.passes.capture import capture
+    w = KVCacheLM(model)
+    args, ds = example_inputs(model.config), dynamic_shapes(model.config.n_layers)
+    pre = prefill_args(model)
+    with torch.no_grad():
+        ref = w(*pre)[0]
+    return w, args, ds, capture(w, args, dynamic_shapes=ds), pre, ref

@@ -10,7 +10,7 @@ from tapernorm.compiler.export_onnx import KVCacheLM, dynamic_shapes, example_in
 from tapernorm.passes import fold, materialize
 from tapernorm.passes.capture import capture
 from tapernorm.passes.pipeline import site_results
-from tiny_models import make_pos0
+from tiny_models import kv_capture, make_pos0, prefill_args
 
 aten = torch.ops.aten
 
@@ -19,25 +19,12 @@ def _tanhs(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.target == aten.tanh.default)
 
 
-def _prefill(m, T=7):
-    """Arguments from position 0 with an empty cache (where position 0's factor is not 1)."""
-    c = m.config
-    ids = torch.randint(3, 256, (2, T), generator=torch.Generator().manual_seed(9))
-    past = tuple(torch.zeros(2, c.n_heads, 0, c.head_dim) for _ in range(2 * c.n_layers))
-    return ids, torch.ones(2, T, dtype=torch.long), torch.arange(T)[None].expand(2, T).contiguous(), past
-
-
 @pytest.mark.parametrize("pos0", [True, False])
 def test_bounded_norms_fold_and_keep_one_tanh_each(pos0):
     m = make_pos0("tiny", "all", pos0, embed_scale=20.0)
     bounded = set_bound(m, 1.5, "post_attention")  # the MLP-input norms of both layers
     assert len(bounded) == 2
-    w = KVCacheLM(m)
-    args, ds = example_inputs(m.config), dynamic_shapes(m.config.n_layers)
-    gm = capture(w, args, dynamic_shapes=ds)
-    pre = _prefill(m)
-    with torch.no_grad():
-        ref = w(*pre)[0]
+    w, args, ds, gm, pre, ref = kv_capture(m)
     for fn, status in ((fold, "folded"), (materialize, "materialized")):
         g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
         assert rep[status] == 5 and rep["skipped"] == 0 and rep["verify"]["ok"], rep["layers"]
@@ -63,8 +50,7 @@ def test_bounded_norms_fold_and_keep_one_tanh_each(pos0):
 def test_the_bound_is_live():
     """The same model without its bound gives other logits: the Tanh the fold keeps is doing work."""
     m = make_pos0("tiny", "all", True, embed_scale=20.0)
-    w = KVCacheLM(m)
-    pre = _prefill(m)
+    w, pre = KVCacheLM(m), prefill_args(m)
     with torch.no_grad():
         plain = w(*pre)[0]
         set_bound(m, 0.5, "post_attention")

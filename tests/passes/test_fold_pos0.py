@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tapernorm import calibrate, set_gate, taper_layers
-from tapernorm.compiler.export_onnx import KVCacheLM, dynamic_shapes, example_inputs
+from tapernorm.compiler.export_onnx import KVCacheLM, example_inputs
 from tapernorm.passes import fold, materialize
 from tapernorm.passes.capture import capture
 from tapernorm.passes.pipeline import site_results
-from tiny_models import make_pos0, sharpen_pos0
+from tiny_models import kv_capture, make_pos0, prefill_args, sharpen_pos0
 
 aten = torch.ops.aten
 VOCAB = 256
@@ -32,21 +32,13 @@ def _factors(gm) -> int:
 
 def _prefill(m):
     """(args from position 0 with an empty cache) for a KVCacheLM around m: where the factor is not 1."""
-    c = m.config
-    ids = _ids(2, 7, seed=9)
-    past = tuple(torch.zeros(2, c.n_heads, 0, c.head_dim) for _ in range(2 * c.n_layers))
-    return ids, torch.ones(2, 7, dtype=torch.long), torch.arange(7)[None].expand(2, 7).contiguous(), past
+    return prefill_args(m)
 
 
 @pytest.mark.parametrize("arch,mode,n", [("tiny", "internal", 4), ("tiny", "all", 5), ("tiny-gpt2", "all", 5)])
 def test_decoder_folds_with_one_factor_per_norm(arch, mode, n):
     m = _decoder(arch, mode)
-    w = KVCacheLM(m)
-    args, ds = example_inputs(m.config), dynamic_shapes(m.config.n_layers)
-    gm = capture(w, args, dynamic_shapes=ds)
-    pre = _prefill(m)
-    with torch.no_grad():
-        ref = w(*pre)[0]
+    w, args, ds, gm, pre, ref = kv_capture(m)
     for fn, status in ((fold, "folded"), (materialize, "materialized")):
         g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
         assert rep[status] == n and rep["skipped"] == 0 and rep["pos0_factors"] == n, rep["layers"]
