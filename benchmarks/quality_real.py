@@ -73,14 +73,16 @@ VARIANTS: dict[str, dict] = {
                                        "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-attn-tail-cosine": {"mode": "all", **LONG_SINK, "keep_norms": "post_attention_layernorm",
                                   "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    # section 10's BI / BA: every norm tapers (no norm kept), the MLP-input norms to the bounded map B tanh(x c / B)
-    # (--taper-bound 32), with AE's schedule; BI0 is BI without the bound (the control)
+    # section 10's runs: every norm tapers (none kept), AE's schedule. BI / BA: the MLP-input norms to the bounded map
+    # B tanh(x c / B) (--taper-bound 32); both stop at gate 0 (section 10.3). BI2 / BA2: every tapered norm bounded.
     "internal-sink-bound-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                         "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-bound-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                    "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    "internal-sink-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "end_frac": 2 / 3,
-                                  "lr_schedule": "cosine"},
+    "internal-sink-boundall-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
+                                           "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "all-sink-boundall-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
+                                      "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
