@@ -10,8 +10,6 @@ variant runs on the same onnxruntime build:
     ours_tapered     the checkpoint taperized (all), calibrated, gate 0, compiled lean (every norm folded)
     ours_finetuned   with --finetuned DIR: a compiled directory of a tapered fine-tune of the same checkpoint (for
                      example the attention-side taper, whose MLP norms stay), our loop
-    ours_finetuned2  with --finetuned2 DIR: a second one (for example a full taper with bounded MLP-input maps), our
-                     loop, paired with ours_lean and with ours_finetuned
     genai_tapered    that directory under genai's loop
     genai_builder    `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32 -e cpu`, genai's loop
 Lockstep: each round draws one random prompt (B, P); every variant decodes it as one block (prefill + N - 1
@@ -46,8 +44,6 @@ PAIRS = [("ours_lean / genai_builder", "ours_lean", "genai_builder"),
          ("ours_tapered / ours_lean", "ours_tapered", "ours_lean"),
          ("ours_finetuned / ours_lean", "ours_finetuned", "ours_lean"),
          ("ours_finetuned / ours_tapered", "ours_finetuned", "ours_tapered"),
-         ("ours_finetuned2 / ours_lean", "ours_finetuned2", "ours_lean"),
-         ("ours_finetuned2 / ours_finetuned", "ours_finetuned2", "ours_finetuned"),
          ("A/A: ours_lean_aa / ours_lean", "ours_lean_aa", "ours_lean")]
 
 
@@ -139,7 +135,7 @@ def run_batch(worker: GenaiWorker, names: list[str], batch: int, args, vocab: in
     """All rounds at one batch size; {variant: [tok/s per round]} and the token agreement."""
     rng = np.random.default_rng(args.seed + batch)
     toks: dict[str, list[float]] = {n: [] for n in names}
-    plain = [n for n in names if "tapered" not in n and not n.startswith("ours_finetuned")]  # the plain checkpoint's graphs
+    plain = [n for n in names if "tapered" not in n and n != "ours_finetuned"]  # the plain checkpoint's graphs
     agree = {n: True for n in plain}  # a speed-only tapered graph's tokens mean nothing; a fine-tune's differ
     for r in range(args.rounds + 1):  # round 0 warms up every variant and is not recorded
         prompt = rng.integers(3, vocab, (batch, args.prompt_len)).tolist()
@@ -195,8 +191,6 @@ def main() -> int:
     ap.add_argument("--genai-python", default=None)
     ap.add_argument("--finetuned", default="", help="a `tapernorm compile` directory of a tapered fine-tune of the "
                     "checkpoint, timed as ours_finetuned")
-    ap.add_argument("--finetuned2", default="", help="a second compiled fine-tune, timed as ours_finetuned2 "
-                    "(needs --finetuned)")
     ap.add_argument("--spinning", default="off", choices=["off", "default"],
                     help="our sessions' intra-op spinning: off, or onnxruntime's default (genai's sessions keep theirs)")
     add_output_args(ap)
@@ -214,22 +208,17 @@ def main() -> int:
             "builder": genai_builder_graph(hf, work / "genai_builder", worker.builder_py)}
     if not args.no_generic:
         dirs["generic"] = compiled(hf, work / "generic", "generic")
-    if args.finetuned2 and not args.finetuned:
-        raise SystemExit("--finetuned2 needs --finetuned (it is timed against it)")
-    for key, d in (("finetuned", args.finetuned), ("finetuned2", args.finetuned2)):
-        if d:
-            dirs[key] = Path(d)
-            rep = json.loads((dirs[key] / "compile_report.json").read_text())
-            bound = (rep.get("bound") or {}).get("sites", 0)
-            notes.append(f"ours_{key}: {d} ({rep['graph']} graph, {len(rep['folded_layers'])} norms folded"
-                         + (f", {bound} of them bounded maps (Mul + Tanh kept)" if bound else "") + ").")
+    if args.finetuned:
+        dirs["finetuned"] = Path(args.finetuned)
+        rep = json.loads((dirs["finetuned"] / "compile_report.json").read_text())
+        notes.append(f"ours_finetuned: {args.finetuned} ({rep['graph']} graph, {len(rep['folded_layers'])} norms "
+                     "folded).")
     ctx = args.prompt_len + args.new_tokens
     loads = {"ours_lean": ("load_ours", "lean"), "ours_lean_aa": ("load_ours", "lean"),
              "genai_lean": ("load", "lean"), "ours_tapered": ("load_ours", "tapered"),
              "genai_tapered": ("load", "tapered"), "genai_builder": ("load", "builder"),
              **({"ours_generic": ("load_ours", "generic")} if "generic" in dirs else {}),
-             **({"ours_finetuned": ("load_ours", "finetuned")} if "finetuned" in dirs else {}),
-             **({"ours_finetuned2": ("load_ours", "finetuned2")} if "finetuned2" in dirs else {})}
+             **({"ours_finetuned": ("load_ours", "finetuned")} if "finetuned" in dirs else {})}
     for name, (cmd, d) in loads.items():
         worker.call({"cmd": cmd, "name": name, "dir": str(dirs[d]), "threads": args.threads, "max_len": ctx,
                      "spinning": None if args.spinning == "default" else False})
@@ -246,8 +235,7 @@ def main() -> int:
         print(f"[bench] batch {b}: " + ", ".join(f"{k} x{v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
     worker.close()
     res["loadavg_after"] = loadavg()
-    stem = "peers_real" + ("" if args.spinning == "off" else "_spin-default") + ("_finetuned" if args.finetuned else "") \
-        + ("2" if args.finetuned2 else "")
+    stem = "peers_real" + ("" if args.spinning == "off" else "_spin-default") + ("_finetuned" if args.finetuned else "")
     paths = write_results(output_dir(args) / stem, res, markdown(res))
     print(f"[bench] wrote {paths[0]} and {paths[1]}")
     return 0
