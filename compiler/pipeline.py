@@ -329,8 +329,9 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
         if built.graph == "lean":  # onnxruntime-genai runs the same directory (runtime/genai_engine.py)
             write_genai_config(tmp, cfg, eos_id=toks.eos_id, bos_id=toks.bos_id, provider=provider,
                                eos_ids=toks.eos_ids)
+        graphs = {f: load_onnx(tmp / f, load_external_data=False) for f in job.variants}  # structure only
         pos0 = {"sites": built.passes.rep_fold.get("pos0_factors", 0),  # norms with position 0's own c0 (passes/pos0)
-                **{f: pos0_counts(load_onnx(tmp / f, load_external_data=False)) for f in job.variants}}
+                **{f: pos0_counts(m) for f, m in graphs.items()}}
         small = n_weights <= LEAN_STREAM_ABOVE
         report = compile_report(
             ckpt=job.ckpt, out_dir=job.out_dir, cfg=cfg, plan=plan, built=built, parity=parity, pos0=pos0, prec=prec,
@@ -341,8 +342,7 @@ def compile_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: s
             seconds={"passes": round(t_pass - t0, 2), "export": round(t_export - t_pass, 2),
                      "total": round(time.perf_counter() - t0, 2)})
         stages.end()
-        report["bound"] = bound_counts(built.passes.rep_fold, {f: load_onnx(tmp / f, load_external_data=False)
-                                                              for f in job.variants})
+        report["bound"] = bound_counts(built.passes.rep_fold, graphs)
         report.update(stages.record())  # "stages": per-stage seconds and peak RSS, "peak_rss_bytes", "total_seconds"
         (tmp / "compile_report.json").write_text(json.dumps(report, indent=2, default=str))
         _keep_foreign(job.out_dir, tmp, foreign, log)

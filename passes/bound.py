@@ -26,17 +26,12 @@ from .pos0 import pos0_factor_node, scope_above
 
 aten = torch.ops.aten
 
-__all__ = ["is_bounded", "bound_problem", "bound_prescale_value", "materialize_bounded"]
+__all__ = ["is_bounded", "bound_problem", "materialize_bounded"]
 
 
 def is_bounded(site) -> bool:
     """True if the site's layer tapers to the bounded map (bound > 0)."""
     return bool(getattr(site.module, "has_bound", False))
-
-
-def bound_prescale_value(module) -> float:
-    """a = c / B as the float32 value the layer's forward multiplies by (computed in the buffers' dtype)."""
-    return float((module.c / module.bound).detach().to(torch.float32))
 
 
 def bound_problem(site) -> str | None:

@@ -17,12 +17,13 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
+from tapernorm.bound import bound_prescale
 from tapernorm.layers import TAPER_TYPES
 
 from .capture import capture, no_cache_default
 from .fold_math import taper_map
 from .backward import apply_backward, plan_backward
-from .bound import bound_prescale_value, is_bounded
+from .bound import is_bounded
 from .fold import apply_fold, plan_fold
 from .graph_utils import cleanup, drop_unused_attrs, graph_check
 from .linears import StorageIndex
@@ -117,7 +118,7 @@ class DetectPass(_Pass):
             if site.pos0 and isinstance(m, TAPER_TYPES):
                 st.row(site.name, pos0_ratio=float(pos0_ratio_value(m)))
             if is_bounded(site):
-                st.row(site.name, bound=float(m.bound), bound_prescale=bound_prescale_value(m))
+                st.row(site.name, bound=float(m.bound), bound_prescale=bound_prescale(m))
             if reason is None:
                 st.accepted.append(site)
         for name, m in uncalled:

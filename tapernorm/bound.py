@@ -38,8 +38,9 @@ def bounded_map(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def bound_prescale(layer) -> float:
-    """c / B as a float: the Mul in front of the Tanh in the folded graph (times p on position-0 rows)."""
-    return float((layer.c / layer.bound).to(torch.float32))
+    """c / B as the float32 value the layer's forward multiplies by (computed in the buffers' dtype): the Mul in
+    front of the Tanh in the folded graph (times p on position-0 rows)."""
+    return float((layer.c / layer.bound).detach().to(torch.float32))
 
 
 @torch.no_grad()
@@ -50,11 +51,10 @@ def set_bound(model: nn.Module, bound: float, pattern: str) -> list[str]:
     b = float(bound)
     if not (b >= 0.0) or b == float("inf"):
         raise TaperError(f"bound {bound!r} is not a finite number >= 0; pass e.g. 32 (0 turns it off)")
-    names = [n for n, m in taper_layers(model) if re.search(pattern, n)]
-    if not names:
+    layers = [(n, m) for n, m in taper_layers(model) if re.search(pattern, n)]
+    if not layers:
         raise TaperError(f"no TaperNorm matches {pattern!r}; the bound applies to tapered norms (check --keep-norms)")
-    for n, m in taper_layers(model):
-        if n in names:
-            m.bound.fill_(b)
-            m.has_bound = b > 0
-    return names
+    for _, m in layers:
+        m.bound.fill_(b)
+        m.has_bound = b > 0
+    return [n for n, _ in layers]

@@ -21,10 +21,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tapernorm.bound import bound_prescale
 from tapernorm.layers import TAPER_TYPES
 from tapernorm.passes.linears import linear_output, read_linear
 from tapernorm.passes.pipeline import SiteResult
-from tapernorm.passes.bound import bound_prescale_value
 from tapernorm.passes.pos0 import pos0_ratio_value
 
 __all__ = ["LeanError", "NormSpec", "linear_weights", "norm_spec", "WRAPPER_PREFIX"]
@@ -109,7 +109,7 @@ def _pos0(name: str, m: nn.Module, site: SiteResult) -> float | None:
 
 def _prescale(name: str, m: nn.Module, site: SiteResult) -> float | None:
     """c / B of a bounded gate-0 TaperNorm (tapernorm/bound.py), read from the model; the passes must agree."""
-    a = bound_prescale_value(m) if getattr(m, "has_bound", False) else None
+    a = bound_prescale(m) if getattr(m, "has_bound", False) else None
     if a != site.bound_prescale:
         raise LeanError(f"{name}: the model's bound prescale (c / B = {a}) differs from what the passes saw "
                         f"({site.bound_prescale}); re-run the fold on this model")
