@@ -252,7 +252,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 def _assign(model: torch.nn.Module, tensors: dict, where: str) -> None:
     """Check keys / shapes / finiteness (as tapernorm.hf.load_state_checked does), then make the parameters *be*
     the tensors (load_state_dict assign=True: no copy) and re-tie tied weights."""
-    from tapernorm.checkpoint import CheckpointError
+    from tapernorm.checkpoint import CheckpointError, shape_matches
 
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied aliases (lm_head -> embed_tokens) are stored once; see them as such
@@ -264,7 +264,7 @@ def _assign(model: torch.nn.Module, tensors: dict, where: str) -> None:
         raise MmapUnsupported(f"{where}: the weight names are not {type(model).__name__}'s own (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in tensors.items():
-        if tuple(v.shape) != tuple(state[k].shape):
+        if not shape_matches(k, tuple(v.shape), state):
             raise CheckpointError(f"{where}: key {k!r} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(state[k].shape)}")
         if v.is_floating_point() and not _all_finite(v):

@@ -115,8 +115,10 @@ def pos0_counts(model: onnx.ModelProto) -> dict:
 
 # -- bounded maps (tapernorm/bound.py) ---------------------------------------------------------------------
 def bound_counts(rep_fold: dict, models: dict[str, onnx.ModelProto]) -> dict:
-    """{"sites": norms the passes kept as bounded maps tanh(x * c / B [* p]) (folded or explicit), "bound": B of
-    each, and per graph file the Tanh nodes it has}; sites 0 for a model without bounded maps."""
+    """{"sites": norms the passes kept as bounded maps tanh(x * c / B [* p]) (folded or explicit), "bound": the
+    distinct scalar Bs, "per_feature": the sites with a B per feature, and per graph file the Tanh nodes it has};
+    sites 0 for a model without bounded maps."""
     rows = {k: r for k, r in (rep_fold.get("layers") or {}).items() if r.get("bound") and r["status"] != "skipped"}
-    return {"sites": len(rows), "bound": sorted({r["bound"] for r in rows.values()}),
+    scalar = [r["bound"] for r in rows.values() if not isinstance(r["bound"], dict)]
+    return {"sites": len(rows), "bound": sorted(set(scalar)), "per_feature": len(rows) - len(scalar),
             **{f: {"tanh": sum(1 for n in m.graph.node if n.op_type == "Tanh")} for f, m in models.items()}}

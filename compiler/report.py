@@ -60,7 +60,7 @@ def summary_text(rep: dict) -> str:
             f"({rep['statistics_check']['total']} statistic ops left in model.onnx)\n"
             + (f"  position 0's own scale: {rep['pos0']['sites']} norm(s), {rep['pos0']['model.onnx']['muls']} "
                "per-token Mul(s) in model.onnx (1 at every position but 0)\n" if rep.get("pos0", {}).get("sites") else "")
-            + (f"  bounded maps: {rep['bound']['sites']} norm(s) taper to B tanh(x c / B) (B {rep['bound']['bound']}), "
+            + (f"  bounded maps: {rep['bound']['sites']} norm(s) taper to B tanh(x c / B) (B {_bounds(rep['bound'])}), "
                f"{rep['bound']['model.onnx']['tanh']} Tanh in model.onnx\n" if rep.get("bound", {}).get("sites") else "")
             + "  parity: prompt logits max|diff| "
             + ", ".join(f"{_SHORT[f]} {g[f]['prompt_logits_max_abs_diff']:.2e}" for f in g) + "; "
@@ -74,3 +74,11 @@ def summary_text(rep: dict) -> str:
 
 
 _SHORT = {"model.onnx": "folded", "model_unfused.onnx": "unfused"}
+
+
+def _bounds(b: dict) -> str:
+    """The summary's bound: the scalar Bs, and how many norms have a B per feature."""
+    parts = [", ".join(f"{x:g}" for x in b["bound"])] if b["bound"] else []
+    if b.get("per_feature"):
+        parts.append(f"per feature at {b['per_feature']}")
+    return "; ".join(parts)

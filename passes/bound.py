@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from tapernorm.bound import bound_json, bound_prescale
+
 from .fold_math import taper_map
 from .graph_utils import erase_site_nodes, register_tensor
 from .pos0 import pos0_factor_node, scope_above
@@ -42,8 +44,11 @@ def bound_problem(site) -> str | None:
     tanhs = [n for n in site.nodes if n.target == aten.tanh.default]
     if len(tanhs) != 1:
         return f"traced call has {len(tanhs)} tanh ops; a bounded map at gate 0 has exactly one"
-    if not (float(site.module.bound) > 0 and float(site.module.c) > 0):
-        return f"bound {float(site.module.bound):g} / c {float(site.module.c):g} is not a positive pair"
+    b, d = site.module.bound, site.module.weight_t.shape[-1]
+    if not (bool((b > 0).all()) and float(site.module.c) > 0):
+        return f"bound {bound_json(b)} / c {float(site.module.c):g} is not a positive pair"
+    if b.dim() > 1 or (b.dim() == 1 and b.shape[0] != d):
+        return f"bound of shape {tuple(b.shape)} is neither one B nor one per feature ({d},)"
     return None
 
 
@@ -57,7 +62,7 @@ def materialize_bounded(gm: fx.GraphModule, site) -> set[str]:
     Updates site.input (the tanh), site.output / site.nodes (the Mul by s'); returns released attr names."""
     x, out = site.input, site.output
     xv, m, g = x.meta["val"], site.module, gm.graph
-    a = (m.c / m.bound).detach().to(xv.dtype).reshape(())
+    a = bound_prescale(m).to(xv.dtype)  # () or (d,)
     a_name = register_tensor(gm, site.path + ".bound_prescale", a, parameter=False)
     s64, _ = taper_map(m)  # B * gamma_t for a bounded layer
     s_name = register_tensor(gm, site.path + ".taper_scale", s64.to(xv.dtype), parameter=False)

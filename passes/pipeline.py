@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from tapernorm.bound import bound_prescale
+from tapernorm.bound import bound_json, bound_prescale
 from tapernorm.layers import TAPER_TYPES
 
 from .capture import capture, no_cache_default
@@ -46,8 +46,8 @@ class SiteResult:
     | "skipped" (kept as it was; `reason` says why). scale / shift: the gate-0 map (float64, (d,)).
     pos0: the site's position-0 factor c0 / c (float32 value) when the layer has c0 (passes/pos0.py): a folded or
     materialized site then keeps one Mul by p = where(position == 0, pos0, 1) (B, T, 1); None without c0.
-    bound_prescale: a = c / B of a bounded layer (tapernorm/bound.py): the site keeps tanh(x * a [* p]) in front
-    of its scale (folded or explicit); None for the linear map.
+    bound_prescale: a = c / B of a bounded layer (tapernorm/bound.py), float32 of shape () or (d,) (a bound per
+    feature): the site keeps tanh(x * a [* p]) in front of its scale (folded or explicit); None for the linear map.
     """
     name: str
     kind: str
@@ -57,7 +57,7 @@ class SiteResult:
     shift: torch.Tensor | None
     reason: str | None
     pos0: float | None = None
-    bound_prescale: float | None = None  # a = c / B of a bounded map (passes/bound.py): tanh(x * a [* p]) * scale
+    bound_prescale: torch.Tensor | None = None  # a = c / B, () or (d,) (passes/bound.py): tanh(x * a [* p]) * scale
 
 
 def site_results(gm: fx.GraphModule) -> dict[str, SiteResult]:
@@ -118,7 +118,7 @@ class DetectPass(_Pass):
             if site.pos0 and isinstance(m, TAPER_TYPES):
                 st.row(site.name, pos0_ratio=float(pos0_ratio_value(m)))
             if is_bounded(site):
-                st.row(site.name, bound=float(m.bound), bound_prescale=bound_prescale(m))
+                st.row(site.name, bound=bound_json(m.bound), bound_prescale=bound_json(bound_prescale(m)))
             if reason is None:
                 st.accepted.append(site)
         for name, m in uncalled:
@@ -288,11 +288,12 @@ def _run(mode: str, module, example_args, example_kwargs, dynamic_shapes, origin
 def _typed_results(state: FoldState) -> dict[str, SiteResult]:
     """One SiteResult per report row; the map (s, beta_t) of every accepted site, computed here once."""
     maps = {site.name: taper_map(site.module) for site in state.accepted}
+    pres = {site.name: bound_prescale(site.module) for site in state.accepted if is_bounded(site)}
     out = {}
     for name, r in state.layers.items():
         s, beta = maps.get(name, (None, None))
         out[name] = SiteResult(name, r.get("kind", "rms"), r["status"], r.get("direction"), s, beta, r.get("reason"),
-                               r.get("pos0_ratio"), r.get("bound_prescale") if r["status"] != "skipped" else None)
+                               r.get("pos0_ratio"), pres.get(name) if r["status"] != "skipped" else None)
     return out
 
 

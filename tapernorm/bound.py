@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .pos0 import pos0_factor
 
-__all__ = ["bounded_map", "set_bound", "bound_prescale"]
+__all__ = ["bounded_map", "set_bound", "set_bound_rms", "bound_prescale", "bound_json"]
 
 
 def bounded_map(layer, x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,18 @@ def bounded_map(layer, x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(u) * (b * layer.weight_t.to(x.dtype))
 
 
-def bound_prescale(layer) -> float:
+def bound_prescale(layer) -> torch.Tensor:
     """c / B as the float32 value the layer's forward multiplies by (computed in the buffers' dtype): the Mul in
-    front of the Tanh in the folded graph (times p on position-0 rows)."""
-    return float((layer.c / layer.bound).detach().to(torch.float32))
+    front of the Tanh in the folded graph (times p on position-0 rows); shape () or (d,) for a per-feature bound."""
+    return (layer.c / layer.bound).detach().to(torch.float32)
+
+
+def bound_json(t: torch.Tensor) -> float | dict:
+    """A bound (or its prescale) for a JSON report: the float of a scalar; {"features", "min", "max"} per feature."""
+    t = t.detach().to(torch.float64)
+    if t.dim() == 0:
+        return float(t)
+    return {"features": int(t.numel()), "min": float(t.min()), "max": float(t.max())}
 
 
 @torch.no_grad()
@@ -55,6 +63,27 @@ def set_bound(model: nn.Module, bound: float, pattern: str) -> list[str]:
     if not layers:
         raise TaperError(f"no TaperNorm matches {pattern!r}; the bound applies to tapered norms (check --keep-norms)")
     for _, m in layers:
-        m.bound.fill_(b)
+        m.bound = torch.full((), b, dtype=m.bound.dtype, device=m.bound.device)
         m.has_bound = b > 0
+    return [n for n, _ in layers]
+
+
+def set_bound_rms(model: nn.Module, k: float, pattern: str) -> list[str]:
+    """A per-feature bound for every uncalibrated TaperNorm matching `pattern`: at calibration's end each feature i
+    gets B_i = k * RMS(u_i), the RMS of its normalized value u = x c over the calibration tokens (sink positions
+    left out as c's calibration leaves them). A feature in its ordinary range stays in tanh's linear part
+    (k = 4: 1% below linear at one RMS), an outlier feature of an outlier token is squashed. Returns the names."""
+    from .layers import TaperError, taper_layers
+    kf = float(k)
+    if not (kf > 0.0) or kf == float("inf"):
+        raise TaperError(f"per-feature bound factor {k!r} is not a finite number > 0; pass e.g. 4")
+    layers = [(n, m) for n, m in taper_layers(model) if re.search(pattern, n)]
+    if not layers:
+        raise TaperError(f"no TaperNorm matches {pattern!r}; the bound applies to tapered norms (check --keep-norms)")
+    late = [n for n, m in layers if m.calibrated]
+    if late:
+        raise TaperError(f"{late[0]} is already calibrated; a per-feature bound is measured during calibration, so "
+                         "set it before the taper starts")
+    for _, m in layers:
+        m.bound_rms = kf
     return [n for n, _ in layers]

@@ -34,7 +34,7 @@ from .typecheck import field_type_error
 from .tokenizer_json import write_tokenizer_json
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_trainer_state", "load_resume", "read_config",
-           "read_json", "read_safetensors_header", "read_safetensors_layout"]
+           "read_json", "shape_matches", "read_safetensors_header", "read_safetensors_layout"]
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -180,10 +180,20 @@ def _check_shapes_before_allocating(cfg: ModelConfig, header: dict, wpath: Path,
     """Compare the shapes of the model `cfg` describes (built on the meta device: no memory) with the file's."""
     with torch.device("meta"):
         meta = DecoderLM(cfg)
-    for k, v in meta.state_dict().items():
-        if k in header and tuple(header[k]["shape"]) != tuple(v.shape):
+    sd = meta.state_dict()
+    for k, v in sd.items():
+        if k in header and not shape_matches(k, tuple(header[k]["shape"]), sd):
             raise CheckpointError(f"{wpath}: key {k!r} has shape {tuple(header[k]['shape'])} but {cfg_path} implies "
                                   f"{tuple(v.shape)}; the config does not match the weights (nothing was allocated)")
+
+
+def shape_matches(key: str, shape: tuple, expected: dict) -> bool:
+    """The file's shape is the model's; a TaperNorm's `bound` may also hold one B per feature (its weight's shape)."""
+    want = tuple(expected[key].shape)
+    if shape == want:
+        return True
+    sibling = expected.get(key[:-len("bound")] + "weight_t") if key.endswith(".bound") else None
+    return sibling is not None and want == () and shape == tuple(sibling.shape)
 
 
 def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -212,7 +222,7 @@ def _validate(path: Path, tensors: dict, expected: dict, cfg_path: Path) -> None
                               "the config does not match the weights")
     for k, want in expected.items():
         got = tensors[k]
-        if tuple(got.shape) != tuple(want.shape):
+        if not shape_matches(k, tuple(got.shape), expected):
             raise CheckpointError(f"{path}: key {k!r} has shape {tuple(got.shape)} but {cfg_path} implies "
                                   f"{tuple(want.shape)}; the config does not match the weights")
         if got.dtype != want.dtype:

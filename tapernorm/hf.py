@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, read_json
+from .checkpoint import CheckpointError, read_json, shape_matches
 from .fileio import ensure_space, save_safetensors, staged_dir, tensor_bytes
 from .hf_config import (GUARD, HF_SECTION, TOKENIZER_CONFIG, guard_hf_config, is_guarded, sp_tokenizer_info,
                         unguard_dict)
@@ -265,7 +265,7 @@ def load_state_checked(model: nn.Module, tensors: dict, where: str) -> None:
                (f"unexpected {unexpected[:3]}" if unexpected else "")
         raise CheckpointError(f"{where}: weights do not match the model its config describes ({what})")
     for k, v in tensors.items():
-        if tuple(v.shape) != tuple(state[k].shape):
+        if not shape_matches(k, tuple(v.shape), state):
             raise CheckpointError(f"{where}: key {k!r} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(state[k].shape)}")
         if v.is_floating_point() and not torch.isfinite(v).all():

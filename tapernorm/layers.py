@@ -66,6 +66,8 @@ class _TaperBase(nn.Module):
         self.calib_per_feature: bool = False  # least-squares scale per feature, folded into gamma_t at freeze
         self._feat: tuple[torch.Tensor, torch.Tensor] | None = None  # per-feature EMAs (d,), (d,) float64
         self.calib_pos0: bool = False         # calibrate a separate c0 for position 0 (pos0.py)
+        self.bound_rms: float = 0.0           # > 0: at freeze, bound = K * c * RMS of each feature (bound.py)
+        self._x2: torch.Tensor | None = None  # EMA of each feature's mean x^2 (d,) float64, for bound_rms
         self._p0: torch.Tensor | None = None  # EMA of mean 1 / r(h) at position 0, float64
         self.register_load_state_dict_post_hook(_sync_python_state)
 
@@ -114,10 +116,13 @@ class _TaperBase(nn.Module):
                 self._feat = (torch.zeros_like(num), torch.zeros_like(den))
             self._feat[0].mul_(1 - b).add_(b * num)
             self._feat[1].mul_(1 - b).add_(b * den)
+        if self.bound_rms > 0:
+            self._x2 = _ema(self._x2, xc.double().pow(2).reshape(-1, self.dim).mean(0), self.beta_ema)
 
     def calib_tensors(self) -> list[torch.Tensor]:
         """Every calibration EMA (for averaging over ranks before freeze_c)."""
-        return [self.calib_num, self.calib_den, *(self._feat or ()), *(() if self._p0 is None else (self._p0,))]
+        return [self.calib_num, self.calib_den, *(self._feat or ()), *(() if self._p0 is None else (self._p0,)),
+                *(() if self._x2 is None else (self._x2,))]
 
     def calibrated_c(self) -> float:
         """Bias-corrected c* = m_hat_num / m_hat_den (the correction factors cancel in the ratio)."""
@@ -148,10 +153,22 @@ class _TaperBase(nn.Module):
             self.bias_t.copy_(self.bias)
         if self.calib_pos0:
             _pos0_freeze(self)
+        if self.bound_rms > 0:
+            self._freeze_bound_rms(c)
         self.calibrated = True
         self.calibrated_flag.fill_(True)
         self.collecting = False
         return c
+
+    def _freeze_bound_rms(self, c: float) -> None:
+        """bound_i = K * c * RMS(x_i) over the calibration tokens (bias-corrected EMA): each feature's own bound."""
+        if self._x2 is None:
+            raise TaperError("a per-feature bound needs calibration batches; none were observed")
+        corr = 1.0 - (1.0 - self.beta_ema) ** int(self.calib_count)
+        rms = (self._x2 / corr).sqrt()
+        rms = torch.where(rms > 0, rms, rms[rms > 0].mean() if bool((rms > 0).any()) else torch.ones_like(rms))
+        self.bound = (self.bound_rms * c * rms).to(self.c.dtype)  # (d,)
+        self.has_bound, self._x2 = True, None
 
     def taper_scale(self) -> torch.Tensor:
         """s = c * gamma_t, the per-feature scale of the gate-zero map."""
@@ -168,12 +185,14 @@ class _TaperBase(nn.Module):
     def extra_repr(self) -> str:
         extra = f", c0={float(self.c0):.4g}" if self.has_pos0 else ""
         extra += f", token_dim={self.token_dim}" if self.token_dim != 1 else ""
-        extra += f", bound={float(self.bound):g}" if self.has_bound else ""
+        extra += f", bound={_bound_repr(self.bound)}" if self.has_bound else ""
         return f"{self.dim}, eps={self.eps}, gate={self.gate}, calibrated={self.calibrated}{extra}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "c0", torch.zeros(()))  # files written before c0 existed
-        state_dict.setdefault(prefix + "bound", torch.zeros(()))  # ... or before the bound
+        b = state_dict.setdefault(prefix + "bound", torch.zeros(()))  # ... or before the bound
+        if isinstance(b, torch.Tensor) and b.shape != self.bound.shape:  # a per-feature bound (d,) or a scalar one
+            self.bound = torch.zeros(b.shape, dtype=self.bound.dtype, device=self.bound.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -181,7 +200,17 @@ def _sync_python_state(module: _TaperBase, incompatible_keys) -> None:
     module.gate = float(module.gate_value)
     module.calibrated = bool(module.calibrated_flag)
     module.has_pos0 = bool(module.c0 > 0)
-    module.has_bound = bool(module.bound > 0)
+    module.has_bound = bool((module.bound > 0).any())
+
+
+def _ema(m: torch.Tensor | None, x: torch.Tensor, b: float) -> torch.Tensor:
+    """m <- (1 - b) m + b x, starting from zeros."""
+    m = torch.zeros_like(x) if m is None else m
+    return m.mul_(1 - b).add_(b * x)
+
+
+def _bound_repr(bound: torch.Tensor) -> str:
+    return f"{float(bound):g}" if bound.dim() == 0 else f"per-feature {float(bound.min()):.3g}..{float(bound.max()):.3g}"
 
 
 class TaperNorm(_TaperBase):

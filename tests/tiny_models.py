@@ -39,14 +39,19 @@ def sharpen_pos0(model):
     return model
 
 
-def make_pos0(arch: str = "tiny", mode: str = "internal", pos0: bool = True, batches=None, embed_scale: float = 1.0):
+def make_pos0(arch: str = "tiny", mode: str = "internal", pos0: bool = True, batches=None, embed_scale: float = 1.0,
+              bound_rms: tuple[float, str] | None = None):
     """A tiny reference model (2 heads) calibrated with (or without) position 0's own scale, at gate 0, eval.
-    embed_scale multiplies the token embeddings (logits of a useful size, so greedy tokens vary)."""
+    embed_scale multiplies the token embeddings (logits of a useful size, so greedy tokens vary); bound_rms
+    (K, pattern) gives the matching norms a per-feature bound, measured in the calibration (tapernorm/bound.py)."""
     torch.manual_seed(0)
     model = build_model(arch, taper_mode=mode, n_heads=2)
     if embed_scale != 1.0:
         with torch.no_grad():
             model.embed_tokens.weight.mul_(embed_scale)
+    if bound_rms is not None:
+        from tapernorm.bound import set_bound_rms
+        set_bound_rms(model, *bound_rms)
     calibrate(model, batches if batches is not None else random_batches(), pos0=pos0)
     set_gate(sharpen_pos0(model) if pos0 else model, 0.0)
     return model.eval()

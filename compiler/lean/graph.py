@@ -239,8 +239,8 @@ class LeanGraph:
     def _bounded(self, spec: NormSpec, x: ir.Value) -> ir.Value:
         """tapernorm/bound.py's gate-0 map: Tanh(x * c / B [* p]), times B gamma_t unless the fold took it."""
         n = spec.name
-        u = self._with_pos0(spec, self.op("Mul", [x, self.const_f(spec.prescale, f"{n}.bound_prescale")],
-                                          name=f"{n}/bound_prescale"))
+        a = self.weight(f"{n}.bound_prescale", spec.prescale.double())  # () or (d,) in the graph dtype
+        u = self._with_pos0(spec, self.op("Mul", [x, a], name=f"{n}/bound_prescale"))
         t = self.op("Tanh", [u], name=f"{n}/bound")
         if spec.kind == "none":
             return t

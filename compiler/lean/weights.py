@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tapernorm.bound import bound_prescale
+from tapernorm.bound import bound_json, bound_prescale
 from tapernorm.layers import TAPER_TYPES
 from tapernorm.passes.linears import linear_output, read_linear
 from tapernorm.passes.pipeline import SiteResult
@@ -49,7 +49,7 @@ class NormSpec:
     bias: torch.Tensor | None = None  # beta (kept LN) or beta_t (map_ln), (d,)
     eps: float = 1e-6
     pos0: float | None = None  # c0 / c of a TaperNorm with position 0's own scale: x * where(pos == 0, pos0, 1)
-    prescale: float | None = None  # a = c / B of a bounded map (tapernorm/bound.py): tanh(x * a [* p]) first
+    prescale: torch.Tensor | None = None  # a = c / B, () or (d,), of a bounded map (bound.py): tanh(x * a [* p])
 
     @property
     def is_noop(self) -> bool:
@@ -107,13 +107,19 @@ def _pos0(name: str, m: nn.Module, site: SiteResult) -> float | None:
     return ratio
 
 
-def _prescale(name: str, m: nn.Module, site: SiteResult) -> float | None:
-    """c / B of a bounded gate-0 TaperNorm (tapernorm/bound.py), read from the model; the passes must agree."""
+def _prescale(name: str, m: nn.Module, site: SiteResult) -> torch.Tensor | None:
+    """c / B (() or (d,)) of a bounded gate-0 TaperNorm (tapernorm/bound.py), read from the model; the passes
+    must agree."""
     a = bound_prescale(m) if getattr(m, "has_bound", False) else None
-    if a != site.bound_prescale:
-        raise LeanError(f"{name}: the model's bound prescale (c / B = {a}) differs from what the passes saw "
-                        f"({site.bound_prescale}); re-run the fold on this model")
+    b = site.bound_prescale
+    if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+        raise LeanError(f"{name}: the model's bound prescale (c / B = {_show(a)}) differs from what the passes saw "
+                        f"({_show(b)}); re-run the fold on this model")
     return a
+
+
+def _show(a: torch.Tensor | None):
+    return None if a is None else bound_json(a)
 
 
 def norm_spec(name: str, m: nn.Module, site: SiteResult | None, gain_offset: float = 0.0) -> NormSpec:

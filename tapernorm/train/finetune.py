@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..data import load_corpus, tokenize_corpus, val_batches
 from ..fileio import atomic_write_text, canonical_out, dir_lock
 from ..hf import from_pretrained, save_pretrained
-from ..bound import set_bound
+from ..bound import set_bound, set_bound_rms
 from ..cap import cap_rate, set_cap
 from ..layers import TaperLayerNorm, begin_calibration, find_final_norm, set_gate, taper_layers, taperize
 from ..replace_norms import mlp_norm_pattern
@@ -293,13 +293,16 @@ def _keep_pattern(cfg: FinetuneConfig, model) -> str | None:
     return "|".join(f"(?:{p})" for p in parts) or None
 
 
-def _bound_norms(model, bound: float, scope: str) -> None:
-    """--taper-bound: the MLP-input (scope "mlp") or all tapered norms taper to the bounded map (tapernorm/bound.py);
-    RMSNorm only."""
-    bounded = set(set_bound(model, bound, mlp_norm_pattern(model) if scope == "mlp" else "."))
+def _bound_norms(model, cfg: FinetuneConfig) -> None:
+    """--taper-bound / --taper-bound-rms: the MLP-input (scope "mlp") or all tapered norms taper to the bounded map
+    (tapernorm/bound.py), with one B or a B per feature measured at calibration; RMSNorm only."""
+    pattern = mlp_norm_pattern(model) if cfg.taper_bound_scope == "mlp" else "."
+    bounded = set(set_bound(model, cfg.taper_bound, pattern) if cfg.taper_bound
+                  else set_bound_rms(model, cfg.taper_bound_rms, pattern))
+    flag = "--taper-bound" if cfg.taper_bound else "--taper-bound-rms"
     ln = [n for n, m in taper_layers(model) if n in bounded and isinstance(m, TaperLayerNorm)]
     if ln:
-        raise ValueError(f"--taper-bound: {ln[0]} is a LayerNorm; bounded maps fold only for RMSNorm models so far "
+        raise ValueError(f"{flag}: {ln[0]} is a LayerNorm; bounded maps fold only for RMSNorm models so far "
                          "(use --keep-mlp-norms, or taper without a bound)")
 
 
@@ -335,8 +338,8 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         m.beta_ema = cfg.beta_ema
     if tapering and cfg.taper_cap:
         set_cap(model, cfg.taper_cap, cfg.cap_anneal)
-    if names and cfg.taper_bound:
-        _bound_norms(model, cfg.taper_bound, cfg.taper_bound_scope)
+    if names and (cfg.taper_bound or cfg.taper_bound_rms):
+        _bound_norms(model, cfg)
     target = ScaleTarget(cfg.beta_ema) if cfg.scale_loss and tapering else None
     scratch = tempfile.mkdtemp(prefix="tapernorm-finetune-")  # the Trainer's output_dir (save_strategy "no"):
     try:  # never inside OUT, where a directory of the user's could have its name

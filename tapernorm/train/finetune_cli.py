@@ -49,7 +49,7 @@ AUTO_CHOICES = ("paper", "sink-attn", "sink")  # what auto may pick (sink: a par
 # the values of the fields a recipe may set when neither the user nor a recipe sets them (the paper's method)
 BASE = {"calib_skip": 0, "calib_stat": "ls", "calib_per_feature": False, "calib_pos0": False, "rms_loss": 0.0,
         "rms_hinge": 0.0, "taper_cap": 0.0, "lr_schedule": "cosine", "keep_mlp_norms": False, "taper_end_frac": 1.0,
-        "taper_bound": 0.0}
+        "taper_bound": 0.0, "taper_bound_rms": 0.0}
 
 
 @dataclass
@@ -98,6 +98,7 @@ class FinetuneConfig:
     taper_hold: int = 0               # steps at gate 1 after calibration before the taper
     taper_end_frac: float | None = None  # without --taper-end or a schedule: the taper ends at this fraction of the run
     taper_bound: float | None = None  # > 0: norms taper to the bounded map B tanh(u / B) (bound.py); 0: off
+    taper_bound_rms: float | None = None  # > 0: a per-feature bound B_i = K * RMS(u_i), measured at calibration
     taper_bound_scope: str = "mlp"    # which tapered norms are bounded: mlp (the MLP-input norms) | all
 
     def with_recipe(self) -> "FinetuneConfig":
@@ -164,10 +165,15 @@ class FinetuneConfig:
             raise ValueError(f"--taper-end-frac {self.taper_end_frac} must be in (0, 1]")
         if not (self.taper_bound >= 0 and math.isfinite(self.taper_bound)):
             raise ValueError(f"--taper-bound {self.taper_bound} must be a finite number >= 0 (0: off)")
+        if not (self.taper_bound_rms >= 0 and math.isfinite(self.taper_bound_rms)):
+            raise ValueError(f"--taper-bound-rms {self.taper_bound_rms} must be a finite number >= 0 (0: off)")
+        if self.taper_bound and self.taper_bound_rms:
+            raise ValueError("--taper-bound (one B for every feature) and --taper-bound-rms (a B per feature) are "
+                             "two forms of the same bound; pass one of the two")
         if self.taper_bound_scope not in BOUND_SCOPES:
             raise ValueError(f"--taper-bound-scope {self.taper_bound_scope!r} is not one of {', '.join(BOUND_SCOPES)}")
-        if self.taper_bound and self.keep_mlp_norms and self.taper_bound_scope == "mlp":
-            raise ValueError("--taper-bound bounds the MLP-input norms' taper, --keep-mlp-norms keeps them as norms; "
+        if (self.taper_bound or self.taper_bound_rms) and self.keep_mlp_norms and self.taper_bound_scope == "mlp":
+            raise ValueError("--taper-bound / --taper-bound-rms bound the MLP-input norms' taper, --keep-mlp-norms keeps them as norms; "
                              "pass one of the two")
         if not (self.rms_hinge == 0 or self.rms_hinge >= 1):
             raise ValueError(f"--rms-hinge {self.rms_hinge} must be 0 (symmetric) or >= 1 (a factor over 1 / c)")
@@ -227,8 +233,11 @@ _HELP = {
     "taper_bound": "taper the norms of --taper-bound-scope to the bounded map B tanh(x c / B) gamma_t instead of the "
                    "linear x c gamma_t, so their output stays bounded at gate 0 (two elementwise ops per norm in the "
                    "compiled graph; 0: off)",
-    "taper_bound_scope": "which tapered norms --taper-bound bounds: mlp (the norm in front of each block's MLP, "
-                         "whose gated output grows with the square of its input) or all",
+    "taper_bound_rms": "like --taper-bound, with a bound per feature: K times the feature's RMS of x c over the "
+                       "calibration tokens, so ordinary values stay linear and only outliers are squashed (e.g. 4; "
+                       "0: off)",
+    "taper_bound_scope": "which tapered norms --taper-bound / --taper-bound-rms bounds: mlp (the norm in front of "
+                         "each block's MLP, whose gated output grows with the square of its input) or all",
     "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
     "keep_mlp_norms": "also leave the norm in front of each block's MLP untapered (a gated MLP's output grows with "

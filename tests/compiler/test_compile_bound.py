@@ -33,11 +33,11 @@ def test_lean_compile_keeps_one_tanh_per_bounded_norm(tmp_path, pos0):
     rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=5, unfused=True)
     assert rep["graph"] == "lean" and rep["parity"]["ok"] and rep["statistics_check"]["ok"]
     assert len(rep["folded_layers"]) == 5
-    assert rep["bound"] == {"sites": 2, "bound": [1.5], "model.onnx": {"tanh": 2}, "model_unfused.onnx": {"tanh": 2}}
+    assert rep["bound"] == {"sites": 2, "bound": [1.5], "per_feature": 0, "model.onnx": {"tanh": 2}, "model_unfused.onnx": {"tanh": 2}}
     assert rep["export"]["model.onnx"]["ops"]["Tanh"] == 2
     for g in rep["parity"]["graphs"].values():
         assert g["tokens_identical"] and g["prompt_logits_max_abs_diff"] < 1e-4 * rep["parity"]["logit_scale"]
-    assert "bounded maps: 2 norm(s) taper to B tanh(x c / B) (B [1.5]), 2 Tanh in model.onnx" in summary_text(rep)
+    assert "bounded maps: 2 norm(s) taper to B tanh(x c / B) (B 1.5), 2 Tanh in model.onnx" in summary_text(rep)
     for v in ("model.onnx", "model_unfused.onnx"):
         _ragged(m, tmp_path / "out", v)
 
@@ -57,3 +57,13 @@ def test_generic_export_and_fp16_with_bounds(tmp_path):
     _ragged(m, tmp_path / "gen")
     rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "fp16", precision="fp16", parity_tokens=3)
     assert rep["parity"]["ok"] and rep["bound"]["model.onnx"]["tanh"] == 2
+
+
+def test_lean_compile_with_a_bound_per_feature(tmp_path):
+    m = make_pos0("tiny", "all", True, embed_scale=20.0, bound_rms=(2.0, "post_attention"))
+    save_checkpoint(m, tmp_path / "ckpt")
+    rep = compile_checkpoint(tmp_path / "ckpt", tmp_path / "out", parity_tokens=5)
+    assert rep["parity"]["ok"] and len(rep["folded_layers"]) == 5
+    assert rep["bound"] == {"sites": 2, "bound": [], "per_feature": 2, "model.onnx": {"tanh": 2}}
+    assert "(B per feature at 2), 2 Tanh in model.onnx" in summary_text(rep)
+    _ragged(m, tmp_path / "out")

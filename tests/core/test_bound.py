@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tapernorm import TaperError, TaperNorm, calibrate, set_gate, taper_layers
-from tapernorm.bound import bound_prescale, set_bound
+from tapernorm.bound import bound_prescale, set_bound, set_bound_rms
 
 D = 16
 
@@ -95,3 +95,60 @@ def test_set_bound_names_a_pattern_that_matches_nothing():
     with pytest.raises(TaperError, match="no TaperNorm matches 'mlp'"):
         set_bound(seq, 2.0, "mlp")
     assert set_bound(seq, 0.0, ".") == ["0"] and not taper_layers(seq)[0][1].has_bound  # 0 turns it off
+
+
+def _rms_layer(k: float = 4.0, skip: int = 1) -> tuple[torch.nn.Sequential, TaperNorm, torch.Tensor]:
+    """A layer with a per-feature bound measured on inputs whose feature i has scale `scale[i]`; position 0 of each
+    sequence is a huge sink that calibration leaves out."""
+    layer = TaperNorm(D)
+    seq = torch.nn.Sequential(layer)
+    assert set_bound_rms(seq, k, r"^0$") == ["0"]
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.5, 5.0, D)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(8, 16, D, generator=g) * scale
+        x[:, 0] *= 1e3
+        batches.append(x)
+    calibrate(seq, batches, skip_positions=skip)
+    return seq.eval(), layer, scale
+
+
+def test_per_feature_bound_is_k_times_each_features_rms_of_u():
+    _, layer, scale = _rms_layer(k=4.0)
+    assert layer.has_bound and layer.bound.shape == (D,)
+    ratio = layer.bound / (4.0 * float(layer.c) * scale)  # the RMS of u_i = x_i c is about c * scale_i
+    assert float(ratio.min()) > 0.85 and float(ratio.max()) < 1.15, ratio  # the sink position is left out
+    assert bound_prescale(layer).shape == (D,) and "bound=per-feature" in repr(layer)
+
+
+def test_per_feature_bound_at_gate_zero_squashes_only_outliers():
+    seq, layer, scale = _rms_layer(k=4.0)
+    set_gate(seq, 0.0)
+    x = torch.randn(2, 5, D) * scale
+    want = layer.bound * torch.tanh(x * layer.c / layer.bound) * layer.weight_t
+    assert torch.allclose(layer(x), want, atol=1e-6)
+    lin = x * layer.c * layer.weight_t
+    assert float(((layer(x) - lin).abs() / lin.abs().clamp_min(1e-6)).median()) < 0.02  # ordinary values ~linear
+    huge = layer(x * 1e6)
+    assert bool((huge.abs() <= (layer.bound * layer.weight_t).abs() + 1e-5).all())
+
+
+def test_per_feature_bound_saved_and_restored_into_a_fresh_layer():
+    seq, layer, _ = _rms_layer()
+    set_gate(seq, 0.0)
+    back = torch.nn.Sequential(TaperNorm(D))
+    back.load_state_dict(seq.state_dict())
+    assert back[0].has_bound and torch.equal(back[0].bound, layer.bound)
+    x = torch.randn(2, 5, D) * 50
+    assert torch.equal(back.eval()(x), seq(x))
+
+
+def test_set_bound_rms_refuses_bad_factors_and_calibrated_layers():
+    seq = torch.nn.Sequential(TaperNorm(D))
+    for bad in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(TaperError, match="finite number > 0"):
+            set_bound_rms(seq, bad, ".")
+    calibrated, _ = _layer()
+    with pytest.raises(TaperError, match="already calibrated.*before the taper starts"):
+        set_bound_rms(calibrated, 4.0, ".")

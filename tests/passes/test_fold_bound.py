@@ -68,3 +68,26 @@ def test_bounded_layernorm_is_refused_naming_the_layer():
     assert len(skipped) == 2 and rep["folded"] == 3 and rep["verify"]["ok"]
     assert all(k.split(".")[-2] == "0" or ".0." in k for k in skipped)
     assert all("bounded LayerNorm map" in why and k in why for k, why in skipped.items())
+
+
+@pytest.mark.parametrize("pos0", [True, False])
+def test_per_feature_bounds_fold_exactly(pos0):
+    """A B per feature (set_bound_rms, measured in the calibration): the prescale is a (d,) vector, B_i gamma_t
+    folds, one Tanh per bounded norm, logits as before the fold."""
+    m = make_pos0("tiny", "all", pos0, embed_scale=20.0, bound_rms=(2.0, "post_attention"))
+    lay = dict(taper_layers(m))
+    assert sum(layer.bound.dim() == 1 for layer in lay.values()) == 2
+    w, args, ds, gm, pre, ref = kv_capture(m)
+    for fn, status in ((fold, "folded"), (materialize, "materialized")):
+        g2, rep = fn(gm, args, dynamic_shapes=ds, original=w)
+        assert rep[status] == 5 and rep["verify"]["ok"] and _tanhs(g2) == 2, rep["layers"]
+        rows = [r for r in rep["layers"].values() if r.get("bound")]
+        assert len(rows) == 2 and all(set(r["bound"]) == {"features", "min", "max"} for r in rows)
+        for name, s in site_results(g2).items():
+            layer = lay[name.removeprefix("model.")]
+            if layer.has_bound:
+                assert torch.equal(s.bound_prescale, (layer.c / layer.bound).float())
+                assert torch.allclose(s.scale, layer.bound.double() * layer.weight_t.double())
+        with torch.no_grad():
+            got = g2(*pre)[0]
+        assert torch.allclose(got, ref, atol=1e-5 * max(1.0, float(ref.abs().max()))), float((got - ref).abs().max())

@@ -18,6 +18,9 @@ from tapernorm.train.finetune_cli import FinetuneConfig  # noqa: E402
     ({"taper_bound": float("inf")}, "--taper-bound inf must be a finite number >= 0"),
     ({"taper_bound": 8.0, "keep_mlp_norms": True}, "pass one of the two"),
     ({"taper_bound": 8.0, "taper_bound_scope": "heads"}, "--taper-bound-scope 'heads' is not one of mlp, all"),
+    ({"taper_bound_rms": -4.0}, "--taper-bound-rms -4.0 must be a finite number >= 0"),
+    ({"taper_bound_rms": 4.0, "taper_bound": 8.0}, "two forms of the same bound; pass one of the two"),
+    ({"taper_bound_rms": 4.0, "keep_mlp_norms": True}, "pass one of the two"),
 ])
 def test_taper_bound_refusals(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -68,3 +71,22 @@ def test_finetune_with_taper_bound_tapers_every_norm_and_compiles(tmp_path, scop
     n = len(BOUNDED[scope])
     assert report["bound"]["sites"] == n and report["bound"]["model.onnx"]["tanh"] == n
     assert report["parity"]["graphs"]["model.onnx"]["tokens_identical"]
+
+
+@pytest.mark.slow
+def test_finetune_with_a_bound_per_feature_compiles(tmp_path):
+    """--taper-bound-rms: each bounded norm's B is measured per feature at calibration, saved with the model, and
+    the fine-tuned model compiles with one Tanh per bounded norm."""
+    import tapernorm
+    from hf_models import FT_ARGS, hf_dir
+    from tapernorm.compiler.cli import main
+    out = tmp_path / "ft"
+    assert main(["finetune", str(hf_dir("llama", tmp_path / "src")), "--out", str(out), "--mode", "internal",
+                 *FT_ARGS, "--recipe", "sink", "--taper-bound-rms", "4", "--taper-bound-scope", "all"]) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["taper_bound_rms"] == 4.0
+    layers = dict(tapernorm.taper_layers(tapernorm.from_pretrained(out / "model")))
+    assert len(layers) == 4 and all(m.has_bound and m.bound.shape == m.weight_t.shape for m in layers.values())
+    assert main(["compile", str(out / "model"), "--out", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / "compile_report.json").read_text())
+    assert report["parity"]["ok"] and report["bound"]["per_feature"] == 4
+    assert report["bound"]["model.onnx"]["tanh"] == 4
