@@ -83,6 +83,11 @@ VARIANTS: dict[str, dict] = {
                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-boundall-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                       "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    # every norm bounded per feature at 4x its RMS (--taper-bound-rms 4; docs/real_checkpoints.md section 11)
+    "internal-sink-boundrms-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
+                                           "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "all-sink-boundrms-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
+                                      "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was

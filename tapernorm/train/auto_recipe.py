@@ -12,14 +12,15 @@ import dataclasses
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..layers import TaperError
 from ..replace_norms import mlp_norm_pattern
 from ..sinks import SinkReport, find_sinks
-from .finetune_cli import AUTO, FinetuneConfig
+from .finetune_cli import AUTO, AUTO_CHOICES, FinetuneConfig
 
-__all__ = ["AutoChoice", "choose_recipe", "short_run_note", "SHORT_RUN_STEPS", "LATE_TAPER_HINT", "late_taper_hint"]
+__all__ = ["AutoChoice", "choose_recipe", "settle_choice", "short_run_note", "SHORT_RUN_STEPS", "LATE_TAPER_HINT", "late_taper_hint"]
 
 SHORT_RUN_STEPS = 1000  # below this many steps from the taper start, a sink recipe is far from its measured result
 
@@ -65,7 +66,7 @@ def choose_recipe(cfg: FinetuneConfig, model: nn.Module, train_ids: torch.Tensor
         report = find_sinks(model, list(ids.split(bs)))
     finally:
         model.train(was_training)
-    choice = pick(report, model)
+    choice = _same_on_every_rank(pick(report, model))
     cfg = dataclasses.replace(cfg, recipe=choice.recipe).with_recipe().check()
     if verbose:
         print(f"[finetune] --recipe auto: {choice.reason}; --recipe NAME overrides (docs/real_checkpoints.md)",
@@ -74,6 +75,25 @@ def choose_recipe(cfg: FinetuneConfig, model: nn.Module, train_ids: torch.Tensor
         if note:
             print(f"[finetune] note: {note}", file=sys.stderr, flush=True)
     return cfg, choice
+
+
+def settle_choice(mine: AutoChoice, rank0_recipe: str) -> AutoChoice:
+    """The choice a rank trains with: rank 0's recipe (one model, one recipe), with this rank's own measurement."""
+    if mine.recipe == rank0_recipe:
+        return mine
+    return AutoChoice(rank0_recipe, f"rank 0's choice, {rank0_recipe} (this rank measured {mine.recipe}: "
+                      f"{mine.reason})", mine.sinks)
+
+
+def _same_on_every_rank(mine: AutoChoice) -> AutoChoice:
+    """Under torchrun every rank measures the same batches, but one model needs one recipe whatever rounding each
+    device does: rank 0's choice is broadcast (an index into AUTO_CHOICES, no pickling)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    idx = torch.tensor([AUTO_CHOICES.index(mine.recipe)], dtype=torch.int64, device=dev)
+    dist.broadcast(idx, src=0)
+    return settle_choice(mine, AUTO_CHOICES[int(idx.item())])
 
 
 def short_run_note(cfg: FinetuneConfig) -> str | None:

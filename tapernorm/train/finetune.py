@@ -61,6 +61,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def _init_distributed(world: int) -> None:
+    """Under torchrun, join the process group before the recipe is chosen (the Trainer then reuses it), so every
+    rank can take rank 0's choice; gloo on CPU, nccl on CUDA."""
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _callback_base():
     from transformers import TrainerCallback
     return TrainerCallback
@@ -328,6 +338,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     if torch.cuda.is_available():  # the Trainer would move it there anyway; evaluate there too
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    _init_distributed(world)
     cfg, auto = choose_recipe(cfg, model, data.train, verbose=_rank() == 0)  # before any taper: the plain model
     T, W, t0, t1 = cfg.resolved_steps()
     sched = resolve_schedule(T, warmup=W, taper_start=t0, taper_end=t1)

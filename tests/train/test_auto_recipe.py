@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
 from hf_families import build  # noqa: E402
 
 from tapernorm.sinks import SINK_RATIO, SinkReport, find_sinks  # noqa: E402
-from tapernorm.train.auto_recipe import choose_recipe, pick  # noqa: E402
+from tapernorm.train.auto_recipe import AutoChoice, choose_recipe, pick, settle_choice  # noqa: E402
 from tapernorm.train.finetune_cli import SINK_ATTN_RECIPE, FinetuneConfig  # noqa: E402
 
 SINK_TOKEN = 7
@@ -112,3 +112,12 @@ def test_the_late_taper_hint_does_not_suggest_the_recipe_that_just_ran():
     from tapernorm.train.auto_recipe import LATE_TAPER_HINT, late_taper_hint
     assert late_taper_hint("paper") == LATE_TAPER_HINT and "try --recipe sink-attn" in LATE_TAPER_HINT
     assert "already had --recipe sink-attn" in late_taper_hint("sink-attn") and "\n" not in late_taper_hint("sink-attn")
+
+
+def test_every_rank_takes_rank_0s_choice():
+    """Under torchrun one model needs one recipe: a rank that measured otherwise trains with rank 0's, and says so."""
+    report = SinkReport("model.layers.0.input_layernorm", 40.0, 0, 3, 4, SINK_RATIO)
+    mine = AutoChoice("sink-attn", "attention sinks", report)
+    assert settle_choice(mine, "sink-attn") is mine
+    other = settle_choice(mine, "paper")
+    assert other.recipe == "paper" and "rank 0's choice" in other.reason and other.sinks is report
