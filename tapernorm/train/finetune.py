@@ -44,6 +44,7 @@ from .auto_recipe import choose_recipe, late_taper_hint
 from .finetune_cli import LR_SCHEDULES, FinetuneConfig
 from .finetune_out import json_text, prepare_out, recover_out, save_plain
 from .rundir import LATE_TAPER_GATE, TrainingDiverged, divergence_message
+from .ranks import init_distributed as _init_distributed, rank as _rank, world as _world
 from .rms_loss import NormRmsLoss, add_rms_loss
 from .scale_loss import ScaleTarget, scale_loss, scale_stat
 from .staged import StagedGates
@@ -51,24 +52,6 @@ from .schedule import TaperSchedule, resolve_schedule
 from .trainer import _finish_calibration
 
 __all__ = ["TaperCallback", "TaperTrainer", "finetune", "evaluate_chunks", "load_text_tokenizer"]
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-
-
-def _init_distributed(world: int) -> None:
-    """Under torchrun, join the process group before the recipe is chosen (the Trainer then reuses it), so every
-    rank can take rank 0's choice; gloo on CPU, nccl on CUDA."""
-    if world <= 1 or not dist.is_available() or dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _callback_base():
