@@ -74,10 +74,14 @@ def test_refuses_bad_inputs_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--recipe", "sink", "--taper-bound-rms", "4", "--taper-bound-scope", "all"]],
+                         ids=["default", "bound-per-feature"])
+def test_two_process_torchrun_matches_one_process(tmp_path, extra):
+    """Two torchrun ranks give the one-process result: c, the per-feature bounds (averaged over ranks at
+    calibration) and the weights."""
     src = hf_dir("llama", tmp_path / "src")
     args = ["finetune", str(src), "--mode", "internal", "--steps", "6", "--taper-start", "2", "--taper-end", "4",
-            "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--max-docs", "20", "--eval-batches", "2"]
+            "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--max-docs", "20", "--eval-batches", "2", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     py = [sys.executable, "-m"]
     one = subprocess.run([*py, "tapernorm.compiler.cli", *args, "--out", str(tmp_path / "one")], env=env,
