@@ -55,13 +55,11 @@ def bound_json(t: torch.Tensor) -> float | dict:
 def set_bound(model: nn.Module, bound: float, pattern: str) -> list[str]:
     """Give every TaperNorm whose qualified name matches `pattern` (re.search) the bound B (0: none); returns the
     names set. Raises TaperError for a negative or non-finite B, or when no TaperNorm matches."""
-    from .layers import TaperError, taper_layers
+    from .layers import TaperError
     b = float(bound)
     if not (b >= 0.0) or b == float("inf"):
         raise TaperError(f"bound {bound!r} is not a finite number >= 0; pass e.g. 32 (0 turns it off)")
-    layers = [(n, m) for n, m in taper_layers(model) if re.search(pattern, n)]
-    if not layers:
-        raise TaperError(f"no TaperNorm matches {pattern!r}; the bound applies to tapered norms (check --keep-norms)")
+    layers = _matching(model, pattern)
     for _, m in layers:
         m.bound = torch.full((), b, dtype=m.bound.dtype, device=m.bound.device)
         m.has_bound = b > 0
@@ -72,14 +70,12 @@ def set_bound_rms(model: nn.Module, k: float, pattern: str) -> list[str]:
     """A per-feature bound for every uncalibrated TaperNorm matching `pattern`: at calibration's end each feature i
     gets B_i = k * RMS(u_i), the RMS of its normalized value u = x c over the calibration tokens (sink positions
     left out as c's calibration leaves them). A feature in its ordinary range stays in tanh's linear part
-    (k = 4: 1% below linear at one RMS), an outlier feature of an outlier token is squashed. Returns the names."""
-    from .layers import TaperError, taper_layers
+    (k = 4: 2% below linear at one RMS), an outlier feature of an outlier token is squashed. Returns the names."""
+    from .layers import TaperError
     kf = float(k)
     if not (kf > 0.0) or kf == float("inf"):
         raise TaperError(f"per-feature bound factor {k!r} is not a finite number > 0; pass e.g. 4")
-    layers = [(n, m) for n, m in taper_layers(model) if re.search(pattern, n)]
-    if not layers:
-        raise TaperError(f"no TaperNorm matches {pattern!r}; the bound applies to tapered norms (check --keep-norms)")
+    layers = _matching(model, pattern)
     late = [n for n, m in layers if m.calibrated]
     if late:
         raise TaperError(f"{late[0]} is already calibrated; a per-feature bound is measured during calibration, so "
@@ -87,3 +83,12 @@ def set_bound_rms(model: nn.Module, k: float, pattern: str) -> list[str]:
     for _, m in layers:
         m.bound_rms = kf
     return [n for n, _ in layers]
+
+
+def _matching(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """The (name, TaperNorm) pairs whose name matches `pattern` (re.search); TaperError when none does."""
+    from .layers import TaperError, taper_layers
+    layers = [(n, m) for n, m in taper_layers(model) if re.search(pattern, n)]
+    if not layers:
+        raise TaperError(f"no TaperNorm matches {pattern!r}; the bound applies to tapered norms (check --keep-norms)")
+    return layers

@@ -111,11 +111,8 @@ class _TaperBase(nn.Module):
         if self.calib_per_feature:
             x2 = xc.double().pow(2).reshape(-1, self.dim)  # (N, d)
             num, den = (x2 * r_inv.double().reshape(-1, 1)).mean(0), x2.mean(0)
-            b = self.beta_ema
-            if self._feat is None:
-                self._feat = (torch.zeros_like(num), torch.zeros_like(den))
-            self._feat[0].mul_(1 - b).add_(b * num)
-            self._feat[1].mul_(1 - b).add_(b * den)
+            prev = self._feat or (None, None)
+            self._feat = (_ema(prev[0], num, self.beta_ema), _ema(prev[1], den, self.beta_ema))
         if self.bound_rms > 0:
             self._x2 = _ema(self._x2, xc.double().pow(2).reshape(-1, self.dim).mean(0), self.beta_ema)
 
@@ -124,13 +121,17 @@ class _TaperBase(nn.Module):
         return [self.calib_num, self.calib_den, *(self._feat or ()), *(() if self._p0 is None else (self._p0,)),
                 *(() if self._x2 is None else (self._x2,))]
 
+    def ema_correction(self) -> float:
+        """1 - (1 - beta_ema)^n after n calibration batches: an EMA started at 0, divided by it, is unbiased."""
+        return 1.0 - (1.0 - self.beta_ema) ** int(self.calib_count)
+
     def calibrated_c(self) -> float:
         """Bias-corrected c* = m_hat_num / m_hat_den (the correction factors cancel in the ratio)."""
         n = int(self.calib_count)
         if n == 0:
             raise TaperError("no calibration batches were observed; run forward passes between "
                              "begin_calibration() and finish_calibration()")
-        corr = 1.0 - (1.0 - self.beta_ema) ** n
+        corr = self.ema_correction()
         num, den = float(self.calib_num) / corr, float(self.calib_den) / corr
         if not den > 0 or not math.isfinite(num / den):
             raise TaperError(f"calibration statistics are degenerate (num={num}, den={den}); feed non-zero inputs")
@@ -164,8 +165,7 @@ class _TaperBase(nn.Module):
         """bound_i = K * c * RMS(x_i) over the calibration tokens (bias-corrected EMA): each feature's own bound."""
         if self._x2 is None:
             raise TaperError("a per-feature bound needs calibration batches; none were observed")
-        corr = 1.0 - (1.0 - self.beta_ema) ** int(self.calib_count)
-        rms = (self._x2 / corr).sqrt()
+        rms = (self._x2 / self.ema_correction()).sqrt()
         rms = torch.where(rms > 0, rms, rms[rms > 0].mean() if bool((rms > 0).any()) else torch.ones_like(rms))
         self.bound = (self.bound_rms * c * rms).to(self.c.dtype)  # (d,)
         self.has_bound, self._x2 = True, None

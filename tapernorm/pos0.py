@@ -61,7 +61,7 @@ def _pos0_freeze(layer) -> None:
     n = int(layer.calib_count)
     if layer._p0 is None or n == 0:
         return
-    c0 = float(layer._p0) / (1.0 - (1.0 - layer.beta_ema) ** n)
+    c0 = float(layer._p0) / layer.ema_correction()
     layer.c0.fill_(c0)
     layer.has_pos0 = c0 > 0
     layer._p0 = None
