@@ -13,6 +13,8 @@ continuations and chat answers beside the fine-tuned baseline's (transformers' g
     .venv/bin/python benchmarks/quality_real.py --issue --max-chars 0 --variants baseline-auto,internal-auto,all-auto --save
                                                                                  # the issue's command at the defaults
     .venv/bin/python benchmarks/quality_real.py --variants baseline,internal-robust --steps 20 --no-compile
+    .venv/bin/python benchmarks/quality_real.py --long --merge a,b --baseline-from benchmarks/results/X.json --save
+                                       # per-tag results (--tag a, --tag b) in one file, the baseline from a committed one
 """
 from __future__ import annotations
 
@@ -88,6 +90,13 @@ VARIANTS: dict[str, dict] = {
                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-boundrms-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
                                       "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    # section 12: the attention-input norms unbounded as in AE (only the MLP-input norms bounded), and a tighter K
+    "internal-sink-boundrmsmlp-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
+                                              "taper_bound_scope": "mlp", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "internal-sink-boundrms3-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 3.0,
+                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "internal-sink-boundrms2-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 2.0,
+                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
@@ -255,6 +264,11 @@ def baseline_generations(model_dir: Path, new_tokens: int) -> dict:
     return out
 
 
+def _origin(r: dict) -> str:
+    """Where a row's fine-tune came from, when it did not run in this invocation."""
+    return f" (from {r['from_file']})" if r.get("from_file") else " (reused)" if r.get("reused") else ""
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -285,7 +299,7 @@ def _markdown(result: dict) -> str:
         rel = f"{100 * (r['val_after'] / base['val_after'] - 1):+.2f}%" if base else "-"
         lines.append(f"| {r['variant']} | {opts} | {r['val_before']:.4f} | {r['val_after']:.4f} | {rel} | "
                      f"{r['logit_norm']:.1f} | {r['prelogit_rms']:.2f} | {_fmt(r.get('sink_ratio_max'))} | "
-                     f"{r['seconds']:.0f}{' (reused)' if r.get('reused') else ''} |")
+                     f"{r['seconds']:.0f}{_origin(r)} |")
     gens = result.get("generations", {})
     if gens:
         lines += ["", "## Greedy outputs (baseline: transformers; tapered: folded, compiled, `tapernorm generate`)", ""]
@@ -302,11 +316,33 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge(out: Path, base: str, tags: list[str]) -> int:
-    """One result (runs and generations in tag order) from the per-tag files of parallel runs."""
+def committed_baseline(path: Path, settings: dict) -> tuple[list, dict]:
+    """([the baseline run], {its generations}) of a committed result file with exactly these settings, marked with
+    the file it came from; SystemExit with one line when the file has other settings or no finished baseline."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"quality_real: cannot read the baseline file {path}: {e}")
+    if old.get("settings") != settings:
+        raise SystemExit(f"quality_real: {path} was run with other settings ({old.get('settings')}); its baseline "
+                         "is no comparison for these runs")
+    run = next((r for r in old["runs"] if r["options"].get("mode") == "baseline" and r["ok"]), None)
+    if run is None:
+        raise SystemExit(f"quality_real: {path} has no finished baseline run")
+    gens = {k: v for k, v in old.get("generations", {}).items() if k == run["variant"]}
+    return [{**run, "from_file": path.name}], gens
+
+
+def merge(out: Path, base: str, tags: list[str], baseline_from: Path | None = None) -> int:
+    """One result (runs and generations in tag order) from the per-tag files of parallel runs; with baseline_from,
+    the baseline row (and its answers) of that committed file of the same settings goes first."""
+    missing = [str(out / f"{base}_{t}.json") for t in tags if not (out / f"{base}_{t}.json").is_file()]
+    if missing:
+        raise SystemExit(f"quality_real: no result file {missing[0]}; run that tag (same --quick/--long, --out) first")
     parts = [json.loads((out / f"{base}_{t}.json").read_text()) for t in tags]
-    result = {**parts[0], "runs": [r for p in parts for r in p["runs"]], "merged_from": tags,
-              "generations": {k: v for p in parts for k, v in p.get("generations", {}).items()},
+    runs, gens = committed_baseline(baseline_from, parts[0]["settings"]) if baseline_from else ([], {})
+    result = {**parts[0], "runs": runs + [r for p in parts for r in p["runs"]], "merged_from": tags,
+              "generations": {**gens, **{k: v for p in parts for k, v in p.get("generations", {}).items()}},
               "machine_per_part": [p["machine"] for p in parts]}
     write_results(out / base, result, _markdown(result))
     print(_markdown(result))
@@ -330,13 +366,15 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip folding / compiling / generating")
     ap.add_argument("--tag", default="", help="suffix of the result files (variants run in parallel processes)")
     ap.add_argument("--merge", default="", help="comma list of tags: merge their result files into one, run nothing")
+    ap.add_argument("--baseline-from", type=Path, default=None,
+                    help="with --merge: take the baseline row from this committed result file of the same settings")
     add_output_args(ap)
     args = ap.parse_args()
     out = output_dir(args)
     base = {"quick": "quality_real_quick", "long": "quality_real_long", "full": "quality_real",
             "issue": "quality_real_issue"}[_setting(args)]
     if args.merge:
-        return merge(out, base, [t.strip() for t in args.merge.split(",") if t.strip()])
+        return merge(out, base, [t.strip() for t in args.merge.split(",") if t.strip()], args.baseline_from)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad:

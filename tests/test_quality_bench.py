@@ -126,3 +126,31 @@ def test_quality_real_issue_setting_is_the_issue_command_at_the_defaults(tmp_pat
     (run / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(ran), "seconds": 1.0,
                                                   "recipe_auto": {"recipe": "paper"}}))
     assert q.reusable(run, cfg) is None
+
+
+def test_quality_real_merge_takes_a_committed_baseline_only_of_the_same_settings(tmp_path):
+    """--merge TAGS --baseline-from FILE: the committed file's finished baseline row (and its answers) goes first,
+    marked with the file; a file of other settings, or without a baseline, is refused with one line."""
+    import quality_real as q
+    st = {"steps": 40, "warmup_steps": 2, "taper_start": 4, "taper_end": 30, "seq_len": 64, "batch_size": 2,
+          "eval_batches": 2, "lr": 1e-4}
+    row = {"variant": "internal-x", "options": {"mode": "internal"}, "ok": True, "val_before": 3.0, "val_after": 1.2,
+           "logit_norm": 9.0, "prelogit_rms": 2.0, "seconds": 7.0}
+    base = {**row, "variant": "baseline", "options": {"mode": "baseline"}, "val_after": 1.0}
+    answers = {"compile_rc": 0, "compile_seconds": 1.0, "generations": {"p": "Paris."}}
+    part = {"settings": st, "machine": {}, "runs": [row], "generations": {"internal-x": answers}}
+    (tmp_path / "quality_real_long_a.json").write_text(json.dumps(part))
+    committed = tmp_path / "committed.json"
+    committed.write_text(json.dumps({"settings": st, "runs": [base], "generations": {"baseline": {"p": "Paris"}}}))
+    assert q.merge(tmp_path, "quality_real_long", ["a"], committed) == 0
+    got = json.loads((tmp_path / "quality_real_long.json").read_text())
+    assert [r["variant"] for r in got["runs"]] == ["baseline", "internal-x"]
+    assert got["runs"][0]["from_file"] == "committed.json" and list(got["generations"]) == ["baseline", "internal-x"]
+    md = (tmp_path / "quality_real_long.md").read_text()
+    assert "+20.00%" in md and "(from committed.json)" in md
+    committed.write_text(json.dumps({"settings": {**st, "steps": 41}, "runs": [base]}))
+    with pytest.raises(SystemExit, match="other settings"):
+        q.merge(tmp_path, "quality_real_long", ["a"], committed)
+    committed.write_text(json.dumps({"settings": st, "runs": [row]}))
+    with pytest.raises(SystemExit, match="no finished baseline"):
+        q.merge(tmp_path, "quality_real_long", ["a"], committed)
