@@ -40,6 +40,15 @@ ROBUST = {"calib_stat": "inv_rms", "calib_skip": 1, "rms_loss": 1.0}
 SINK = {**SINK_RECIPE, "hold_frac": 0.2}  # = --recipe sink, plus the hold
 KEEP6 = {"keep_norms": r"layers\.(4|9|14|19|24|29)\.post_attention_layernorm"}  # 6 of 60 internal norms stay
 LONG_SINK = {**SINK_RECIPE, "taper_hold": 100}  # the 2400-step runs: a fixed hold of 100 steps
+
+
+def _per_feature(mode: str, k: float, scope: str) -> dict:
+    """Sections 11-12's runs: AE's schedule, every norm tapered, the norms of `scope` (all | mlp) bounded per feature
+    at k x RMS (--recipe sink --taper-bound-rms k --taper-bound-scope scope)."""
+    return {"mode": mode, **LONG_SINK, "recipe": "sink", "taper_bound_rms": k, "taper_bound_scope": scope,
+            "end_frac": 2 / 3, "lr_schedule": "cosine"}
+
+
 VARIANTS: dict[str, dict] = {
     "internal-sink": {"mode": "internal", **SINK},
     "all-sink": {"mode": "all", **SINK},
@@ -86,17 +95,13 @@ VARIANTS: dict[str, dict] = {
     "all-sink-boundall-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                       "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     # every norm bounded per feature at 4x its RMS (--taper-bound-rms 4; docs/real_checkpoints.md section 11)
-    "internal-sink-boundrms-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
-                                           "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    "all-sink-boundrms-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
-                                      "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    # section 12: the attention-input norms unbounded as in AE (only the MLP-input norms bounded), and a tighter K
-    "internal-sink-boundrmsmlp-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 4.0,
-                                              "taper_bound_scope": "mlp", "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    "internal-sink-boundrms3-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 3.0,
-                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
-    "internal-sink-boundrms2-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound_rms": 2.0,
-                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
+    "internal-sink-boundrms-tail-cosine": _per_feature("internal", 4.0, "all"),
+    "all-sink-boundrms-tail-cosine": _per_feature("all", 4.0, "all"),
+    # section 12: the attention-input norms unbounded as in AE (only the MLP-input norms bounded), and tighter Ks
+    "internal-sink-boundrmsmlp-tail-cosine": _per_feature("internal", 4.0, "mlp"),
+    "all-sink-boundrmsmlp-tail-cosine": _per_feature("all", 4.0, "mlp"),
+    "internal-sink-boundrms3-tail-cosine": _per_feature("internal", 3.0, "all"),
+    "internal-sink-boundrms2-tail-cosine": _per_feature("internal", 2.0, "all"),
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
