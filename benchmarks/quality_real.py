@@ -42,11 +42,11 @@ KEEP6 = {"keep_norms": r"layers\.(4|9|14|19|24|29)\.post_attention_layernorm"}  
 LONG_SINK = {**SINK_RECIPE, "taper_hold": 100}  # the 2400-step runs: a fixed hold of 100 steps
 
 
-def _per_feature(mode: str, k: float, scope: str) -> dict:
+def _per_feature(mode: str, k: float, scope: str, end_frac: float = 2 / 3) -> dict:
     """Sections 11-12's runs: AE's schedule, every norm tapered, the norms of `scope` (all | mlp) bounded per feature
-    at k x RMS (--recipe sink --taper-bound-rms k --taper-bound-scope scope)."""
+    at k x RMS (--recipe sink --taper-bound-rms k --taper-bound-scope scope); the taper ends at end_frac of the run."""
     return {"mode": mode, **LONG_SINK, "recipe": "sink", "taper_bound_rms": k, "taper_bound_scope": scope,
-            "end_frac": 2 / 3, "lr_schedule": "cosine"}
+            "end_frac": end_frac, "lr_schedule": "cosine"}
 
 
 VARIANTS: dict[str, dict] = {
@@ -102,6 +102,9 @@ VARIANTS: dict[str, dict] = {
     "all-sink-boundrmsmlp-tail-cosine": _per_feature("all", 4.0, "mlp"),
     "internal-sink-boundrms3-tail-cosine": _per_feature("internal", 3.0, "all"),
     "internal-sink-boundrms2-tail-cosine": _per_feature("internal", 2.0, "all"),
+    # ... and half the run at gate 0 (the taper ends at step 1200 of 2400 instead of 1600)
+    "internal-sink-boundrms-halftail-cosine": _per_feature("internal", 4.0, "all", 1 / 2),
+    "internal-sink-boundrms3-halftail-cosine": _per_feature("internal", 3.0, "all", 1 / 2),
     "baseline": {"mode": "baseline"},
     "baseline-constant": {"mode": "baseline", "lr_schedule": "constant"},  # the sink recipes' lr schedule
     "internal": {"mode": "internal"},                                     # the paper's recipe as it was
