@@ -122,6 +122,7 @@ def test_per_feature_bound_is_k_times_each_features_rms_of_u():
     assert bound_prescale(layer).shape == (D,) and "bound=per-feature" in repr(layer)
 
 
+@torch.no_grad()
 def test_per_feature_bound_at_gate_zero_squashes_only_outliers():
     seq, layer, scale = _rms_layer(k=4.0)
     set_gate(seq, 0.0)
