@@ -154,7 +154,9 @@ def reusable(run_dir: Path, cfg) -> dict | None:
     want = cfg.with_recipe().to_dict()
     had = FinetuneConfig(recipe="paper").with_recipe().to_dict() | summary.get("config", {})  # older runs: defaults
     had["recipe"] = had["recipe"] or "paper"  # older runs wrote "" for no recipe
-    same = all(had[k] == v for k, v in want.items() if k not in ("out_dir", "overwrite"))
+    skip = {"out_dir", "overwrite"} | ({"taper_bound_scope"} if not (want["taper_bound"] or want["taper_bound_rms"])
+                                       else set())  # the scope means nothing without a bound (its default moved)
+    same = all(had[k] == v for k, v in want.items() if k not in skip)
     if not (same and (run_dir / "model" / "config.json").is_file()):
         return None
     print(f"[quality_real] reusing {run_dir} (same settings)", file=sys.stderr, flush=True)

@@ -98,6 +98,8 @@ def test_quality_real_reuses_only_a_finished_run_with_the_same_settings(tmp_path
     got = q.reusable(run, cfg)
     assert got["reused"] and got["model_dir"] == str(run / "model") and got["seconds"] == 5.0
     assert q.reusable(run, dataclasses.replace(cfg, steps=41)) is None
+    assert q.reusable(run, dataclasses.replace(cfg, taper_bound_scope="mlp"))["reused"]  # no bound: scope is inert
+    assert q.reusable(run, dataclasses.replace(cfg, taper_bound_rms=3.0)) is None
 
 
 def test_quality_real_issue_setting_is_the_issue_command_at_the_defaults(tmp_path, monkeypatch):

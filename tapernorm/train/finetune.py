@@ -296,7 +296,7 @@ def _bound_norms(model, cfg: FinetuneConfig) -> None:
     ln = [n for n, m in taper_layers(model) if n in bounded and isinstance(m, TaperLayerNorm)]
     if ln:
         raise ValueError(f"{flag}: {ln[0]} is a LayerNorm; bounded maps fold only for RMSNorm models so far "
-                         "(use --keep-mlp-norms, or taper without a bound)")
+                         "(taper this family without a bound)")
 
 
 def _finetune(cfg: FinetuneConfig) -> dict:

@@ -99,7 +99,7 @@ class FinetuneConfig:
     taper_end_frac: float | None = None  # without --taper-end or a schedule: the taper ends at this fraction of the run
     taper_bound: float | None = None  # > 0: norms taper to the bounded map B tanh(u / B) (bound.py); 0: off
     taper_bound_rms: float | None = None  # > 0: a per-feature bound B_i = K * RMS(u_i), measured at calibration
-    taper_bound_scope: str = "mlp"    # which tapered norms are bounded: mlp (the MLP-input norms) | all
+    taper_bound_scope: str = "all"    # which tapered norms are bounded: all | mlp (the MLP-input norms only)
 
     def with_recipe(self) -> "FinetuneConfig":
         """A copy with every field left None filled: from the recipe, else from BASE. A field given a value keeps
@@ -236,8 +236,9 @@ _HELP = {
     "taper_bound_rms": "like --taper-bound, with a bound per feature: K times the feature's RMS of x c over the "
                        "calibration tokens, so ordinary values stay linear and only outliers are squashed (e.g. 4; "
                        "0: off)",
-    "taper_bound_scope": "which tapered norms --taper-bound / --taper-bound-rms bounds: mlp (the norm in front of "
-                         "each block's MLP, whose gated output grows with the square of its input) or all",
+    "taper_bound_scope": "which tapered norms --taper-bound / --taper-bound-rms bounds: all, or mlp (only the norm "
+                         "in front of each block's MLP, whose gated output grows with the square of its input; on "
+                         "SmolLM2 that left the attention inputs unbounded and spiking at gate 0)",
     "keep_norms": "regular expression of norm module names to leave untapered (they stay norms in the compiled "
                   "graph), e.g. 'layers\\.(9|19|29)\\.post_attention'",
     "keep_mlp_norms": "also leave the norm in front of each block's MLP untapered (a gated MLP's output grows with "

@@ -16,19 +16,20 @@ from tapernorm.train.finetune_cli import FinetuneConfig  # noqa: E402
 @pytest.mark.parametrize("kw,match", [
     ({"taper_bound": -1.0}, "--taper-bound -1.0 must be a finite number >= 0"),
     ({"taper_bound": float("inf")}, "--taper-bound inf must be a finite number >= 0"),
-    ({"taper_bound": 8.0, "keep_mlp_norms": True}, "pass one of the two"),
+    ({"taper_bound": 8.0, "keep_mlp_norms": True, "taper_bound_scope": "mlp"}, "pass one of the two"),
     ({"taper_bound": 8.0, "taper_bound_scope": "heads"}, "--taper-bound-scope 'heads' is not one of mlp, all"),
     ({"taper_bound_rms": -4.0}, "--taper-bound-rms -4.0 must be a finite number >= 0"),
     ({"taper_bound_rms": 4.0, "taper_bound": 8.0}, "two forms of the same bound; pass one of the two"),
-    ({"taper_bound_rms": 4.0, "keep_mlp_norms": True}, "pass one of the two"),
+    ({"taper_bound_rms": 4.0, "keep_mlp_norms": True, "taper_bound_scope": "mlp"}, "pass one of the two"),
 ])
 def test_taper_bound_refusals(kw, match):
     with pytest.raises(ValueError, match=match):
         FinetuneConfig(model="m", steps=10, recipe="paper", **kw).check()
 
 
-def test_taper_bound_defaults_off():
+def test_taper_bound_defaults_off_and_bounds_every_tapered_norm_when_on():
     assert FinetuneConfig(model="m", steps=10, recipe="sink-attn").check().taper_bound == 0.0
+    assert FinetuneConfig(model="m", steps=10, recipe="sink", taper_bound_rms=3.0).check().taper_bound_scope == "all"
 
 
 def test_keeping_the_mlp_norms_and_bounding_the_rest_is_allowed():
@@ -40,7 +41,7 @@ def test_keeping_the_mlp_norms_and_bounding_the_rest_is_allowed():
 def test_layernorm_family_is_refused_in_one_line(tmp_path):
     from hf_models import FT_ARGS, hf_dir
     from tapernorm.compiler.cli import main
-    with pytest.raises(ValueError, match=r"--taper-bound: transformer\.h\.0\.ln_2 is a LayerNorm"):
+    with pytest.raises(ValueError, match=r"--taper-bound: transformer\.h\.0\.ln_1 is a LayerNorm"):
         main(["finetune", str(hf_dir("gpt2", tmp_path / "src")), "--out", str(tmp_path / "ft"), *FT_ARGS,
               "--recipe", "paper", "--taper-bound", "8", "--debug"])
 
