@@ -87,9 +87,9 @@ VARIANTS: dict[str, dict] = {
     # section 10's runs: every norm tapers (none kept), AE's schedule. BI / BA: the MLP-input norms to the bounded map
     # B tanh(x c / B) (--taper-bound 32); both stop at gate 0 (section 10.3). BI2 / BA2: every tapered norm bounded.
     "internal-sink-bound-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
-                                        "end_frac": 2 / 3, "lr_schedule": "cosine"},
+                                        "taper_bound_scope": "mlp", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-bound-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
-                                   "end_frac": 2 / 3, "lr_schedule": "cosine"},
+                                   "taper_bound_scope": "mlp", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "internal-sink-boundall-tail-cosine": {"mode": "internal", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
                                            "taper_bound_scope": "all", "end_frac": 2 / 3, "lr_schedule": "cosine"},
     "all-sink-boundall-tail-cosine": {"mode": "all", **LONG_SINK, "recipe": "sink", "taper_bound": 32.0,
@@ -346,10 +346,11 @@ def committed_baseline(path: Path, settings: dict) -> tuple[list, dict]:
 def merge(out: Path, base: str, tags: list[str], baseline_from: Path | None = None) -> int:
     """One result (runs and generations in tag order) from the per-tag files of parallel runs; with baseline_from,
     the baseline row (and its answers) of that committed file of the same settings goes first."""
-    missing = [str(out / f"{base}_{t}.json") for t in tags if not (out / f"{base}_{t}.json").is_file()]
+    files = [out / f"{base}_{t}.json" for t in tags]
+    missing = [f for f in files if not f.is_file()]
     if missing:
         raise SystemExit(f"quality_real: no result file {missing[0]}; run that tag (same --quick/--long, --out) first")
-    parts = [json.loads((out / f"{base}_{t}.json").read_text()) for t in tags]
+    parts = [json.loads(f.read_text()) for f in files]
     runs, gens = committed_baseline(baseline_from, parts[0]["settings"]) if baseline_from else ([], {})
     result = {**parts[0], "runs": runs + [r for p in parts for r in p["runs"]], "merged_from": tags,
               "generations": {**gens, **{k: v for p in parts for k, v in p.get("generations", {}).items()}},

@@ -156,3 +156,12 @@ def test_quality_real_merge_takes_a_committed_baseline_only_of_the_same_settings
     committed.write_text(json.dumps({"settings": st, "runs": [row]}))
     with pytest.raises(SystemExit, match="no finished baseline"):
         q.merge(tmp_path, "quality_real_long", ["a"], committed)
+
+
+def test_quality_real_bounded_variants_spell_out_their_scope():
+    """A bounded variant names its --taper-bound-scope, so a changed default never changes a recorded run (BI / BA
+    of docs/real_checkpoints.md section 10 bounded only the MLP side)."""
+    import quality_real as q
+    bounded = {n: v for n, v in q.VARIANTS.items() if v.get("taper_bound") or v.get("taper_bound_rms")}
+    assert bounded and all("taper_bound_scope" in v for v in bounded.values())
+    assert q.VARIANTS["internal-sink-bound-tail-cosine"]["taper_bound_scope"] == "mlp"
